@@ -1,0 +1,75 @@
+"""Every config field of jaxsae, with defaults for a real-activation run (Gao et al. 2024 recipe).
+
+Not meant to be run as is (it needs data.path); the configs beside it import it and change fields:
+
+  python -m jaxsae.main --config=configs/base.py --workdir=/tmp/sae \
+      --config.data.source=npy --config.data.path=acts.npy --config.sae.d=576
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+
+  c.sae = ml_collections.ConfigDict()
+  c.sae.d = 768                  # input width; must equal the data's last dimension
+  c.sae.n = 32768                # number of latents (dictionary size)
+  c.sae.k = 32                   # active latents per token
+  c.sae.k_aux = -1               # AuxK latents; -1: the power of two nearest d/2
+  c.sae.auxk_coef = 1 / 32       # alpha of the AuxK loss; 0 disables AuxK
+  c.sae.dead_tokens = 10_000_000  # a latent is dead after this many tokens without firing
+  c.sae.multi_topk = False       # add L(4k)/8 to the loss (Multi-TopK)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 10_000
+  c.train.batch_size = 4096      # tokens per step, global across all devices
+  c.train.lr = config_dict.placeholder(float)  # None: 1e-4 * sqrt(2^14 / n)
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.eps = 6.25e-10
+  c.train.warmup_steps = 0
+  c.train.decay_frac = 0.0       # linear decay to 0 over this final fraction of steps
+  c.train.seed = 0
+  c.train.log_every = 50
+  c.train.eval_every = 0         # 0: evaluate only at the end
+  c.train.on_nonfinite = "stop"  # NaN/inf in a batch: "stop" the run or "skip" the batch
+  c.train.init_rows = 32768      # rows sampled for the input scale and the geometric median
+  c.train.median_iters = 64      # Weiszfeld iterations for the b_pre geometric median
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "npy"          # "synthetic" | "npy" | "store"
+  c.data.path = ""               # .npy file or activation store
+  c.data.normalize = "d"         # inputs scaled to mean squared norm: "d" | "unit" | "none"
+  c.data.eval_rows = 16384       # held-out rows for eval/* (0: no eval)
+  c.data.eval_batches = 4
+  c.data.shuffle_seed = 0
+  # Activation stores (data.source="store"; made by `python -m jaxsae.dump`). The eval split is
+  # data.eval_rows rounded up to whole chunks, spread evenly over the store.
+  c.data.dtype = ""              # required store dtype: "float32" | "bfloat16" | "float16"; "" any
+  c.data.epochs = 0              # passes over the training chunks; 0: repeat forever
+  c.data.shuffle_buffer_chunks = 8  # chunks whose rows are mixed in memory before batching
+  c.data.num_threads = 2         # grain reader threads
+  c.data.prefetch = 2            # chunk groups read ahead; memory ~ (prefetch + threads) groups
+  c.data.allow_incomplete = False  # read a store whose dump has not finished
+  c.data.missing_hint = ""       # printed when data.path holds no store: the command that makes it
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.num_features = 1024  # ground-truth features
+  c.data.synthetic.active = 8.0         # mean active features per sample
+  c.data.synthetic.freq_exponent = 0.5  # feature frequency ~ rank^-exponent (uneven)
+  c.data.synthetic.noise = 0.01         # Gaussian noise std, relative to unit features
+  c.data.synthetic.seed = 1234
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.max_to_keep = 3
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1)         # one size per axis; -1 takes the remaining devices
+  c.mesh.axes = ("data", "model")
+  c.mesh.batch_axes = ("data",)  # mesh axes the batch is split over
+  c.mesh.latent_axis = "model"   # mesh axis the n latents are split over
+
+  c.kernels = "xla"              # "xla" | "pallas"
+  c.compute_dtype = "float32"    # dtype of the encoder GEMM: "float32" | "bfloat16"
+  return c

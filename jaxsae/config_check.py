@@ -1,0 +1,58 @@
+"""Checks a config before anything is built or compiled; every problem is named by its field."""
+from jaxsae import stats
+
+KERNELS = ("xla", "pallas")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+ON_NONFINITE = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _problems(c):
+  s, t = c.sae, c.train
+  if s.d <= 0:
+    yield f"sae.d={s.d} must be positive"
+  if s.n <= 0:
+    yield f"sae.n={s.n} must be positive"
+  if not 0 < s.k <= s.n:
+    yield f"sae.k={s.k} must satisfy 0 < k <= sae.n={s.n}"
+  if s.multi_topk and 4 * s.k > s.n:
+    yield f"sae.multi_topk needs 4 * sae.k={4 * s.k} <= sae.n={s.n}"
+  if s.k_aux < -1 or s.k_aux > s.n:
+    yield f"sae.k_aux={s.k_aux} must be -1 (auto) or within 0..sae.n={s.n}"
+  if s.auxk_coef < 0:
+    yield f"sae.auxk_coef={s.auxk_coef} must be >= 0"
+  if s.dead_tokens <= 0:
+    yield f"sae.dead_tokens={s.dead_tokens} must be positive"
+  if t.steps <= 0:
+    yield f"train.steps={t.steps} must be positive"
+  if t.batch_size <= 0:
+    yield f"train.batch_size={t.batch_size} must be positive"
+  if t.lr is not None and t.lr <= 0:
+    yield f"train.lr={t.lr} must be positive (or unset for the n-scaled default)"
+  if t.log_every <= 0:
+    yield f"train.log_every={t.log_every} must be positive"
+  if not 0 <= t.decay_frac <= 1:
+    yield f"train.decay_frac={t.decay_frac} must lie in [0, 1]"
+  if t.warmup_steps < 0:
+    yield f"train.warmup_steps={t.warmup_steps} must be >= 0"
+  if t.on_nonfinite not in ON_NONFINITE:
+    yield f"train.on_nonfinite={t.on_nonfinite!r}: expected one of {ON_NONFINITE}"
+  if t.init_rows <= 0:
+    yield f"train.init_rows={t.init_rows} must be positive"
+  if c.data.normalize not in stats.NORMALIZE:
+    yield f"data.normalize={c.data.normalize!r}: expected one of {stats.NORMALIZE}"
+  if c.kernels not in KERNELS:
+    yield f"kernels={c.kernels!r}: expected one of {KERNELS}"
+  if c.compute_dtype not in COMPUTE_DTYPES:
+    yield f"compute_dtype={c.compute_dtype!r}: expected one of {COMPUTE_DTYPES}"
+  if c.checkpoint.every_steps < 0 or c.checkpoint.max_to_keep < 1:
+    yield "checkpoint.every_steps must be >= 0 and checkpoint.max_to_keep >= 1"
+
+
+def validate(config):
+  problems = list(_problems(config))
+  if problems:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -1,0 +1,27 @@
+"""Activation sources: each returns a `Data` (see source.py) for one JAX process."""
+from jaxsae.data import loader, source, synthetic
+from jaxsae.data.source import BatchIterator, Data, DataError
+
+SOURCES = ("synthetic", "npy", "store")
+
+
+def create(config, process_index: int = 0, process_count: int = 1) -> Data:
+  """Opens config.data for this process; raises DataError naming the file or field at fault."""
+  dc = config.data
+  common = dict(global_batch=config.train.batch_size, eval_rows=dc.eval_rows,
+                eval_batches=dc.eval_batches, process_index=process_index,
+                process_count=process_count)
+  if dc.source == "synthetic":
+    return synthetic.create(dc.synthetic, config.sae.d, **common)
+  if dc.source == "npy":
+    return source.open_npy(dc.path, seed=dc.shuffle_seed, **common)
+  if dc.source == "store":
+    data = loader.open_store(dc.path, seed=dc.shuffle_seed, epochs=dc.epochs,
+                             group_chunks=dc.shuffle_buffer_chunks, num_threads=dc.num_threads,
+                             prefetch=dc.prefetch, allow_incomplete=dc.allow_incomplete,
+                             dtype=dc.dtype, missing_hint=dc.missing_hint, **common)
+    if data.d != config.sae.d:   # checked here too, so the message names the store
+      data.close()
+      raise DataError(f"sae.d={config.sae.d} but the store at {dc.path} holds d={data.d}")
+    return data
+  raise DataError(f"data.source={dc.source!r}: expected one of {SOURCES}")

@@ -1,0 +1,108 @@
+"""A Hugging Face causal LM run up to one block, offline (the `[dump]` extra: torch, transformers).
+
+Loads a plain HF folder (config.json + weights) or a GGUF file from disk; the hub is never
+contacted (offline mode is set before transformers is imported, and every load is local-only).
+Only blocks 0..L run: a forward hook on block L keeps its output and stops the forward, and the
+blocks after L are dropped from memory, so the cost is L+1 blocks and no lm_head.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+from jaxsae.data.source import DataError  # noqa: E402
+
+try:
+  import torch
+  import transformers
+except ImportError as e:  # pragma: no cover
+  raise ImportError("the dump tool needs the [dump] extra: pip install torch==2.13.0 first (a CPU "
+                    "build; or your CUDA build), then pip install 'jaxsae[dump]'") from e
+
+
+class _Stop(Exception):
+  """Raised by the hook on block L: nothing after it needs computing."""
+
+
+def _locate(path: str) -> tuple[str, dict]:
+  """(folder, extra from_pretrained kwargs) for an HF folder or a .gguf file."""
+  if os.path.isfile(path) and path.endswith(".gguf"):
+    return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+  if not os.path.isdir(path):
+    raise DataError(f"--model={path}: no such folder or .gguf file (models load from disk only)")
+  if os.path.exists(os.path.join(path, "config.json")):
+    return path, {}
+  ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+  if len(ggufs) == 1:
+    return path, {"gguf_file": ggufs[0]}
+  raise DataError(f"--model={path}: expected config.json or exactly one .gguf file, found "
+                  f"{ggufs or os.listdir(path)[:10]}")
+
+
+def find_blocks(model) -> tuple[str, "torch.nn.ModuleList"]:
+  """The list of transformer blocks: the ModuleList as long as config.num_hidden_layers."""
+  n = model.config.num_hidden_layers
+  for name, module in model.named_modules():
+    if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+      return name, module
+  raise DataError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+
+
+class BlockOutput:
+  """Calls the LM on token windows [B, T] and returns block `layer`'s output as float32 [B, T, d]."""
+
+  def __init__(self, path: str, layer: int, device: str = "auto", compute_dtype: str = "float32",
+               save_hf: str = ""):
+    folder, extra = _locate(path)
+    self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    load = dict(local_files_only=True, **extra)
+    self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **load)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **load)
+    if save_hf:   # a plain HF folder loads far faster than dequantizing the GGUF again
+      if "gguf_file" in extra:   # weights are dequantized fp32 now; drop the GGUF marker
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+      model.save_pretrained(save_hf)
+      self.tokenizer.save_pretrained(save_hf)
+    name, blocks = find_blocks(model)
+    if not 0 <= layer < len(blocks):
+      raise DataError(f"--layer={layer}: the model has blocks 0..{len(blocks) - 1}")
+    del blocks[layer + 1:]
+    self.hook_name = f"{name}.{layer}"
+    self.d = model.config.hidden_size
+    self.model = model.eval().to(self.device)
+    self.compute_dtype = compute_dtype
+    self._out = None
+    blocks[layer].register_forward_hook(self._hook)
+
+  def _hook(self, module, inputs, output):
+    self._out = output[0] if isinstance(output, tuple) else output
+    raise _Stop
+
+  def separator(self) -> int:
+    """The token put between documents: EOS, else BOS."""
+    tok = self.tokenizer
+    sep = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
+    if sep is None:
+      raise DataError("the tokenizer has neither an EOS nor a BOS token to separate documents")
+    return int(sep)
+
+  def tokenize(self, text: str) -> list:
+    return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+  @torch.no_grad()
+  def __call__(self, tokens: np.ndarray) -> np.ndarray:
+    ids = torch.from_numpy(np.asarray(tokens, np.int64)).to(self.device)
+    autocast = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
+                              enabled=self.compute_dtype == "bfloat16")
+    self._out = None
+    with autocast:
+      try:
+        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+      except _Stop:
+        pass
+    if self._out is None:
+      raise DataError(f"the hook on {self.hook_name} did not fire")
+    return self._out.float().cpu().numpy()

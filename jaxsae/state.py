@@ -1,0 +1,44 @@
+"""The train state, its shardings, and its creation directly on the mesh (nothing is replicated
+first and resharded later: the init is compiled with the state's out_shardings)."""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from jaxsae import model
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # int32 []
+  params: dict             # W_enc [n, d], b_enc [n], W_dec [n, d], b_pre [d], all float32
+  opt_state: Any
+  since_fired: jax.Array   # int32 [n]: tokens since each latent last fired, saturating at dead_tokens
+  input_scale: jax.Array   # float32 []: raw activations are multiplied by this before encoding
+
+
+def state_specs(abstract: TrainState, tx, specs) -> TrainState:
+  """PartitionSpecs for every leaf: optimizer moments follow their parameters."""
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, specs.params,
+                              transform_non_params=lambda _: P(),
+                              is_leaf=lambda s: isinstance(s, P))
+  return TrainState(step=P(), params=specs.params, opt_state=opt, since_fired=specs.latent,
+                    input_scale=P())
+
+
+def create(key, spec: model.SaeSpec, tx, specs, b_pre, input_scale):
+  """Returns (state laid out on specs.mesh, its NamedShardings)."""
+
+  def init(key, b_pre, input_scale):
+    params = model.init_params(key, spec.d, spec.n, b_pre)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      since_fired=jnp.zeros((spec.n,), jnp.int32),
+                      input_scale=jnp.asarray(input_scale, jnp.float32))
+
+  abstract = jax.eval_shape(init, key, b_pre, input_scale)
+  shardings = specs.named(state_specs(abstract, tx, specs))
+  state = jax.jit(init, out_shardings=shardings)(key, b_pre, input_scale)
+  return state, shardings

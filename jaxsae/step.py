@@ -1,0 +1,133 @@
+"""The compiled train and eval steps.
+
+The per-device work runs in shard_map: each device holds a slice of the batch and a slice of the
+latents; selection, the sparse ops and their backward do their own collectives over the latent
+axis (topk.py, sparse.py), and gradients are summed over the batch axes here. The optimizer update
+is elementwise or row-local and runs outside shard_map on the sharded arrays. check_vma=False
+because Pallas kernels inside shard_map need it; correctness does not rest on it, since no psum is
+differentiated by autodiff (the custom VJPs do their own).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxsae import model, optim, topk
+from jaxsae.sparse import localize
+from jaxsae.state import TrainState
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class StepFns:
+  """Builds the jitted steps for one config, mesh and optimizer."""
+
+  def __init__(self, config, spec: model.SaeSpec, specs, tx, state_shardings):
+    self.spec, self.specs, self.tx = spec, specs, tx
+    self.kernels = config.kernels
+    self.compute_dtype = DTYPES[config.compute_dtype]
+    self.axis = specs.latent_axis if specs.model_size > 1 else None
+    self.batch_size = config.train.batch_size
+    batch_sharding = NamedSharding(specs.mesh, specs.batch)
+    replicated = NamedSharding(specs.mesh, P())
+    self.train = jax.jit(self._train_step, in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(state_shardings, replicated, replicated),
+                         donate_argnums=0)
+    self.eval = jax.jit(self._eval_sums, in_shardings=(state_shardings, batch_sharding),
+                        out_shardings=replicated)
+
+  # ---- per-device pieces (inside shard_map) -------------------------------------------------
+
+  def _psum_batch(self, tree):
+    return jax.lax.psum(tree, self.specs.batch_axes)
+
+  def _fired(self, idx, z, n_local):
+    """Local [n_local] bool: latents this shard owns that were nonzero for some token."""
+    local, own = localize(idx, n_local, self.axis)
+    return jnp.zeros((n_local,), jnp.int32).at[local.reshape(-1)].max(
+        (own & (z > 0)).reshape(-1).astype(jnp.int32))
+
+  def _local_grads(self, params, x, since_fired):
+    spec, axis = self.spec, self.axis
+    dead = since_fired >= spec.dead_tokens
+    total_var, _ = model.centred_sq_sum(x, self.specs.batch_axes)
+    num_dead = jnp.sum(dead)
+    if axis is not None:
+      num_dead = jax.lax.psum(num_dead, axis)
+    xc = x - params["b_pre"]
+
+    def run(with_aux):
+      idx, aux_idx, aux_ok = topk.select(
+          xc, params["W_enc"], params["b_enc"], spec.k_select, dead=dead,
+          k_aux=spec.k_aux if with_aux else 0, axis=axis, compute_dtype=self.compute_dtype)
+      aux_scale = jnp.minimum(num_dead / max(spec.k_aux, 1), 1.0)
+      (_, aux), grads = jax.value_and_grad(model.loss_terms, has_aux=True)(
+          params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec, axis, self.kernels)
+      z = aux["z"]
+      sums = {"sq": aux["sq"], "auxk_sq": aux["auxk_sq"],
+              "l0": jnp.sum(z > 0).astype(jnp.float32)}
+      return grads, sums, self._fired(idx[:, :spec.k], z, since_fired.shape[0])
+
+    if spec.k_aux:  # AuxK's second top-k costs as much as the first: run it only when needed
+      grads, sums, fired = jax.lax.cond(num_dead > 0, lambda: run(True), lambda: run(False))
+    else:
+      grads, sums, fired = run(False)
+    grads, sums, fired = self._psum_batch((grads, sums, fired))
+    sums["total_var"] = total_var
+    return grads, sums, fired > 0
+
+  def _local_eval(self, params, x):
+    total_var, _ = model.centred_sq_sum(x, self.specs.batch_axes)
+    xc = x - params["b_pre"]
+    idx, _, _ = topk.select(xc, params["W_enc"], params["b_enc"], self.spec.k, axis=self.axis,
+                            compute_dtype=self.compute_dtype)
+    plain = dataclasses.replace(self.spec, multi_topk=False)
+    _, aux = model.loss_terms(params, x, idx, None, None, total_var, 0.0, plain, self.axis,
+                              self.kernels)
+    sums = self._psum_batch({"sq": aux["sq"], "l0": jnp.sum(aux["z"] > 0).astype(jnp.float32),
+                             "rows": jnp.asarray(x.shape[0], jnp.float32)})
+    return {**sums, "total_var": total_var}
+
+  def _shard_map(self, fn, in_specs, out_specs):
+    return jax.shard_map(fn, mesh=self.specs.mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
+
+  # ---- global steps (jitted) ----------------------------------------------------------------
+
+  def _train_step(self, state: TrainState, batch):
+    """One update, guarded: a batch with NaN/inf rows, or a non-finite loss, leaves the state as it
+    was (only the step counter moves on); the guard flags tell the host, which decides to stop."""
+    specs, spec = self.specs, self.spec
+    finite_rows = jnp.all(jnp.isfinite(batch), axis=1)
+    x = jnp.where(finite_rows[:, None], batch.astype(jnp.float32), 0.0) * state.input_scale
+    grads, sums, fired = self._shard_map(
+        self._local_grads, (specs.params, specs.batch, specs.latent),
+        (specs.params, P(), specs.latent))(state.params, x, state.since_fired)
+    nonfinite_rows = jnp.sum(~finite_rows)
+    ok = (nonfinite_rows == 0) & jnp.isfinite(sums["sq"]) & jnp.isfinite(sums["auxk_sq"])
+
+    def update(state):
+      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+      params = optim.renormalize_decoder(optax.apply_updates(state.params, updates))
+      since = jnp.minimum(state.since_fired + self.batch_size, spec.dead_tokens)
+      return state.replace(params=params, opt_state=opt_state,
+                           since_fired=jnp.where(fired, 0, since))
+
+    new = jax.lax.cond(ok, update, lambda s: s, state)
+    tv = sums["total_var"]
+    metrics = {
+        "train/fvu": sums["sq"] / tv,
+        "train/l0": sums["l0"] / self.batch_size,
+        "losses/mse": sums["sq"] / (self.batch_size * spec.d),
+        "losses/auxk": sums["auxk_sq"] / tv,
+        "sparsity/dead_frac": jnp.mean(new.since_fired >= spec.dead_tokens),
+    }
+    guard = {"nonfinite_rows": nonfinite_rows, "skipped": ~ok}
+    return new.replace(step=state.step + 1), metrics, guard
+
+  def _eval_sums(self, state: TrainState, batch):
+    x = batch.astype(jnp.float32) * state.input_scale
+    return self._shard_map(self._local_eval, (self.specs.params, self.specs.batch), P())(
+        state.params, x)

@@ -1,0 +1,192 @@
+"""train_and_evaluate(config, workdir): the whole training job, importable and testable."""
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding
+
+from jaxsae import config_check, data as data_lib, mesh as mesh_lib, metrics as metrics_lib
+from jaxsae import model, optim, state as state_lib, stats
+from jaxsae.step import StepFns
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (bad data under on_nonfinite=stop, a non-finite loss)."""
+
+
+# ---- setup ------------------------------------------------------------------------------------
+
+def _write_json(path: str, obj):
+  """Atomic: readers never see a half-written file."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+
+
+def resolved_config(config, spec: model.SaeSpec, mesh) -> dict:
+  out = config.to_dict()
+  out["resolved"] = {"lr": config.train.lr if config.train.lr is not None
+                           else optim.default_lr(spec.n),
+                     "k_aux": spec.k_aux, "mesh_shape": dict(mesh.shape),
+                     "process_count": jax.process_count(), "jax_version": jax.__version__}
+  return out
+
+
+def open_data(config, spec: model.SaeSpec):
+  data = data_lib.create(config, jax.process_index(), jax.process_count())
+  if data.d != spec.d:
+    where = config.data.path or config.data.source
+    raise config_check.ConfigError(f"data {where} has d={data.d} but sae.d={spec.d}")
+  return data
+
+
+def init_statistics(config, data):
+  """Input scale and geometric-median b_pre from a sample that every process draws identically."""
+  sample = np.asarray(data.init_sample(config.train.init_rows), np.float32)
+  bad = int(np.sum(~np.all(np.isfinite(sample), axis=1)))
+  if bad:
+    raise data_lib.DataError(f"{bad} of {len(sample)} init-sample rows hold NaN/inf")
+  scale = stats.input_scale(sample, config.data.normalize)
+  b_pre = stats.geometric_median(sample * scale, config.train.median_iters)
+  return scale, np.asarray(b_pre)
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+def evaluate(steps: StepFns, state, data, batch_sharding) -> dict:
+  out = {}
+  if data.eval_batches is not None:
+    total = None
+    for local in data.eval_batches():
+      rows = local.shape[0] * jax.process_count()
+      sums = steps.eval(state, mesh_lib.host_batch_to_global(local, batch_sharding, rows))
+      total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
+    if total is not None:
+      total = jax.device_get(total)
+      out["eval/fvu"] = float(total["sq"] / total["total_var"])
+      out["eval/explained_variance"] = 1.0 - out["eval/fvu"]
+      out["eval/l0"] = float(total["l0"] / total["rows"])
+  if data.ground_truth is not None:
+    gt = metrics_lib.ground_truth_recovery(state.params["W_dec"], data.ground_truth)
+    out.update({k: float(v) for k, v in jax.device_get(gt).items()})
+  return out
+
+
+# ---- the job ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run is built from: what train_and_evaluate, tests and benchmarks share."""
+  spec: model.SaeSpec
+  mesh: jax.sharding.Mesh
+  specs: mesh_lib.Specs
+  data: data_lib.Data
+  tx: optax.GradientTransformation
+  state: state_lib.TrainState
+  shardings: state_lib.TrainState
+  steps: StepFns
+  batch_sharding: NamedSharding
+  input_scale: float
+
+
+def setup(config) -> Setup:
+  """Checks config, opens the data, builds the mesh and the sharded state, compiles nothing yet.
+
+  Every check that can fail on bad input runs here, before the first compile.
+  """
+  config_check.validate(config)
+  spec = model.SaeSpec.from_config(config.sae)
+  mesh = mesh_lib.create_mesh(config.mesh)
+  specs = mesh_lib.Specs(mesh, config.mesh)
+  specs.check(spec.n, config.train.batch_size, jax.process_count())
+  data = open_data(config, spec)
+  scale, b_pre = init_statistics(config, data)
+  tx = optim.make_optimizer(config)
+  state, shardings = state_lib.create(jax.random.PRNGKey(config.train.seed), spec, tx, specs,
+                                      b_pre, scale)
+  return Setup(spec=spec, mesh=mesh, specs=specs, data=data, tx=tx, state=state,
+               shardings=shardings, steps=StepFns(config, spec, specs, tx, shardings),
+               batch_sharding=NamedSharding(mesh, specs.batch), input_scale=scale)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains an SAE as config says, writing to workdir; returns the last metrics record."""
+  run = setup(config)
+  spec, mesh, data, steps, state = run.spec, run.mesh, run.data, run.steps, run.state
+  batch_sharding = run.batch_sharding
+  lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if lead:
+    _write_json(os.path.join(workdir, "config.json"), resolved_config(config, spec, mesh))
+  total_steps, batch_size = config.train.steps, config.train.batch_size
+  logging.info("training %s: d=%d n=%d k=%d k_aux=%d on mesh %s, %d steps of %d tokens, "
+               "input scale %.4g", config.data.source, spec.d, spec.n, spec.k, spec.k_aux,
+               dict(mesh.shape), total_steps, batch_size, run.input_scale)
+
+  writer = metrics_lib.Writer(workdir, lead)
+  interval = metrics_lib.Interval()
+  start_step = int(jax.device_get(state.step))
+  t_start, skipped = time.perf_counter(), 0
+  last_record, guard, pending = {}, None, None
+
+  def emit(record):
+    """Logs a finished interval (called once the step after it is already queued)."""
+    record.update(interval.summary(record["step"], record["step"] * batch_size, batch_size))
+    elapsed = time.perf_counter() - t_start
+    eta = elapsed / max(record["step"] - start_step, 1) * (total_steps - record["step"])
+    writer.write(record)
+    logging.info(metrics_lib.step_line(record, total_steps, eta))
+    return record
+
+  try:
+    for step in range(start_step, total_steps):
+      t0 = time.perf_counter()
+      local = next(data.train)
+      wait = time.perf_counter() - t0
+      state, m, step_guard = steps.train(state, mesh_lib.host_batch_to_global(local, batch_sharding,
+                                                                  batch_size))
+      # Step `step` is queued; only now wait for step - 1 and act on its results.
+      if guard is not None:
+        skipped += _check_step(config, step - 1, jax.device_get(guard))
+      if pending is not None:
+        last_record, pending = emit(pending), None
+      guard = {**step_guard, "fvu": m["train/fvu"], "auxk": m["losses/auxk"]}
+      interval.add(m, wait)
+      done = step + 1
+      if done % config.train.log_every == 0 or done == total_steps:
+        pending = {"step": done}
+        every = config.train.eval_every
+        if done == total_steps or (every and done % every == 0):
+          # Blocks, and must: the next step donates (invalidates) this state's buffers.
+          pending.update(evaluate(steps, state, data, batch_sharding))
+    if guard is not None:
+      skipped += _check_step(config, total_steps - 1, jax.device_get(guard))
+    if pending is not None:
+      last_record = emit(pending)
+  finally:
+    writer.close()
+    data.close()
+  if skipped:
+    logging.warning("skipped %d batches holding NaN/inf rows", skipped)
+  return last_record
+
+
+def _check_step(config, step: int, flags) -> int:
+  """Acts on a finished step's guard flags; returns 1 if its batch was skipped."""
+  rows = int(flags["nonfinite_rows"])
+  if rows:
+    msg = f"step {step}: the batch holds {rows} rows with NaN/inf"
+    if config.train.on_nonfinite == "stop":
+      raise TrainingError(msg + "; not trained on (train.on_nonfinite=stop)")
+    logging.warning("%s; batch skipped (train.on_nonfinite=skip)", msg)
+    return 1
+  if bool(flags["skipped"]):
+    raise TrainingError(f"step {step}: the loss went non-finite (train/fvu={float(flags['fvu'])}, "
+                        f"losses/auxk={float(flags['auxk'])}); the update was not applied")
+  return 0

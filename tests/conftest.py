@@ -1,0 +1,37 @@
+"""Tests run on CPU with 8 fake devices (set before JAX starts) so sharded code runs for real."""
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+
+
+def run_cli(args, cwd=REPO, devices=1, timeout=300, env=None):
+  """Runs `python -m jaxsae.main ARGS` as a user would; returns the CompletedProcess."""
+  import subprocess
+  full_env = {**os.environ, "JAX_PLATFORMS": "cpu",
+              "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+  return subprocess.run([sys.executable, "-m", "jaxsae.main", *args], cwd=cwd, env=full_env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def tiny_config():
+  """The quickstart shrunk to a few seconds on one device."""
+  from configs import quickstart
+  c = quickstart.get_config()
+  c.sae.d, c.sae.n, c.sae.k = 32, 128, 4
+  c.data.synthetic.num_features = 64
+  c.data.synthetic.active = 4.0
+  c.data.eval_rows = 512
+  c.train.steps, c.train.batch_size, c.train.log_every = 4, 256, 2
+  c.train.init_rows = 1024
+  c.mesh.shape = (1, 1)
+  return c

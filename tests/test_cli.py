@@ -1,0 +1,88 @@
+"""The real command line into a temp workdir, as a user runs it."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+REQUIRED_KEYS = {"step", "tokens", "train/fvu", "train/explained_variance", "train/l0",
+                 "sparsity/dead_frac", "losses/mse", "losses/auxk", "perf/tokens_per_sec"}
+TINY = ["--config=configs/quickstart.py", "--config.sae.d=32", "--config.sae.n=128",
+        "--config.sae.k=4", "--config.data.synthetic.num_features=64",
+        "--config.train.batch_size=128", "--config.train.init_rows=512",
+        "--config.data.eval_rows=256"]
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_two_step_run_writes_config_and_metrics(tmp_path):
+  wd = str(tmp_path / "run")
+  r = run_cli([*TINY, f"--workdir={wd}", "--config.train.steps=2", "--config.train.log_every=1"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  config = json.load(open(os.path.join(wd, "config.json")))
+  assert config["sae"]["n"] == 128 and config["train"]["steps"] == 2
+  assert config["resolved"]["k_aux"] == 16 and config["resolved"]["lr"] == 3e-3
+  records = _records(wd)
+  assert [r["step"] for r in records] == [1, 2]
+  for rec in records:
+    assert REQUIRED_KEYS <= rec.keys(), REQUIRED_KEYS - rec.keys()
+    assert rec["tokens"] == rec["step"] * 128
+  assert {"eval/fvu", "eval/l0", "eval/gt_mmcs", "eval/gt_recovered_frac"} <= records[-1].keys()
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(wd, "tb")))
+  assert "step 2/2" in r.stderr and "tok/s" in r.stderr and "ETA" in r.stderr
+
+
+def _fails_before_training(args, tmp_path, *needles):
+  wd = str(tmp_path / "bad")
+  r = run_cli([*args, f"--workdir={wd}", "--config.train.steps=2"])
+  assert r.returncode != 0
+  for needle in needles:
+    assert needle in r.stderr, r.stderr[-2000:]
+  assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))
+  return r
+
+
+@pytest.mark.parametrize("k,needle", [(200, "sae.k=200"), (0, "sae.k=0"), (-3, "sae.k=-3")])
+def test_bad_k_is_refused(tmp_path, k, needle):
+  _fails_before_training([*TINY, f"--config.sae.k={k}"], tmp_path, needle, "0 < k <= sae.n=128")
+
+
+def test_unknown_config_field_is_refused(tmp_path):
+  _fails_before_training([*TINY, "--config.sae.nn=4"], tmp_path, "nn")
+
+
+def test_data_dimension_mismatch_is_refused(tmp_path):
+  path = tmp_path / "acts.npy"
+  np.save(path, np.random.default_rng(0).normal(size=(2048, 24)).astype(np.float32))
+  _fails_before_training([*TINY, "--config.data.source=npy", f"--config.data.path={path}"],
+                         tmp_path, "d=24", "sae.d=32", str(path))
+
+
+def _nan_data(tmp_path):
+  x = np.random.default_rng(0).normal(size=(4096, 32)).astype(np.float32)
+  x[300, 5] = np.nan  # the train rows are shuffled, so this row lands in some batch of epoch 0
+  x[1700, 0] = np.inf
+  path = tmp_path / "nan.npy"
+  np.save(path, x)
+  return [*TINY, "--config.data.source=npy", f"--config.data.path={path}",
+          "--config.data.eval_rows=256", "--config.train.init_rows=256"]
+
+
+def test_nonfinite_batch_stops_the_run(tmp_path):
+  r = run_cli([*_nan_data(tmp_path), f"--workdir={tmp_path / 'w'}", "--config.train.steps=30"])
+  assert r.returncode == 1
+  assert "rows with NaN/inf" in r.stderr and "train.on_nonfinite=stop" in r.stderr
+
+
+def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
+  wd = tmp_path / "w"
+  r = run_cli([*_nan_data(tmp_path), f"--workdir={wd}", "--config.train.steps=30",
+               "--config.train.on_nonfinite=skip", "--config.train.log_every=10"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "skipped 2 batches holding NaN/inf rows" in r.stderr
+  assert all(np.isfinite(rec["train/fvu"]) for rec in _records(wd))

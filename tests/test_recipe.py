@@ -1,0 +1,89 @@
+"""The training recipe's invariants, on the real step function."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsae import model, optim, stats, train
+
+
+def test_decoder_rows_unit_norm_after_every_step(tiny_config):
+  run = train.setup(tiny_config)
+  state = run.state
+  for _ in range(5):
+    batch = next(run.data.train)
+    state, metrics, _ = run.steps.train(state, jax.device_put(batch, run.batch_sharding))
+    norms = np.linalg.norm(np.asarray(state.params["W_dec"]), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+  assert np.isfinite(float(metrics["train/fvu"]))
+  assert int(state.step) == 5
+
+
+def test_projected_decoder_gradient_is_orthogonal_to_rows():
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  params = model.init_params(ks[0], 16, 64, jnp.zeros(16))
+  grads = {name: jax.random.normal(k, p.shape) for (name, p), k in
+           zip(params.items(), jax.random.split(ks[1], 4))}
+  tx = optim.project_decoder_grads()
+  out, _ = tx.update(grads, tx.init(params), params)
+  dots = jnp.sum(out["W_dec"] * params["W_dec"], axis=1)
+  assert float(jnp.max(jnp.abs(dots))) < 1e-5
+  assert float(jnp.max(jnp.abs(jnp.sum(grads["W_dec"] * params["W_dec"], axis=1)))) > 0.1
+  np.testing.assert_array_equal(np.asarray(out["W_enc"]), np.asarray(grads["W_enc"]))
+
+
+def test_tied_init_and_geometric_median(tiny_config):
+  run = train.setup(tiny_config)
+  p = jax.device_get(run.state.params)
+  np.testing.assert_array_equal(p["W_enc"], p["W_dec"])
+  np.testing.assert_allclose(np.linalg.norm(p["W_dec"], axis=1), 1.0, rtol=1e-5)
+  assert not p["b_enc"].any()
+  # The geometric median zeroes the sum of unit vectors towards the rows (its optimality condition).
+  sample = run.data.init_sample(tiny_config.train.init_rows) * run.input_scale
+  diff = sample - p["b_pre"]
+  pull = (diff / np.linalg.norm(diff, axis=1, keepdims=True)).sum(0) / len(sample)
+  assert np.linalg.norm(pull) < 1e-2
+  assert np.linalg.norm(p["b_pre"] - sample.mean(0)) > 1e-3  # it is not simply the mean
+
+
+def test_input_scale_fixes_mean_squared_norm():
+  x = np.random.default_rng(0).normal(3.0, 2.0, (500, 12)).astype(np.float32)
+  for mode, target in (("d", 12.0), ("unit", 1.0)):
+    s = stats.input_scale(x, mode)
+    assert abs(np.mean(np.sum((s * x) ** 2, axis=1)) - target) < 1e-3 * target
+  assert stats.input_scale(x, "none") == 1.0
+
+
+def test_k_aux_default_and_lr_scaling():
+  assert model.resolve_k_aux(-1, 768, 10 ** 6) == 256
+  assert model.resolve_k_aux(-1, 4096, 10 ** 6) == 2048
+  assert model.resolve_k_aux(-1, 128, 2048) == 64
+  assert model.resolve_k_aux(100, 128, 2048) == 100
+  assert abs(optim.default_lr(2 ** 14) - 1e-4) < 1e-12
+  assert abs(optim.default_lr(4096) - 2e-4) < 1e-12
+
+
+def test_dead_latents_are_tracked_and_trained_by_auxk(tiny_config):
+  """A latent silent for dead_tokens tokens counts as dead, and AuxK, alone, trains its rows:
+  one step from the same state with and without AuxK moves exactly the dead rows differently."""
+  tiny_config.sae.dead_tokens = 256  # one batch
+  run = train.setup(tiny_config)
+  state = run.state
+  batch = lambda: jax.device_put(next(run.data.train), run.batch_sharding)
+  for _ in range(20):
+    state, m, _ = run.steps.train(state, batch())
+    if float(m["sparsity/dead_frac"]) > 0:
+      break
+  dead = np.asarray(state.since_fired) >= 256
+  assert dead.any() and (~dead).any()
+  assert np.asarray(state.since_fired).max() <= 256  # saturates instead of overflowing
+
+  tiny_config.sae.auxk_coef = 0.0
+  plain = train.setup(tiny_config)
+  x = batch()
+  copy = lambda s: jax.tree.map(jnp.copy, s)
+  with_aux, m_aux, _ = run.steps.train(copy(state), x)
+  without, m_plain, _ = plain.steps.train(copy(state), x)
+  assert float(m_aux["losses/auxk"]) > 0 and float(m_plain["losses/auxk"]) == 0
+  differs = np.any(np.asarray(with_aux.params["W_dec"]) != np.asarray(without.params["W_dec"]), 1)
+  assert differs[dead].any()
+  assert not differs[~dead].any(), "AuxK changed the update of a live latent's decoder row"
