@@ -55,7 +55,8 @@ def unit_rows(w, eps=1e-12):
 def init_params(key, d: int, n: int, b_pre):
   """Tied init: decoder rows random unit vectors, encoder = decoder (both [n, d]), b_enc = 0."""
   w = unit_rows(jax.random.normal(key, (n, d), jnp.float32))
-  return {"W_enc": w, "b_enc": jnp.zeros((n,), jnp.float32), "W_dec": w,
+  # Separate buffers (jnp.copy): tied only at init, and a donated step must not see one twice.
+  return {"W_enc": w, "b_enc": jnp.zeros((n,), jnp.float32), "W_dec": jnp.copy(w),
           "b_pre": jnp.asarray(b_pre, jnp.float32)}
 
 
