@@ -17,83 +17,23 @@ here carry custom VJPs built from three primitives:
 Latent sharding: weights are the local shard [n_local, d] of a matrix split over the mesh axis
 `axis`; indices are global. Rows another shard owns contribute zero here, and the partial results
 are psum'd over `axis` inside the ops (forward and backward), so callers see whole values. With
-axis=None the ops are plain single-device ops. The Pallas kernels (pallas_kernels/) implement the
-same three primitives; `kernels` picks which implementation runs.
+axis=None the ops are plain single-device ops. The Pallas kernels (pallas_kernels/sparse_ops.py)
+implement the same three primitives beside their pure-JAX references; `kernels` picks which runs.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 
-# Gathered rows [B, chunk, d] are materialized by XLA; bound them to about this many elements by
-# processing the K axis in chunks (AuxK selects hundreds of latents per token).
-_MAX_GATHER_ELEMS = 1 << 25
-
-
-def _chunk(b: int, k: int, d: int) -> int:
-  c = max(1, _MAX_GATHER_ELEMS // max(1, b * d))
-  while k % c:
-    c -= 1
-  return c
-
-
-def gather_dot(x, w, idx):
-  """[B, d], [n, d], [B, K] -> [B, K] in f32."""
-  b, k = idx.shape
-  c = _chunk(b, k, w.shape[1])
-
-  def one(ix):
-    return jnp.einsum("bd,bkd->bk", x, w[ix], preferred_element_type=jnp.float32)
-
-  if c == k:
-    return one(idx)
-  parts = jax.lax.map(one, idx.reshape(b, k // c, c).transpose(1, 0, 2))
-  return parts.transpose(1, 0, 2).reshape(b, k)
-
-
-def gather_sum(coef, w, idx):
-  """[B, K], [n, d], [B, K] -> [B, d] in f32."""
-  b, k = idx.shape
-  c = _chunk(b, k, w.shape[1])
-
-  def one(acc, ci):
-    co, ix = ci
-    return acc + jnp.einsum("bk,bkd->bd", co, w[ix], preferred_element_type=jnp.float32), None
-
-  if c == k:
-    return one(jnp.zeros((b, w.shape[1]), jnp.float32), (coef, idx))[0]
-  split = lambda a: a.reshape(b, k // c, c).transpose(1, 0, 2)
-  out, _ = jax.lax.scan(one, jnp.zeros((b, w.shape[1]), jnp.float32), (split(coef), split(idx)))
-  return out
-
-
-def scatter_outer(coef, x, idx, n):
-  """[B, K], [B, d], [B, K] -> [n, d]: row i sums coef[b, j] * x[b] over the pairs selecting i."""
-  b, k = idx.shape
-  c = _chunk(b, k, x.shape[1])
-
-  def one(acc, ci):
-    co, ix = ci
-    rows = (co[:, :, None] * x[:, None, :]).reshape(-1, x.shape[1])
-    return acc.at[ix.reshape(-1)].add(rows), None
-
-  zero = jnp.zeros((n, x.shape[1]), jnp.float32)
-  if c == k:
-    return one(zero, (coef, idx))[0]
-  split = lambda a: a.reshape(b, k // c, c).transpose(1, 0, 2)
-  out, _ = jax.lax.scan(one, zero, (split(coef), split(idx)))
-  return out
-
-
-XLA_PRIMITIVES = (gather_dot, gather_sum, scatter_outer)
+from pallas_kernels import sparse_ops
 
 
 def _primitives(kernels: str):
+  """(gather_dot, gather_sum, scatter_outer): the pure-JAX references or the Pallas kernels."""
   if kernels == "xla":
-    return XLA_PRIMITIVES
+    return sparse_ops.REFERENCE
   if kernels == "pallas":
-    from pallas_kernels import sparse_ops  # imported lazily: only this path needs Pallas
-    return sparse_ops.PRIMITIVES
+    return sparse_ops.PALLAS
   raise ValueError(f"kernels={kernels!r}: expected 'xla' or 'pallas'")
 
 

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsae import model, sparse, topk
+from jaxsae import model, topk
+from pallas_kernels import sparse_ops
 
 
 def _problem(seed, b=48, d=24, n=160, dead_frac=0.3):
@@ -76,12 +77,12 @@ def test_chunked_primitives_equal_unchunked(monkeypatch):
   w = jax.random.normal(ks[1], (40, 8))
   c = jax.random.normal(ks[2], (16, 12))
   idx = jax.random.randint(ks[3], (16, 12), 0, 40)
-  whole = [sparse.gather_dot(x, w, idx), sparse.gather_sum(c, w, idx),
-           sparse.scatter_outer(c, x, idx, 40)]
-  monkeypatch.setattr(sparse, "_MAX_GATHER_ELEMS", 16 * 8 * 3)  # chunks of 3 of the 12 columns
-  assert sparse._chunk(16, 12, 8) == 3
-  chunked = [sparse.gather_dot(x, w, idx), sparse.gather_sum(c, w, idx),
-             sparse.scatter_outer(c, x, idx, 40)]
+  run = lambda: [f(*a) for f, a in zip(sparse_ops.REFERENCE,
+                                        [(x, w, idx), (c, w, idx), (c, x, idx, 40)])]
+  whole = run()
+  monkeypatch.setattr(sparse_ops, "MAX_GATHER_ELEMS", 16 * 8 * 3)  # chunks of 3 of 12 columns
+  assert sparse_ops._chunk(16, 12, 8) == 3
+  chunked = run()
   for a, b in zip(whole, chunked):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
