@@ -102,18 +102,19 @@ def run(writer: StoreWriter, batches, total: int, unit: str, store_dtype: np.dty
 
 
 def from_npy():
-  shape, dtype = inputs.npy_shape(FLAGS.from_npy)
+  acts = inputs.NpyReader(FLAGS.from_npy)
+  shape = acts.shape
   if len(shape) != 2:
     raise DataError(f"{FLAGS.from_npy}: shape {shape}; expected [rows, d]")
   rows = min(shape[0], FLAGS.tokens) if FLAGS.tokens else shape[0]
-  if FLAGS.tokens_npy:
-    tshape, _ = inputs.npy_shape(FLAGS.tokens_npy)
-    if tshape[:1] != shape[:1]:
-      raise DataError(f"{FLAGS.tokens_npy}: shape {tshape}; expected [{shape[0]}] to match "
-                      f"{FLAGS.from_npy}")
-  out_dtype = FLAGS.dtype or str(dtype)
-  columns = {"tokens": "int32"} if FLAGS.tokens_npy else {}
-  info = {"source": "npy", **settings("from_npy", "tokens_npy", "npy_block_rows", "dtype")}
+  toks = inputs.NpyReader(FLAGS.tokens_npy) if FLAGS.tokens_npy else None
+  if toks and toks.shape != shape[:1]:
+    raise DataError(f"{FLAGS.tokens_npy}: shape {toks.shape}; expected ({shape[0]},) to match "
+                    f"{FLAGS.from_npy}")
+  out_dtype = FLAGS.dtype or str(acts.dtype)
+  columns = {"tokens": "int32"} if toks else {}
+  info = {"source": "npy", "shape": list(shape), "input_dtype": str(acts.dtype),
+          **settings("from_npy", "tokens_npy", "npy_block_rows", "dtype")}
   writer = StoreWriter(FLAGS.out, shape[1], out_dtype, columns, layout(), info)
   if writer.complete:
     print(f"{FLAGS.out} is already complete ({writer.rows} rows)")
@@ -121,11 +122,9 @@ def from_npy():
   block = FLAGS.npy_block_rows
 
   def batches(start_block):
-    acts = inputs.npy_blocks(FLAGS.from_npy, block, start_block, rows)
-    toks = inputs.npy_blocks(FLAGS.tokens_npy, block, start_block, rows) \
-        if FLAGS.tokens_npy else None
-    for b, x in enumerate(acts, start_block):
-      cols = {"tokens": next(toks).astype(np.int32)} if toks else {}
+    tok_blocks = toks.blocks(block, start_block, rows) if toks else None
+    for b, x in enumerate(acts.blocks(block, start_block, rows), start_block):
+      cols = {"tokens": next(tok_blocks).astype(np.int32)} if toks else {}
       yield x, cols, f"{FLAGS.from_npy} rows {b * block}-{b * block + len(x)}"
 
   run(writer, batches, rows, "rows", numpy_dtype(out_dtype))

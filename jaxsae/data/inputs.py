@@ -27,31 +27,28 @@ def _open(path: str, mode: str):
   return open(path, mode)
 
 
-def npy_header(path: str, f) -> tuple[tuple, np.dtype]:
-  try:
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) \
-        else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(f)
-  except (ValueError, OSError) as e:
-    raise DataError(f"{path}: not a readable .npy file ({e})") from None
-  if fortran or dtype.hasobject:
-    raise DataError(f"{path}: Fortran-ordered or object arrays are not supported")
-  return shape, dtype
+class NpyReader:
+  """A .npy file read front to back in blocks; opened once, so a pipe works too."""
 
+  def __init__(self, path: str):
+    self.path = path
+    try:
+      self._f = _open(path, "rb")
+      version = np.lib.format.read_magic(self._f)
+      read = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+          else np.lib.format.read_array_header_2_0
+      self.shape, fortran, self.dtype = read(self._f)
+    except (ValueError, OSError) as e:
+      raise DataError(f"{path}: not a readable .npy file ({e})") from None
+    if fortran or self.dtype.hasobject:
+      raise DataError(f"{path}: Fortran-ordered or object arrays are not supported")
 
-def npy_shape(path: str) -> tuple[tuple, np.dtype]:
-  with _open(path, "rb") as f:
-    return npy_header(path, f)
-
-
-def npy_blocks(path: str, block_rows: int, start_block: int = 0, limit_rows: int = 0
-               ) -> Iterator[np.ndarray]:
-  """Rows of a .npy file in blocks of block_rows, starting at block start_block."""
-  with _open(path, "rb") as f:
-    shape, dtype = npy_header(path, f)
+  def blocks(self, block_rows: int, start_block: int = 0, limit_rows: int = 0
+             ) -> Iterator[np.ndarray]:
+    """Rows [start_block * block_rows, limit_rows or all) in blocks of block_rows."""
+    f, shape = self._f, self.shape
     rows = min(shape[0], limit_rows) if limit_rows else shape[0]
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
     skip = min(start_block * block_rows, rows) * row_bytes
     try:
       f.seek(skip, os.SEEK_CUR)
@@ -61,16 +58,17 @@ def npy_blocks(path: str, block_rows: int, start_block: int = 0, limit_rows: int
         if not got:
           break   # too short: the block loop below says so
         skip -= len(got)
-    for start in range(start_block * block_rows, rows, block_rows):
-      want = (min(start + block_rows, rows) - start) * row_bytes
-      data = bytearray()
-      while len(data) < want:
-        got = f.read(want - len(data))
-        if not got:
-          raise DataError(f"{path}: truncated at row {start + len(data) // row_bytes} "
-                          f"(header says {shape[0]} rows)")
-        data += got
-      yield np.frombuffer(data, dtype).reshape((-1,) + tuple(shape[1:]))
+    with f:
+      for start in range(start_block * block_rows, rows, block_rows):
+        want = (min(start + block_rows, rows) - start) * row_bytes
+        data = bytearray()
+        while len(data) < want:
+          got = f.read(want - len(data))
+          if not got:
+            raise DataError(f"{self.path}: truncated at row {start + len(data) // row_bytes} "
+                            f"(its header says {shape[0]} rows)")
+          data += got
+        yield np.frombuffer(data, self.dtype).reshape((-1,) + tuple(shape[1:]))
 
 
 def expand_files(spec: str) -> list[str]:

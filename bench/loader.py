@@ -1,0 +1,133 @@
+r"""Loader throughput: rows/s and MB/s delivered to the host, beside the raw read rate of the files.
+
+For each (d, dtype) it writes a store of --rows random rows, then, in the same run and on the same
+files, warm in the page cache (a store that fits in RAM) or, with --cold, off the disk:
+
+  raw      every shard file read front to back with plain readinto(): the bytes-off-disk ceiling
+  ts_seq   the chunks read in order through TensorStore (checksums verified), no shuffling
+  loader   the training pipeline: shuffled chunk order, groups mixed in memory, batches cut
+
+  python bench/loader.py --rows=262144 --batch=4096 [--cold] [--train_rows_per_sec=N]
+
+--train_rows_per_sec (what the CPU train step consumes, from the trainer's perf/tokens_per_sec)
+adds the loader/train ratio. Prints a markdown table for bench/RESULTS.md.
+"""
+import glob
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxsae.data.loader import open_store  # noqa: E402
+from jaxsae.data.store import Layout, Store, StoreWriter, numpy_dtype  # noqa: E402
+
+flags.DEFINE_integer("rows", 262144, "Rows per store.")
+flags.DEFINE_integer("batch", 4096, "Batch rows (one process).")
+flags.DEFINE_integer("chunk_rows", 4096, "Rows per chunk.")
+flags.DEFINE_integer("shard_rows", 65536, "Rows per shard file.")
+flags.DEFINE_bool("checksum", True, "crc32c per chunk (the store default).")
+flags.DEFINE_integer("group", 8, "data.shuffle_buffer_chunks")
+flags.DEFINE_integer("threads", 2, "data.num_threads")
+flags.DEFINE_integer("prefetch", 2, "data.prefetch")
+flags.DEFINE_list("dims", ["576", "768"], "Widths d.")
+flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Stored dtypes.")
+flags.DEFINE_integer("repeats", 3, "Timed passes of each reader; the best is kept.")
+flags.DEFINE_bool("cold", False, "Drop the page cache before every timed pass (needs root): "
+                  "the files then come off the disk, as for a store larger than RAM.")
+flags.DEFINE_float("train_rows_per_sec", 0.0, "CPU train step consumption, for the ratio.")
+flags.DEFINE_string("dir", "", "Where to write the stores (default: a temporary folder).")
+FLAGS = flags.FLAGS
+
+
+def make_store(path, d, dtype):
+  w = StoreWriter(path, d, dtype, {}, Layout(FLAGS.chunk_rows, FLAGS.shard_rows, checksum=FLAGS.checksum), {"bench": 1})
+  rng = np.random.default_rng(0)
+  block = FLAGS.shard_rows
+  for start in range(0, FLAGS.rows, block):
+    x = rng.standard_normal((min(block, FLAGS.rows - start), d), np.float32)
+    w.append(x.astype(numpy_dtype(dtype)))
+    if w.should_commit():
+      w.commit({})
+  w.finish({})
+
+
+def best(fn):
+  times = []
+  for _ in range(FLAGS.repeats):
+    if FLAGS.cold:
+      os.sync()
+      with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    t = time.perf_counter()
+    rows = fn()
+    times.append(time.perf_counter() - t)
+  return rows, min(times)
+
+
+def raw_read(path):
+  buf = bytearray(16 << 20)
+  total = 0
+  for name in sorted(glob.glob(os.path.join(path, "acts", "c", "*", "0"))):
+    with open(name, "rb", buffering=0) as f:
+      while n := f.readinto(buf):
+        total += n
+  return total
+
+
+def ts_sequential(path):
+  s = Store(path)
+  rows = 0
+  for i in range(s.num_chunks):
+    rows += len(s.read(*s.chunk(i)))
+  return rows
+
+
+def loader_pass(path):
+  data = open_store(path, global_batch=FLAGS.batch, eval_rows=0, eval_batches=0, seed=0, epochs=1,
+                    group_chunks=FLAGS.group, num_threads=FLAGS.threads, prefetch=FLAGS.prefetch,
+                    allow_incomplete=False, process_index=0, process_count=1)
+  rows = sum(len(b) for b in data.train)
+  data.close()
+  return rows
+
+
+def main(_):
+  root = FLAGS.dir or tempfile.mkdtemp(prefix="jaxsae_bench_loader_")
+  print(f"{'cold' if FLAGS.cold else 'warm'} page cache; {FLAGS.rows} rows per store, batch {FLAGS.batch}, chunks {FLAGS.chunk_rows}, shards "
+        f"{FLAGS.shard_rows}, group {FLAGS.group} chunks, {FLAGS.threads} threads, prefetch "
+        f"{FLAGS.prefetch}, {os.cpu_count()} CPUs; best of {FLAGS.repeats}", flush=True)
+  head = "| d | dtype | raw MB/s | ts_seq MB/s | loader rows/s | loader MB/s | loader/raw |"
+  head += " loader/train |" if FLAGS.train_rows_per_sec else ""
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  try:
+    for d in map(int, FLAGS.dims):
+      for dtype in FLAGS.dtypes:
+        path = os.path.join(root, f"d{d}_{dtype}")
+        make_store(path, d, dtype)
+        row_bytes = d * numpy_dtype(dtype).itemsize
+        raw_bytes, t_raw = best(lambda: raw_read(path))
+        ts_rows, t_ts = best(lambda: ts_sequential(path))
+        rows, t_ld = best(lambda: loader_pass(path))
+        raw_mb = raw_bytes / t_raw / 1e6
+        ts_mb = ts_rows * row_bytes / t_ts / 1e6
+        ld_mb = rows * row_bytes / t_ld / 1e6
+        line = (f"| {d} | {dtype} | {raw_mb:,.0f} | {ts_mb:,.0f} | {rows / t_ld:,.0f} | "
+                f"{ld_mb:,.0f} | {ld_mb / raw_mb:.0%} |")
+        if FLAGS.train_rows_per_sec:
+          line += f" {rows / t_ld / FLAGS.train_rows_per_sec:.1f}x |"
+        lines.append(line)
+        print(line, flush=True)
+        shutil.rmtree(path)
+  finally:
+    if not FLAGS.dir:
+      shutil.rmtree(root, ignore_errors=True)
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,251 @@
+"""`python -m jaxsae.dump` as users run it: real subprocesses, real files, a real SIGKILL.
+
+A dump is killed "midway" deterministically: part of its input is a named pipe (FIFO) that the test
+feeds partly, so the dump has committed some rows and then blocks, unable to finish, when it dies.
+The rerun reads the same path as a regular file and must produce the store an uninterrupted dump
+produces: same rows, same metadata (statistics and counts included).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxsae.data.store import Store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--chunk_rows=16", "--shard_rows=64", "--progress=false"]
+
+
+def dump(*args, check=True):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  r = subprocess.run([sys.executable, "-m", "jaxsae.dump", *args], env=env, capture_output=True,
+                     text=True, timeout=300)
+  if check and r.returncode:
+    raise AssertionError(f"dump failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-3000:]}")
+  return r
+
+
+def start_dump(*args):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.Popen([sys.executable, "-m", "jaxsae.dump", *args], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def contents(path):
+  s = Store(path)
+  return s.metadata, {name: s.read(0, s.rows, name).tobytes() for name in s.columns}
+
+
+def kill_after_commit(proc, store, min_rows):
+  """Waits until the dump committed at least min_rows (it then blocks on its pipe) and kills it."""
+  meta_file = os.path.join(store, "metadata.json")
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline:
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    try:
+      if json.load(open(meta_file))["rows"] >= min_rows:
+        break
+    except (OSError, ValueError):
+      pass
+    time.sleep(0.05)
+  else:
+    raise AssertionError("the dump never committed")
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  meta = json.load(open(meta_file))
+  assert not meta["complete"] and meta["rows"] >= min_rows
+  return meta["rows"]
+
+
+def feed_fifo(path, data: bytes):
+  """Writes data into the FIFO at path from a thread (opening blocks until the reader opens)."""
+  os.mkfifo(path)
+
+  def write():
+    try:
+      with open(path, "wb") as f:
+        f.write(data)
+        threading.Event().wait(600)   # hold the pipe open: the reader waits for more, forever
+    except BrokenPipeError:
+      pass
+  threading.Thread(target=write, daemon=True).start()
+
+
+def save_npy(path, x):
+  np.save(path, x)
+  return path
+
+
+def test_npy_dump_killed_midway_resumes_to_the_same_store(tmp_path):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1000, 8)).astype(np.float32)
+  x[::97] *= 50    # massive rows, so the filtered count is part of what must match
+  src = save_npy(str(tmp_path / "acts.npy"), x)
+  toks = save_npy(str(tmp_path / "toks.npy"), np.arange(1000, dtype=np.int32))
+  args = [f"--from-npy={src}", f"--tokens-npy={toks}", "--npy_block_rows=50", "--dtype=bfloat16",
+          *SMALL]
+  dump(*args, f"--out={tmp_path / 'whole'}")
+
+  whole = open(src, "rb").read()
+  os.rename(src, src + ".bak")
+  feed_fifo(src, whole[:len(whole) // 2])          # the header and about 500 rows
+  proc = start_dump(*args, f"--out={tmp_path / 'killed'}")
+  rows = kill_after_commit(proc, str(tmp_path / "killed"), 128)
+  os.remove(src)
+  os.rename(src + ".bak", src)
+  r = dump(*args, f"--out={tmp_path / 'killed'}")
+  assert "complete" in r.stdout
+
+  meta, cols = contents(str(tmp_path / "killed"))
+  ref_meta, ref_cols = contents(str(tmp_path / "whole"))
+  assert 128 <= rows < meta["rows"]
+  assert cols == ref_cols and meta == ref_meta
+  assert meta["filtered"]["massive"] == 11 and meta["rows"] == 989
+  kept = np.linalg.norm(x, axis=1) < 20
+  s = Store(str(tmp_path / "killed"))
+  assert np.array_equal(s.read(0, s.rows), x[kept].astype(ml_dtypes.bfloat16))
+  assert np.array_equal(s.read(0, s.rows, "tokens"), np.flatnonzero(kept))
+  assert "already complete" in dump(*args, f"--out={tmp_path / 'killed'}").stdout
+
+
+def test_nonfinite_rows_are_refused_with_a_count(tmp_path):
+  x = np.ones((300, 4), np.float32)
+  x[[5, 17, 290], 1] = [np.nan, np.inf, -np.inf]
+  src = save_npy(str(tmp_path / "acts.npy"), x)
+  r = dump(f"--from-npy={src}", f"--out={tmp_path / 's'}", "--npy_block_rows=1000", *SMALL,
+           check=False)
+  assert r.returncode == 2
+  assert "3 of 300 rows" in r.stderr and "NaN or inf" in r.stderr
+  assert not json.load(open(tmp_path / "s" / "metadata.json"))["complete"]
+  # float16 overflow is caught after the cast, too.
+  y = np.ones((10, 4), np.float32)
+  y[3] = 1e6
+  src = save_npy(str(tmp_path / "big.npy"), y)
+  r = dump(f"--from-npy={src}", f"--out={tmp_path / 's16'}", "--dtype=float16", *SMALL,
+           check=False)
+  assert r.returncode == 2 and "1 of 10 rows" in r.stderr
+
+
+def test_massive_rows_filtered_by_default_and_kept_on_request(tmp_path):
+  x = np.random.default_rng(1).standard_normal((200, 4)).astype(np.float32)
+  x[[0, 50]] *= 1000
+  src = save_npy(str(tmp_path / "acts.npy"), x)
+  dump(f"--from-npy={src}", f"--out={tmp_path / 'f'}", *SMALL)
+  dump(f"--from-npy={src}", f"--out={tmp_path / 't'}", "--tokens=150", *SMALL)
+  assert (Store(str(tmp_path / "t")).rows, Store(str(tmp_path / "t")).metadata["input_rows"]) \
+      == (148, 150)   # rows 0 and 50 are massive
+  dump(f"--from-npy={src}", f"--out={tmp_path / 'k'}", "--filter_massive=false", *SMALL)
+  f, k = Store(str(tmp_path / "f")), Store(str(tmp_path / "k"))
+  assert (f.rows, f.metadata["filtered"]["massive"]) == (198, 2)
+  assert (k.rows, k.metadata["filtered"]["massive"]) == (200, 0)
+  assert np.array_equal(k.read(0, 200), x)
+  assert f.metadata["stats"]["norm_max"] < 10
+
+
+# ---- A tiny randomly initialized Llama, built here: the [dump] extra's end-to-end path. --------
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+  pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  tokenizers = pytest.importorskip("tokenizers")
+  import torch
+  folder = str(tmp_path_factory.mktemp("tiny_llama"))
+  tk = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tk.decoder = tokenizers.decoders.ByteLevel()
+  tk.train_from_iterator([" ".join(WORDS)] * 4, tokenizers.trainers.BpeTrainer(
+      vocab_size=320, special_tokens=["<unk>", "<eos>"],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>",
+                                             unk_token="<unk>")
+  cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=3, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=128)
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+  tok.save_pretrained(folder)
+  return folder
+
+
+def write_texts(folder, n=3, lines=60):
+  rng = np.random.default_rng(2)
+  paths = []
+  for i in range(n):
+    path = os.path.join(folder, f"doc{i}.txt")
+    with open(path, "w") as f:
+      f.write("\n".join(" ".join(rng.choice(WORDS, 10)) for _ in range(lines)))
+    paths.append(path)
+  return paths
+
+
+def test_tiny_llama_dump_end_to_end_and_after_a_kill(tiny_llama, tmp_path):
+  import torch
+  import transformers
+  texts = write_texts(str(tmp_path), n=3, lines=40)
+  args = [f"--model={tiny_llama}", "--layer=1", f"--text={tmp_path}/*.txt", "--seq_len=32",
+          "--batch_size=4", "--dtype=float32", "--filter_massive=false", *SMALL]
+  r = dump(*args, f"--out={tmp_path / 'whole'}")
+  assert "tok/s" in r.stdout
+  s = Store(str(tmp_path / "whole"))
+  m = s.metadata
+  assert m["complete"] and (s.d, s.dtype) == (32, "float32")
+  assert m["info"]["hook"] == "model.layers.1" and m["info"]["files"] == texts
+  # The token stream is the documents, tokenized, with EOS between them, cut into windows.
+  tok = transformers.AutoTokenizer.from_pretrained(tiny_llama)
+  docs = [tok(open(t).read(), add_special_tokens=False)["input_ids"] for t in texts]
+  stream = docs[0] + [tok.eos_token_id] + docs[1] + [tok.eos_token_id] + docs[2]
+  assert m["rows"] == m["input_rows"] == len(stream) // 32 * 32
+  assert np.array_equal(s.read(0, s.rows, "tokens"), stream[:s.rows])
+  doc_ids = s.read(0, s.rows, "doc_ids")
+  assert np.array_equal(doc_ids[:len(docs[0]) + 1], [0] * (len(docs[0]) + 1))
+  assert doc_ids[-1] == 2 and np.all(np.diff(doc_ids) >= 0)
+  assert np.array_equal(s.read(0, 64, "positions"), np.tile(np.arange(32), 2))
+  # The stored rows are block 1's output (hidden_states[2]) on the stored token windows.
+  model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+  with torch.no_grad():
+    hidden = model(torch.tensor(stream[:64]).reshape(2, 32), output_hidden_states=True)
+  want = hidden.hidden_states[2].reshape(64, 32).numpy()
+  np.testing.assert_allclose(s.read(0, 64), want, rtol=1e-5, atol=1e-5)
+
+  # Killed while the last document is still arriving, then rerun: the same store.
+  last = open(texts[2], "rb").read()
+  os.remove(texts[2])
+  feed_fifo(texts[2], last[:100])
+  proc = start_dump(*args, f"--out={tmp_path / 'killed'}")
+  rows = kill_after_commit(proc, str(tmp_path / "killed"), 128)
+  os.remove(texts[2])
+  open(texts[2], "wb").write(last)
+  dump(*args, f"--out={tmp_path / 'killed'}")
+  meta, cols = contents(str(tmp_path / "killed"))
+  ref_meta, ref_cols = contents(str(tmp_path / "whole"))
+  assert rows < meta["rows"]
+  assert cols == ref_cols and meta == ref_meta
+
+
+def test_bfloat16_autocast_stays_close_to_float32(tiny_llama):
+  from jaxsae.data import lm
+  tokens = np.arange(64).reshape(2, 32) % 300
+  exact = lm.BlockOutput(tiny_llama, 1)(tokens)
+  fast = lm.BlockOutput(tiny_llama, 1, compute_dtype="bfloat16")(tokens)
+  assert fast.shape == exact.shape == (2, 32, 32) and fast.dtype == np.float32
+  assert np.linalg.norm(fast - exact) / np.linalg.norm(exact) < 0.05
+  assert not np.array_equal(fast, exact)   # autocast really ran in bfloat16
+
+
+def test_model_path_must_exist_locally(tmp_path):
+  pytest.importorskip("transformers")
+  (tmp_path / "a.txt").write_text("hello")
+  r = dump("--model=HuggingFaceTB/SmolLM2-135M", "--layer=1", f"--text={tmp_path / 'a.txt'}",
+           f"--out={tmp_path / 's'}", check=False)
+  assert r.returncode == 2 and "models load from disk only" in r.stderr
