@@ -28,6 +28,8 @@ def get_config():
   c.train.b1 = 0.9
   c.train.b2 = 0.999
   c.train.eps = 6.25e-10
+  c.train.opt_state_dtype = "float32"  # Adam moments: "float32" | "bfloat16" (stochastically
+                                       # rounded; halves the optimizer state, optim.py)
   c.train.warmup_steps = 0
   c.train.decay_frac = 0.0       # linear decay to 0 over this final fraction of steps
   c.train.seed = 0
@@ -61,15 +63,25 @@ def get_config():
   c.data.synthetic.seed = 1234
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 1000
+  c.checkpoint.every_steps = 1000  # also saved at the end and on SIGTERM; 0: only those
   c.checkpoint.max_to_keep = 3
+  c.checkpoint.async_save = True   # write in the background; the loop waits only for the copy
+                                   # off the devices
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1)         # one size per axis; -1 takes the remaining devices
   c.mesh.axes = ("data", "model")
   c.mesh.batch_axes = ("data",)  # mesh axes the batch is split over
   c.mesh.latent_axis = "model"   # mesh axis the n latents are split over
+  c.mesh.dcn_shape = ()          # multi-slice: per-axis sizes *across* slices (mesh.shape is then
+                                 # within a slice), e.g. axes ("slice", "data", "model"),
+                                 # dcn_shape (4, 1, 1), batch_axes ("slice", "data"); () for none
+  c.mesh.device_memory = ""      # per-device memory for the start-up fit check (plan.py), e.g.
+                                 # "80GiB"; "" asks the device (CPU: host RAM / local devices);
+                                 # "off" skips the check
 
   c.kernels = "xla"              # "xla" | "pallas"
   c.compute_dtype = "float32"    # dtype of the encoder GEMM: "float32" | "bfloat16"
+  c.encoder_tile = 0             # >0: compute pre[B, n] in tiles of this many latents with a
+                                 # running top-k (memory O(B x tile), topk.py); 0: in one piece
   return c

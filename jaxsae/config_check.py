@@ -48,6 +48,10 @@ def _problems(c):
     yield f"kernels={c.kernels!r}: expected one of {KERNELS}"
   if c.compute_dtype not in COMPUTE_DTYPES:
     yield f"compute_dtype={c.compute_dtype!r}: expected one of {COMPUTE_DTYPES}"
+  if t.opt_state_dtype not in ("float32", "bfloat16"):
+    yield f"train.opt_state_dtype={t.opt_state_dtype!r}: expected 'float32' or 'bfloat16'"
+  if c.encoder_tile < 0:
+    yield f"encoder_tile={c.encoder_tile} must be >= 0 (0: no tiling)"
   if c.checkpoint.every_steps < 0 or c.checkpoint.max_to_keep < 1:
     yield "checkpoint.every_steps must be >= 0 and checkpoint.max_to_keep >= 1"
 

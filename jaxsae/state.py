@@ -29,16 +29,29 @@ def state_specs(abstract: TrainState, tx, specs) -> TrainState:
                     input_scale=P())
 
 
-def create(key, spec: model.SaeSpec, tx, specs, b_pre, input_scale):
-  """Returns (state laid out on specs.mesh, its NamedShardings)."""
-
+def _init_fn(spec: model.SaeSpec, tx):
   def init(key, b_pre, input_scale):
     params = model.init_params(key, spec.d, spec.n, b_pre)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       since_fired=jnp.zeros((spec.n,), jnp.int32),
                       input_scale=jnp.asarray(input_scale, jnp.float32))
+  return init
 
-  abstract = jax.eval_shape(init, key, b_pre, input_scale)
-  shardings = specs.named(state_specs(abstract, tx, specs))
+
+def abstract(spec: model.SaeSpec, tx, specs) -> tuple[TrainState, TrainState]:
+  """(the state as ShapeDtypeStructs carrying their shardings, the NamedShardings): what a step
+  can be compiled against without allocating anything (plan.py, benchmarks)."""
+  shapes = jax.eval_shape(_init_fn(spec, tx), jax.random.PRNGKey(0),
+                          jnp.zeros((spec.d,), jnp.float32), 1.0)
+  shardings = specs.named(state_specs(shapes, tx, specs))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      shapes, shardings), shardings
+
+
+def create(key, spec: model.SaeSpec, tx, specs, b_pre, input_scale):
+  """Returns (state laid out on specs.mesh, its NamedShardings)."""
+  init = _init_fn(spec, tx)
+  shapes = jax.eval_shape(init, key, b_pre, input_scale)
+  shardings = specs.named(state_specs(shapes, tx, specs))
   state = jax.jit(init, out_shardings=shardings)(key, b_pre, input_scale)
   return state, shardings

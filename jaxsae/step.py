@@ -28,6 +28,7 @@ class StepFns:
     self.spec, self.specs, self.tx = spec, specs, tx
     self.kernels = config.kernels
     self.compute_dtype = DTYPES[config.compute_dtype]
+    self.encoder_tile = config.encoder_tile   # 0: pre[B, n_local] in one piece (topk.py)
     self.axis = specs.latent_axis if specs.model_size > 1 else None
     self.batch_size = config.train.batch_size
     batch_sharding = NamedSharding(specs.mesh, specs.batch)
@@ -61,7 +62,8 @@ class StepFns:
     def run(with_aux):
       idx, aux_idx, aux_ok = topk.select(
           xc, params["W_enc"], params["b_enc"], spec.k_select, dead=dead,
-          k_aux=spec.k_aux if with_aux else 0, axis=axis, compute_dtype=self.compute_dtype)
+          k_aux=spec.k_aux if with_aux else 0, axis=axis, compute_dtype=self.compute_dtype,
+          tile=self.encoder_tile)
       aux_scale = jnp.minimum(num_dead / max(spec.k_aux, 1), 1.0)
       (_, aux), grads = jax.value_and_grad(model.loss_terms, has_aux=True)(
           params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec, axis, self.kernels)
@@ -82,7 +84,7 @@ class StepFns:
     total_var, _ = model.centred_sq_sum(x, self.specs.batch_axes)
     xc = x - params["b_pre"]
     idx, _, _ = topk.select(xc, params["W_enc"], params["b_enc"], self.spec.k, axis=self.axis,
-                            compute_dtype=self.compute_dtype)
+                            compute_dtype=self.compute_dtype, tile=self.encoder_tile)
     plain = dataclasses.replace(self.spec, multi_topk=False)
     _, aux = model.loss_terms(params, x, idx, None, None, total_var, 0.0, plain, self.axis,
                               self.kernels)

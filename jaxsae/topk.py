@@ -5,6 +5,11 @@ selected pre-activations), so this module is free to compute `pre` in bf16, in t
 kernel. With the latents split over a mesh axis, each shard takes its local top-k, all-gathers only
 those candidates (B x k x shards values, never B x n), and takes the global top-k of the candidates:
 exactly the unsharded top-k, because every global winner is among its own shard's local top-k.
+
+Blocked encoder (tile > 0): pre[B, n_local] is the largest buffer of a step (B=1024, n=2^24 in f32
+is 64 GiB), so it can instead be computed in column tiles of `tile` latents inside a scan that keeps
+a running top-k: memory O(B x tile), same result. Ties go to the lower latent index everywhere (as
+lax.top_k does), which is what keeps tiled, sharded and plain selection identical.
 """
 import jax
 import jax.numpy as jnp
@@ -19,27 +24,78 @@ def pre_activations(xc, w_enc, b_enc, compute_dtype):
   return (pre + b_enc).astype(compute_dtype)
 
 
-def _sharded_top_k(pre, k, axis):
-  """Top-k of each row of pre [B, n_local] over all shards of `axis`: (values, global indices)."""
-  vals, idx = jax.lax.top_k(pre, k)
+def _top_ks(pre, offset, dead, k, k_aux):
+  """Top-k of pre [B, cols] and, if k_aux, top-k_aux of its dead columns: ((v, i), (v, i) | None),
+  indices offset by `offset`."""
+  v, i = jax.lax.top_k(pre, k)
+  main = (v, i + offset)
+  if not k_aux:
+    return main, None
+  v, i = jax.lax.top_k(jnp.where(dead[None, :], pre, NEG), k_aux)
+  return main, (v, i + offset)
+
+
+def _merge(a, b, k):
+  """Top-k of two candidate lists (a first: on ties its entries, the lower indices, win)."""
+  v, pos = jax.lax.top_k(jnp.concatenate([a[0], b[0]], axis=1), k)
+  return v, jnp.take_along_axis(jnp.concatenate([a[1], b[1]], axis=1), pos, axis=1)
+
+
+def _local_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype, tile):
+  """Top-k (and dead top-k_aux) over this shard's latents; indices local to the shard."""
+  n = w_enc.shape[0]
+  if dead is None:
+    dead = jnp.zeros((n,), bool)
+  if not tile or max(tile, k, k_aux) >= n:
+    return _top_ks(pre_activations(xc, w_enc, b_enc, compute_dtype), 0, dead, k, k_aux)
+  tile = max(tile, k, k_aux)   # a tile must hold a whole candidate list
+
+  def tile_top_ks(start, first_new):
+    """Tile [start, start + tile); columns before first_new were seen already (the last tile is
+    shifted back to fit, so it overlaps its predecessor) and cannot be picked again."""
+    w = jax.lax.dynamic_slice_in_dim(w_enc, start, tile)
+    b = jax.lax.dynamic_slice_in_dim(b_enc, start, tile)
+    pre = pre_activations(xc, w, b, compute_dtype)
+    pre = jnp.where(start + jnp.arange(tile) >= first_new, pre, NEG)
+    return _top_ks(pre, start, jax.lax.dynamic_slice_in_dim(dead, start, tile), k, k_aux)
+
+  def body(best, t):
+    new = tile_top_ks(jnp.minimum(t * tile, n - tile), t * tile)
+    main = _merge(best[0], new[0], k)
+    return (main, _merge(best[1], new[1], k_aux) if k_aux else None), None
+
+  # The first tile seeds the running lists, so they always hold real (lowest-index) entries.
+  best, _ = jax.lax.scan(body, tile_top_ks(0, 0), jnp.arange(1, -(-n // tile)))
+  return best
+
+
+def _global_top_k(vals, idx, k, axis, n_local):
+  """Global top-k from every shard's local candidates (local indices in): only these move."""
   if axis is None:
     return vals, idx
-  idx = idx + jax.lax.axis_index(axis) * pre.shape[1]
+  idx = idx + jax.lax.axis_index(axis) * n_local
   cand_v = jax.lax.all_gather(vals, axis, axis=1, tiled=True)   # [B, k * shards]
   cand_i = jax.lax.all_gather(idx, axis, axis=1, tiled=True)
-  vals, pos = jax.lax.top_k(cand_v, k)
+  vals, pos = jax.lax.top_k(cand_v, k)   # shard order = index order: ties still go low
   return vals, jnp.take_along_axis(cand_i, pos, axis=1)
 
 
-def select(xc, w_enc, b_enc, k, *, dead=None, k_aux=0, axis=None, compute_dtype=jnp.float32):
+def select(xc, w_enc, b_enc, k, *, dead=None, k_aux=0, axis=None, compute_dtype=jnp.float32,
+           tile=0):
   """Indices of the top-k latents of each row, and of the top-k_aux *dead* latents.
 
-  Returns idx [B, k] and, when k_aux > 0, (aux_idx [B, k_aux], aux_ok [B, k_aux]) where aux_ok is
-  False for picks that are not dead (fewer than k_aux dead latents are available).
+  xc [B, d], w_enc [n_local, d] and b_enc [n_local] are this shard's (all of them when axis is
+  None); tile > 0 computes pre in column tiles of that many latents. Returns global indices
+  idx [B, k] and, when k_aux > 0, (aux_idx [B, k_aux], aux_ok [B, k_aux]) where aux_ok is False for
+  picks that are not dead (fewer than k_aux dead latents are available; their index is arbitrary).
   """
-  pre = pre_activations(xc, w_enc, b_enc, compute_dtype)
-  _, idx = _sharded_top_k(pre, k, axis)
+  n_local = w_enc.shape[0]
+  # A shard smaller than k offers all its latents; the gathered candidates still number >= k.
+  main, aux = _local_top_ks(xc, w_enc, b_enc, dead, min(k, n_local), min(k_aux, n_local),
+                            compute_dtype, tile)
+
+  _, idx = _global_top_k(*main, k, axis, n_local)
   if not k_aux:
     return idx, None, None
-  aux_vals, aux_idx = _sharded_top_k(jnp.where(dead[None, :], pre, NEG), k_aux, axis)
+  aux_vals, aux_idx = _global_top_k(*aux, k_aux, axis, n_local)
   return idx, aux_idx, aux_vals > NEG

@@ -1,0 +1,300 @@
+"""Per-device memory of a training step, worked out before anything is allocated.
+
+  python -m jaxsae.plan --d=4096 --n=16777216 --k=64 --batch=8192 --devices=64 \
+      --device-memory=95GiB [--optimizer-state=bf16] [--mesh=1x64] [--encoder-tile=65536]
+
+prints what each device holds (params, optimizer state, gradients, activations) and a verdict: fits,
+or the smallest (data, model) mesh that would; exit status 0 when it fits, 1 when it does not. The
+training job runs the same check at start-up (`check`) and refuses with the same table instead of
+dying of out-of-memory at step 0.
+
+The model (per device; n_l = n / model, B_l = batch / data, P = one f32 [n_l, d] weight shard):
+  state       params (W_enc, W_dec, b_enc, b_pre) + Adam's two moments + dead-latent counters
+  gradients   dense f32 gradients of the params
+  then the larger of two phases, which are never live together:
+  update      the optimizer pass's f32 temporaries: 5 P
+  activations the larger of selection: pre [B_l, n_l] (or a [B_l, tile] tile of the blocked
+              encoder, double-buffered), twice when AuxK masks a copy, plus the gathered top-k
+              candidates; and the sparse ops: 3 gathered-row buffers [B_l, c, d] (c: the chunk
+              of pallas_kernels/sparse_ops.py)
+The two constants (5 P, 3 buffers) come from XLA:CPU's compiled buffer assignment of the real step
+(tests/test_plan.py holds the planner to the compiled figure); other backends may pack tighter.
+"""
+import argparse
+import dataclasses
+import math
+import os
+import re
+import sys
+
+from jaxsae import mesh as mesh_lib
+from jaxsae import model
+
+UPDATE_TEMPS = 5       # f32 [n_l, d] buffers the optimizer pass holds besides the gradients
+SPARSE_BUFFERS = 3     # gathered-row buffers live at once in the sparse ops
+GATHER_ELEMS = 1 << 25  # = pallas_kernels.sparse_ops.MAX_GATHER_ELEMS (tests check), the bound on
+                        # one gathered-row buffer (not imported: the planner should not load Pallas)
+OPT_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2}
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+          "tib": 2**40}
+
+
+class PlanError(mesh_lib.MeshError):
+  """The run does not fit the devices; the message holds the plan table."""
+
+
+def parse_bytes(text) -> int:
+  """'95GiB', '80GB', '1.5TiB', '12345' -> bytes."""
+  m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
+  if not m or m.group(2).lower() not in _UNITS:
+    raise ValueError(f"{text!r} is not a memory size (examples: 95GiB, 80GB, 1.5TiB)")
+  return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def fmt_bytes(b: float) -> str:
+  for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if b >= size:
+      return f"{b / size:.2f} {unit}"
+  return f"{int(b)} B"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """What sets the memory of a step (one config, any mesh)."""
+  d: int
+  n: int
+  k: int
+  batch: int
+  k_aux: int = 0              # 0: no AuxK
+  multi_topk: bool = False
+  opt_state: str = "float32"  # Adam moment dtype
+  encoder_tile: int = 0
+
+  @classmethod
+  def from_config(cls, config):
+    spec = model.SaeSpec.from_config(config.sae)
+    return cls(d=spec.d, n=spec.n, k=spec.k, batch=config.train.batch_size, k_aux=spec.k_aux,
+               multi_topk=spec.multi_topk, opt_state=config.train.opt_state_dtype,
+               encoder_tile=config.encoder_tile)
+
+
+@dataclasses.dataclass
+class Plan:
+  problem: Problem
+  data: int
+  model: int
+  rows: dict        # name -> bytes per device
+  peak: int
+
+  @property
+  def devices(self) -> int:
+    return self.data * self.model
+
+
+def estimate(p: Problem, data: int, model_size: int) -> Plan:
+  """Per-device bytes of one train step of problem p on a (data, model) mesh."""
+  n_l, b_l = -(-p.n // model_size), -(-p.batch // data)
+  weights = 2 * n_l * p.d + n_l + p.d                    # W_enc, W_dec, b_enc, b_pre elements
+  k_sel = 4 * p.k if p.multi_topk else p.k
+  cols = n_l if not p.encoder_tile or p.encoder_tile >= n_l \
+      else min(n_l, max(p.encoder_tile, k_sel, p.k_aux))
+  pre_copies = (2 if p.k_aux else 1) * (2 if cols < n_l else 1)   # AuxK mask; scan buffers
+  candidates = b_l * (k_sel + p.k_aux) * model_size * 8   # gathered f32 values + int32 indices
+  rows = {
+      "params": weights * 4,
+      "optimizer state": 2 * weights * OPT_BYTES[p.opt_state],
+      "dead-latent counters": n_l * 4,
+      "gradients": weights * 4,
+      "update temporaries": UPDATE_TEMPS * n_l * p.d * 4,
+      "activations": max(pre_copies * b_l * cols * 4 + candidates,
+                         SPARSE_BUFFERS * b_l * _chunk(b_l, max(k_sel, p.k_aux), p.d) * p.d * 4),
+  }
+  state = rows["params"] + rows["optimizer state"] + rows["dead-latent counters"]
+  peak = state + rows["gradients"] + max(rows["update temporaries"], rows["activations"])
+  return Plan(p, data, model_size, rows, peak)
+
+
+def _chunk(b: int, k: int, d: int) -> int:
+  """Selected latents per gathered-row buffer, as pallas_kernels/sparse_ops.py chunks them."""
+  c = max(1, GATHER_ELEMS // max(1, b * d))
+  while k % c:
+    c -= 1
+  return c
+
+
+def _divisors(x: int) -> list[int]:
+  small = [i for i in range(1, math.isqrt(x) + 1) if x % i == 0]
+  return sorted(set(small + [x // i for i in small]))
+
+
+def best_mesh(p: Problem, devices: int) -> Plan | None:
+  """The (data, model) split of `devices` with the least peak memory (None: no valid split)."""
+  plans = [estimate(p, devices // m, m) for m in _divisors(devices)
+           if p.n % m == 0 and p.batch % (devices // m) == 0]
+  return min(plans, key=lambda pl: pl.peak) if plans else None
+
+
+def smallest_fitting(p: Problem, memory: int) -> Plan | None:
+  """The mesh with the fewest devices on which p fits (ties: least peak memory)."""
+  plans = [estimate(p, dd, m) for m in _divisors(p.n) for dd in _divisors(p.batch)]
+  fits = [pl for pl in plans if pl.peak <= memory]
+  return min(fits, key=lambda pl: (pl.devices, pl.peak)) if fits else None
+
+
+def table(plan: Plan, memory: int) -> str:
+  p = plan.problem
+  lines = [f"d={p.d} n={p.n} k={p.k} k_aux={p.k_aux} batch={p.batch} "
+           f"optimizer state {p.opt_state} encoder_tile={p.encoder_tile or 'off'}",
+           f"per device on mesh (data={plan.data}, model={plan.model}), {plan.devices} devices:"]
+  for name, b in plan.rows.items():
+    lines.append(f"  {name:<22}{fmt_bytes(b):>12}")
+  lines.append(f"  {'peak':<22}{fmt_bytes(plan.peak):>12}   (state + gradients + the larger "
+               "of update temporaries and activations)")
+  lines.append(f"  {'device memory':<22}{fmt_bytes(memory):>12}")
+  return "\n".join(lines)
+
+
+def verdict(plan: Plan, memory: int) -> tuple[bool, str]:
+  """(fits, the table and what to do about it)."""
+  text = table(plan, memory)
+  if plan.peak <= memory:
+    return True, f"{text}\nfits ({100 * plan.peak / memory:.0f}% of device memory)"
+  p = plan.problem
+  out = [text, "DOES NOT FIT"]
+  small = smallest_fitting(p, memory)
+  if small:
+    out.append(f"  smallest mesh that fits: {small.devices} devices as (data={small.data}, "
+               f"model={small.model}), peak {fmt_bytes(small.peak)}")
+  else:
+    out.append("  no (data, model) mesh fits: the batch or one latent shard is too large")
+  if p.opt_state in ("float32", "fp32"):
+    small16 = smallest_fitting(dataclasses.replace(p, opt_state="bfloat16"), memory)
+    if small16 and (not small or small16.devices < small.devices):
+      out.append(f"  with bf16 optimizer state (train.opt_state_dtype): {small16.devices} devices "
+                 f"as (data={small16.data}, model={small16.model})")
+  if not p.encoder_tile and plan.rows["activations"] > plan.rows["update temporaries"]:
+    out.append("  activations dominate: the blocked encoder (encoder_tile > 0, e.g. 8192 latents "
+               "per tile) bounds pre[B, n]")
+  return False, "\n".join(out)
+
+
+# ---- the training job's start-up check ---------------------------------------------------------
+
+def device_memory(setting: str) -> int | None:
+  """Bytes per device: the config's value, else what the device reports (CPU: host RAM shared by
+  the local devices); None when unknown."""
+  if setting:
+    return parse_bytes(setting)
+  import jax
+  local = jax.local_devices()
+  stats = local[0].memory_stats() if hasattr(local[0], "memory_stats") else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  if local[0].platform == "cpu":
+    try:
+      return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(local)
+    except (ValueError, OSError):
+      return None
+  return None
+
+
+def check(config, specs) -> Plan:
+  """Refuses (PlanError, holding the table) a run whose step would not fit the devices."""
+  from absl import logging
+  plan = estimate(Problem.from_config(config), specs.data_size, specs.model_size)
+  if config.mesh.device_memory == "off":
+    return plan
+  try:
+    memory = device_memory(config.mesh.device_memory)
+  except ValueError as e:
+    raise PlanError(f"mesh.device_memory: {e}") from None
+  if memory is None:
+    logging.info("memory plan (device memory unknown, not checked):\n%s", table(plan, 0))
+    return plan
+  fits, text = verdict(plan, memory)
+  if not fits:
+    raise PlanError("the step does not fit in device memory (mesh.device_memory to override, "
+                    f"'off' to skip):\n{text}")
+  logging.info("memory plan:\n%s", text)
+  return plan
+
+
+# ---- the compiled step, for checking the model ---------------------------------------------------
+
+def compile_step(config):
+  """The real train step of `config`, compiled for its mesh against abstract (never allocated)
+  state and batch. Its memory_analysis() is XLA's figure per device; its as_text() the HLO."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jaxsae import optim, state as state_lib
+  from jaxsae.step import StepFns
+  spec = model.SaeSpec.from_config(config.sae)
+  mesh = mesh_lib.create_mesh(config.mesh)
+  specs = mesh_lib.Specs(mesh, config.mesh)
+  specs.check(spec.n, config.train.batch_size)
+  tx = optim.make_optimizer(config)
+  state, shardings = state_lib.abstract(spec, tx, specs)
+  batch = jax.ShapeDtypeStruct((config.train.batch_size, spec.d), jnp.float32,
+                               sharding=NamedSharding(mesh, specs.batch))
+  return StepFns(config, spec, specs, tx, shardings).train.lower(state, batch).compile()
+
+
+def compiled_peak(compiled) -> int:
+  """Per-device peak of a compiled step: its arguments, outputs not aliased to donated arguments,
+  and XLA's temporaries."""
+  m = compiled.memory_analysis()
+  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+          + m.temp_size_in_bytes)
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m jaxsae.plan", description=__doc__.split("\n")[0])
+  ap.add_argument("--d", type=int, required=True, help="input width")
+  ap.add_argument("--n", type=int, required=True, help="latents")
+  ap.add_argument("--k", type=int, required=True, help="active latents per token")
+  ap.add_argument("--batch", type=int, required=True, help="tokens per step (global)")
+  ap.add_argument("--devices", type=int, required=True, help="devices in the mesh")
+  ap.add_argument("--device-memory", required=True, help="per device, e.g. 95GiB or 80GB")
+  ap.add_argument("--optimizer-state", default="fp32", choices=sorted(OPT_BYTES))
+  ap.add_argument("--k-aux", type=int, default=-1,
+                  help="AuxK latents (-1: power of two nearest d/2, 0: no AuxK)")
+  ap.add_argument("--multi-topk", action="store_true")
+  ap.add_argument("--encoder-tile", type=int, default=0, help="blocked encoder tile (0: off)")
+  ap.add_argument("--mesh", default="", help="DATAxMODEL, e.g. 1x64 (default: the best split)")
+  a = ap.parse_args(argv)
+  try:
+    memory = parse_bytes(a.device_memory)
+  except ValueError as e:
+    ap.error(f"--device-memory: {e}")
+  for name in ("d", "n", "k", "batch", "devices"):
+    if getattr(a, name) <= 0:
+      ap.error(f"--{name} must be positive")
+  p = Problem(d=a.d, n=a.n, k=a.k, batch=a.batch, k_aux=model.resolve_k_aux(a.k_aux, a.d, a.n),
+              multi_topk=a.multi_topk, opt_state=a.optimizer_state, encoder_tile=a.encoder_tile)
+  if a.mesh:
+    try:
+      data, model_size = (int(s) for s in a.mesh.lower().split("x"))
+    except ValueError:
+      ap.error(f"--mesh={a.mesh!r}: expected DATAxMODEL, e.g. 1x64")
+    if data * model_size != a.devices:
+      ap.error(f"--mesh={a.mesh} has {data * model_size} devices, --devices={a.devices}")
+    if p.n % model_size or p.batch % data:
+      ap.error(f"--mesh={a.mesh}: n={p.n} must divide by {model_size} and batch={p.batch} by "
+               f"{data}")
+    plan = estimate(p, data, model_size)
+  else:
+    plan = best_mesh(p, a.devices)
+    if plan is None:
+      ap.error(f"no (data, model) split of {a.devices} devices divides n={p.n} and "
+               f"batch={p.batch}")
+  fits, text = verdict(plan, memory)
+  print(text)
+  return 0 if fits else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
