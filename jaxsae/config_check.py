@@ -56,7 +56,15 @@ def _problems(c):
     yield "checkpoint.every_steps must be >= 0 and checkpoint.max_to_keep >= 1"
 
 
+def _backend_problems(c):
+  import jax
+  backend = jax.default_backend()
+  if c.kernels == "pallas" and backend not in ("cpu", "tpu"):
+    yield (f"kernels=pallas: the Pallas kernels are written for TPU (CPU runs them in interpret "
+           f"mode); there is no {backend} version yet: use kernels=xla")
+
+
 def validate(config):
-  problems = list(_problems(config))
+  problems = list(_problems(config)) + list(_backend_problems(config))
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -129,3 +129,32 @@ def scale_by_adam_bf16(b1: float, b2: float, eps: float) -> optax.GradientTransf
 
 def renormalize_decoder(params):
   return {**params, "W_dec": model.unit_rows(params["W_dec"])}
+
+
+# ---- kernels=pallas: one fused sweep per weight matrix -----------------------------------------
+
+def fused_update(train, n: int, params, grads, opt_state):
+  """What tx.update + apply_updates + renormalize_decoder do, with W_enc and W_dec each updated in
+  one Pallas sweep (pallas_kernels/fused_adam.py); the bias vectors take the same arithmetic in
+  plain JAX. Reads and writes make_optimizer's fp32 state layout:
+  (EmptyState, (ScaleByAdamState, ScaleByScheduleState)). Runs per shard: rows are independent.
+  """
+  from pallas_kernels import fused_adam  # only this path needs Pallas
+  empty, (adam, sched) = opt_state
+  count = optax.safe_increment(adam.count)
+  h = fused_adam.hyper(learning_rate(train, n)(sched.count), train.b1, train.b2, train.eps,
+                       count)
+  new = {name: {} for name in ("w", "mu", "nu")}
+  for name, w in params.items():
+    args = (w, grads[name], adam.mu[name], adam.nu[name], h)
+    flags = dict(project=name == "W_dec", renorm=name == "W_dec")
+    if w.ndim == 2:
+      out = fused_adam.adam_rows(*args, **flags)
+    else:  # [n] or [d]: as one row would be wrong for the projection; biases have none
+      out = fused_adam.adam_rows_reference(*(a[None] for a in args[:4]), h)
+      out = tuple(a[0] for a in out)
+    for key, value in zip(("w", "mu", "nu"), out):
+      new[key][name] = value
+  state = (empty, (optax.ScaleByAdamState(count=count, mu=new["mu"], nu=new["nu"]),
+                   optax.ScaleByScheduleState(count=optax.safe_increment(sched.count))))
+  return new["w"], state

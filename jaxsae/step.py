@@ -8,6 +8,7 @@ because Pallas kernels inside shard_map need it; correctness does not rest on it
 differentiated by autodiff (the custom VJPs do their own).
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,14 @@ class StepFns:
     self.encoder_tile = config.encoder_tile   # 0: pre[B, n_local] in one piece (topk.py)
     self.axis = specs.latent_axis if specs.model_size > 1 else None
     self.batch_size = config.train.batch_size
+    self.fused_optimizer = None
+    if config.kernels == "pallas" and config.train.opt_state_dtype == "float32":
+      # Pallas calls are not partitioned by XLA: each device sweeps its own rows in shard_map.
+      specs_of = lambda tree: jax.tree.map(lambda s: s.spec, tree)
+      fused = functools.partial(optim.fused_update, config.train, spec.n)
+      self.fused_optimizer = self._shard_map(
+          fused, (specs.params, specs.params, specs_of(state_shardings.opt_state)),
+          (specs.params, specs_of(state_shardings.opt_state)))
     batch_sharding = NamedSharding(specs.mesh, specs.batch)
     replicated = NamedSharding(specs.mesh, P())
     self.train = jax.jit(self._train_step, in_shardings=(state_shardings, batch_sharding),
@@ -63,7 +72,7 @@ class StepFns:
       idx, aux_idx, aux_ok = topk.select(
           xc, params["W_enc"], params["b_enc"], spec.k_select, dead=dead,
           k_aux=spec.k_aux if with_aux else 0, axis=axis, compute_dtype=self.compute_dtype,
-          tile=self.encoder_tile)
+          tile=self.encoder_tile, kernels=self.kernels)
       aux_scale = jnp.minimum(num_dead / max(spec.k_aux, 1), 1.0)
       (_, aux), grads = jax.value_and_grad(model.loss_terms, has_aux=True)(
           params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec, axis, self.kernels)
@@ -84,7 +93,8 @@ class StepFns:
     total_var, _ = model.centred_sq_sum(x, self.specs.batch_axes)
     xc = x - params["b_pre"]
     idx, _, _ = topk.select(xc, params["W_enc"], params["b_enc"], self.spec.k, axis=self.axis,
-                            compute_dtype=self.compute_dtype, tile=self.encoder_tile)
+                            compute_dtype=self.compute_dtype, tile=self.encoder_tile,
+                            kernels=self.kernels)
     plain = dataclasses.replace(self.spec, multi_topk=False)
     _, aux = model.loss_terms(params, x, idx, None, None, total_var, 0.0, plain, self.axis,
                               self.kernels)
@@ -111,8 +121,11 @@ class StepFns:
     ok = (nonfinite_rows == 0) & jnp.isfinite(sums["sq"]) & jnp.isfinite(sums["auxk_sq"])
 
     def update(state):
-      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-      params = optim.renormalize_decoder(optax.apply_updates(state.params, updates))
+      if self.fused_optimizer is not None:
+        params, opt_state = self.fused_optimizer(state.params, grads, state.opt_state)
+      else:
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optim.renormalize_decoder(optax.apply_updates(state.params, updates))
       since = jnp.minimum(state.since_fired + self.batch_size, spec.dead_tokens)
       return state.replace(params=params, opt_state=opt_state,
                            since_fired=jnp.where(fired, 0, since))

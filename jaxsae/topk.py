@@ -41,11 +41,24 @@ def _merge(a, b, k):
   return v, jnp.take_along_axis(jnp.concatenate([a[1], b[1]], axis=1), pos, axis=1)
 
 
-def _local_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype, tile):
+def _pallas_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype):
+  """The GEMM with a top-k epilogue (pallas_kernels/topk_encoder.py): pre never leaves the chip.
+  AuxK's "dead latents only" is a bias of -inf on live latents, in the same kernel."""
+  from pallas_kernels import topk_encoder  # only this path needs Pallas
+  main = topk_encoder.topk(xc, w_enc, b_enc, k, compute_dtype=compute_dtype)
+  if not k_aux:
+    return main, None
+  aux_bias = jnp.where(dead, b_enc, NEG)
+  return main, topk_encoder.topk(xc, w_enc, aux_bias, k_aux, compute_dtype=compute_dtype)
+
+
+def _local_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype, tile, kernels="xla"):
   """Top-k (and dead top-k_aux) over this shard's latents; indices local to the shard."""
   n = w_enc.shape[0]
   if dead is None:
     dead = jnp.zeros((n,), bool)
+  if kernels == "pallas":
+    return _pallas_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype)
   if not tile or max(tile, k, k_aux) >= n:
     return _top_ks(pre_activations(xc, w_enc, b_enc, compute_dtype), 0, dead, k, k_aux)
   tile = max(tile, k, k_aux)   # a tile must hold a whole candidate list
@@ -81,18 +94,19 @@ def _global_top_k(vals, idx, k, axis, n_local):
 
 
 def select(xc, w_enc, b_enc, k, *, dead=None, k_aux=0, axis=None, compute_dtype=jnp.float32,
-           tile=0):
+           tile=0, kernels="xla"):
   """Indices of the top-k latents of each row, and of the top-k_aux *dead* latents.
 
   xc [B, d], w_enc [n_local, d] and b_enc [n_local] are this shard's (all of them when axis is
-  None); tile > 0 computes pre in column tiles of that many latents. Returns global indices
+  None); tile > 0 computes pre in column tiles of that many latents; kernels="pallas" computes it
+  tile by tile in a Pallas kernel that keeps only each tile's top-k. Returns global indices
   idx [B, k] and, when k_aux > 0, (aux_idx [B, k_aux], aux_ok [B, k_aux]) where aux_ok is False for
   picks that are not dead (fewer than k_aux dead latents are available; their index is arbitrary).
   """
   n_local = w_enc.shape[0]
   # A shard smaller than k offers all its latents; the gathered candidates still number >= k.
   main, aux = _local_top_ks(xc, w_enc, b_enc, dead, min(k, n_local), min(k_aux, n_local),
-                            compute_dtype, tile)
+                            compute_dtype, tile, kernels)
 
   _, idx = _global_top_k(*main, k, axis, n_local)
   if not k_aux:

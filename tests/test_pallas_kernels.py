@@ -83,9 +83,12 @@ def test_pallas_gradients_equal_dense_autodiff():
     assert float(err) < 1e-5, name
 
 
-def test_train_step_with_pallas_equals_xla(tiny_config, monkeypatch):
+@pytest.mark.parametrize("mesh", [(1, 1), (2, 2)])
+def test_train_step_with_pallas_equals_xla(tiny_config, monkeypatch, mesh):
+  """All kernels at once: top-k GEMM, sparse ops, fused optimizer; on one device and sharded."""
   # Plain interpret mode inside the step's shard_map (TPU interpret params there can hang).
   monkeypatch.setattr(sparse_ops, "INTERPRET", True)
+  tiny_config.mesh.shape = mesh
   tiny_config.sae.d, tiny_config.sae.n = 128, 64
   tiny_config.train.batch_size = 32
   tiny_config.sae.dead_tokens = 32
@@ -93,6 +96,7 @@ def test_train_step_with_pallas_equals_xla(tiny_config, monkeypatch):
   for kernels in ("xla", "pallas"):
     tiny_config.kernels = kernels
     run = train.setup(tiny_config)
+    assert (run.steps.fused_optimizer is not None) == (kernels == "pallas")
     state, metrics = run.state, []
     for _ in range(3):
       state, m, _ = run.steps.train(state, jax.device_put(next(run.data.train),
