@@ -11,18 +11,34 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file 
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics, checkpoints.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Multi-process runs (jaxsae/distributed.py); each falls back to JAX_COORDINATOR_ADDRESS,
+# JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0's coordinator, e.g. 10.0.0.1:1234.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Let JAX detect the cluster (TPU pod, SLURM, Open MPI, k8s).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from jaxsae import distributed
+  try:  # before anything touches a device
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           auto=_DISTRIBUTED.value)
+  except distributed.DistributedError as e:
+    print(f"jaxsae: error: {e}", file=sys.stderr)
+    sys.exit(1)
   from jaxsae import train  # after flag parsing: importing JAX first would slow --help
+  from jaxsae.checkpoint import CheckpointError
   from jaxsae.config_check import ConfigError
   from jaxsae.data import DataError
   from jaxsae.mesh import MeshError
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, MeshError, train.TrainingError) as e:
+  except (CheckpointError, ConfigError, DataError, MeshError, train.TrainingError) as e:
     logging.error("%s", e)
     print(f"jaxsae: error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -10,8 +10,9 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding
 
-from jaxsae import config_check, data as data_lib, mesh as mesh_lib, metrics as metrics_lib
-from jaxsae import model, optim, state as state_lib, stats
+from jaxsae import checkpoint as checkpoint_lib, config_check, data as data_lib
+from jaxsae import mesh as mesh_lib, metrics as metrics_lib
+from jaxsae import model, optim, plan as plan_lib, state as state_lib, stats
 from jaxsae.step import StepFns
 
 
@@ -38,8 +39,9 @@ def resolved_config(config, spec: model.SaeSpec, mesh) -> dict:
   return out
 
 
-def open_data(config, spec: model.SaeSpec):
-  data = data_lib.create(config, jax.process_index(), jax.process_count())
+def open_data(config, spec: model.SaeSpec, layout=(0, 1)):
+  """layout: (block, blocks) of each global batch this process feeds (mesh_lib.batch_layout)."""
+  data = data_lib.create(config, *layout)
   if data.d != spec.d:
     where = config.data.path or config.data.source
     raise config_check.ConfigError(f"data {where} has d={data.d} but sae.d={spec.d}")
@@ -64,8 +66,7 @@ def evaluate(steps: StepFns, state, data, batch_sharding) -> dict:
   if data.eval_batches is not None:
     total = None
     for local in data.eval_batches():
-      rows = local.shape[0] * jax.process_count()
-      sums = steps.eval(state, mesh_lib.host_batch_to_global(local, batch_sharding, rows))
+      sums = steps.eval(state, mesh_lib.host_batch_to_global(local, batch_sharding))
       total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
     if total is not None:
       total = jax.device_get(total)
@@ -105,7 +106,8 @@ def setup(config) -> Setup:
   mesh = mesh_lib.create_mesh(config.mesh)
   specs = mesh_lib.Specs(mesh, config.mesh)
   specs.check(spec.n, config.train.batch_size, jax.process_count())
-  data = open_data(config, spec)
+  plan_lib.check(config, specs)   # refuses, with the memory table, a step that cannot fit
+  data = open_data(config, spec, mesh_lib.batch_layout(NamedSharding(mesh, specs.batch)))
   scale, b_pre = init_statistics(config, data)
   tx = optim.make_optimizer(config)
   state, shardings = state_lib.create(jax.random.PRNGKey(config.train.seed), spec, tx, specs,
@@ -117,23 +119,39 @@ def setup(config) -> Setup:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains an SAE as config says, writing to workdir; returns the last metrics record."""
+  # Before anything is built or written: a workdir holding another SAE is never mixed into.
+  resuming = checkpoint_lib.check_compatible(workdir, config.to_dict()) is not None
   run = setup(config)
   spec, mesh, data, steps, state = run.spec, run.mesh, run.data, run.steps, run.state
   batch_sharding = run.batch_sharding
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  resolved = resolved_config(config, spec, mesh)
   if lead:
-    _write_json(os.path.join(workdir, "config.json"), resolved_config(config, spec, mesh))
+    _write_json(os.path.join(workdir, "config.json"), resolved)
   total_steps, batch_size = config.train.steps, config.train.batch_size
+  checkpoints = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep,
+                                            config.checkpoint.async_save)
+  if resuming:
+    state = checkpoints.resume(state, data.train)
+    if lead:
+      checkpoint_lib.trim_metrics(workdir, int(jax.device_get(state.step)))
   logging.info("training %s: d=%d n=%d k=%d k_aux=%d on mesh %s, %d steps of %d tokens, "
                "input scale %.4g", config.data.source, spec.d, spec.n, spec.k, spec.k_aux,
                dict(mesh.shape), total_steps, batch_size, run.input_scale)
 
   writer = metrics_lib.Writer(workdir, lead)
   interval = metrics_lib.Interval()
-  start_step = int(jax.device_get(state.step))
+  start_step = done = int(jax.device_get(state.step))
   t_start, skipped = time.perf_counter(), 0
   last_record, guard, pending = {}, None, None
+  preemption = checkpoint_lib.Preemption()
+  save_every = config.checkpoint.every_steps
+
+  def save(step):
+    checkpoints.save(step, state, data.train.get_state(), {
+        "config": resolved, "data": data.metadata, "metrics": last_record,
+        "tokens": step * batch_size, "jaxsae_version": checkpoint_lib.version()})
 
   def emit(record):
     """Logs a finished interval (called once the step after it is already queued)."""
@@ -142,6 +160,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     eta = elapsed / max(record["step"] - start_step, 1) * (total_steps - record["step"])
     writer.write(record)
     logging.info(metrics_lib.step_line(record, total_steps, eta))
+    checkpoints.check()   # a background save that failed stops the run here, naming its step
     return record
 
   try:
@@ -165,11 +184,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if done == total_steps or (every and done % every == 0):
           # Blocks, and must: the next step donates (invalidates) this state's buffers.
           pending.update(evaluate(steps, state, data, batch_sharding))
+      stop = preemption.requested(done)
+      if stop or (save_every and done % save_every == 0 and done < total_steps):
+        # Only a state whose own step passed its guard is saved (never one after a bad loss),
+        # so read this step's flags now instead of after the next step.
+        skipped += _check_step(config, step, jax.device_get(guard))
+        guard = None
+        if stop:
+          break
+        save(done)   # returns once the state is off the devices; the next step may donate it
     if guard is not None:
-      skipped += _check_step(config, total_steps - 1, jax.device_get(guard))
+      skipped += _check_step(config, done - 1, jax.device_get(guard))
     if pending is not None:
       last_record = emit(pending)
+    save(done)
+    checkpoints.wait()
+    if done < total_steps:
+      logging.warning("stopped at step %d of %d on request; checkpoint saved in %s: rerun the "
+                      "same command to resume", done, total_steps, checkpoints.directory)
   finally:
+    preemption.close()
+    checkpoints.close()   # waits for a save in flight: after an error, the last good step lands
     writer.close()
     data.close()
   if skipped:

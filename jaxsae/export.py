@@ -1,0 +1,309 @@
+r"""Exports a checkpoint's SAE in the layouts the field's tools load (DESIGN.md section 7).
+
+  python -m jaxsae.export --workdir=DIR [--step=N] --format=saelens|sparsify|npz \
+      [--dtype=float32|bfloat16] --out=PATH
+
+  saelens   PATH/ holds sae_weights.safetensors (W_enc [d, n], b_enc [n], W_dec [n, d], b_dec [d])
+            and cfg.json; loads with sae_lens.SAE.load_from_disk(PATH) as a TopKSAE
+  sparsify  PATH/ holds sae.safetensors (encoder.weight [n, d], encoder.bias [n], W_dec [n, d],
+            b_dec [d]) and cfg.json; loads with sparsify.SparseCoder.load_from_disk(PATH)
+  npz       PATH (a .npz) holds W_enc [d, n], W_dec [n, d], b_enc [n], b_dec [d], Gemma Scope's
+            names and orientation (float32 only), and PATH minus .npz + .metadata.json beside it
+
+jaxsae scales raw activations by a constant s before encoding (state.input_scale); an export takes
+and returns *raw* activations, so s is folded into the weights:
+
+  pre = (x s - b_pre) W_enc^T + b_enc = (x - b_pre/s) (s W_enc^T) + b_enc   -> encoder s W_enc
+  x_hat / s = z (W_dec / s) + b_pre / s                                      -> W_dec / s, b_dec b_pre/s
+
+Nothing here imports JAX or holds a whole matrix: the checkpoint's arrays are read through
+TensorStore a block of latent rows at a time, folded, cast, and written straight to their place in
+the output (a safetensors file is an 8-byte length, a JSON header and raw row-major bytes, so every
+tensor's offset is known before any data is written), so a dictionary larger than host RAM exports.
+Metadata (model, hook, d, n, k, steps, tokens, final metrics, jaxsae version) goes into the
+safetensors header and cfg.json.
+"""
+import json
+import os
+import struct
+import sys
+import zipfile
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+from absl import app, flags
+
+FORMATS = ("saelens", "sparsify", "npz")
+DTYPES = {"float32": (np.dtype(np.float32), "F32"), "bfloat16": (np.dtype(ml_dtypes.bfloat16), "BF16")}
+BLOCK_BYTES = 64 << 20   # float32 bytes of latent rows read, folded and written at a time
+
+
+class ExportError(ValueError):
+  """Nothing to export, or an export that cannot be written; says what exists."""
+
+
+# ---- reading a checkpoint step without JAX ----------------------------------------------------
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")   # as jaxsae/checkpoint.py
+
+
+def complete_steps(directory: str) -> list[int]:
+  """Steps renamed into place by Orbax (complete); unfinished saves carry a tmp suffix."""
+  try:
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  except FileNotFoundError:
+    return []
+
+
+class StepReader:
+  """One complete checkpoint step: its "run" JSON, and its state's arrays opened through TensorStore
+  (Orbax stores each as a zarr array inside an OCDBT database; chunks are at most 64 MiB)."""
+
+  def __init__(self, workdir: str, step: int = -1):
+    directory = checkpoint_dir(workdir)
+    steps = complete_steps(directory)
+    if not steps:
+      raise ExportError(f"no complete checkpoint in {directory}: train with "
+                        f"`python -m jaxsae.main --workdir={workdir} ...` first")
+    if step < 0:
+      step = steps[-1]
+    if step not in steps:
+      raise ExportError(f"no checkpoint of step {step} in {directory}; steps there: "
+                        f"{', '.join(map(str, steps))}")
+    self.step, self.path = step, os.path.join(directory, str(step))
+    with open(os.path.join(self.path, "run", "metadata")) as f:
+      self.run = json.load(f)
+    with open(os.path.join(self.path, "state", "_METADATA")) as f:
+      meta = json.load(f)
+    # Orbax stores the array at tree path (params, W_enc) under the name "params.W_enc".
+    self.names = sorted(".".join(str(k["key"]) for k in leaf["key_metadata"])
+                        for leaf in meta["tree_metadata"].values()
+                        if leaf["value_metadata"]["value_type"] in ("jax.Array", "np.ndarray"))
+    self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+    self._ocdbt = meta.get("use_ocdbt", True)
+    self.config = self.run["config"]
+    self.d, self.n, self.k = (int(self.config["sae"][key]) for key in ("d", "n", "k"))
+
+  def array(self, name: str) -> ts.TensorStore:
+    """The saved array at a state path such as "params.W_enc" (read lazily, uncached)."""
+    state = os.path.join(self.path, "state")
+    if self._ocdbt:
+      kvstore = {"driver": "ocdbt", "base": f"file://{state}/", "path": name}
+    else:
+      kvstore = {"driver": "file", "path": os.path.join(state, name)}
+    return ts.open({"driver": self._driver, "kvstore": kvstore,
+                    "context": {"cache_pool": {"total_bytes_limit": 0}}},
+                   open=True, read=True).result()
+
+  def read(self, name: str) -> np.ndarray:
+    return self.array(name).read().result()
+
+  def input_scale(self) -> float:
+    return float(self.read("input_scale"))
+
+  def describe(self) -> dict:
+    """What every export records about where its SAE came from."""
+    data = self.run.get("data") or {}
+    info = data.get("info") or {}
+    return {"model": info.get("model") or data.get("model") or data.get("source", ""),
+            "hook": info.get("hook") or data.get("hook", ""),
+            "layer": info.get("layer", ""), "tokenizer": info.get("tokenizer", ""),
+            "d": self.d, "n": self.n, "k": self.k, "steps": self.step,
+            "tokens": int(self.run.get("tokens", 0)), "metrics": self.run.get("metrics") or {},
+            "input_scale": self.input_scale(), "jaxsae_version": self.run.get("jaxsae_version", ""),
+            "checkpoint": self.path}
+
+
+class FoldedSae:
+  """The exported SAE, in raw-activation units, produced a block of latent rows at a time."""
+
+  def __init__(self, reader: StepReader, block_bytes: int = BLOCK_BYTES):
+    self.d, self.n = reader.d, reader.n
+    self.s = np.float32(reader.input_scale())
+    self._w_enc, self._w_dec = reader.array("params.W_enc"), reader.array("params.W_dec")
+    self._b_enc, self._b_pre = reader.array("params.b_enc"), reader.array("params.b_pre")
+    self.rows = max(1, block_bytes // (4 * self.d))
+
+  def blocks(self, which: str):
+    """(first index, block) pieces of one exported tensor: rows [r, d] of W_enc / W_dec (in the
+    stored [n, d] orientation, folded), slices of b_enc [n], and b_dec [d] in one piece."""
+    if which == "b_enc":
+      step = self.rows * self.d   # the same byte budget
+      for a in range(0, self.n, step):
+        yield a, self._b_enc[a:min(a + step, self.n)].read().result()
+    elif which == "b_dec":
+      yield 0, self._b_pre.read().result() / self.s
+    else:
+      src = self._w_enc if which == "W_enc" else self._w_dec
+      # Read whole stored chunks (each is decoded once), hand them on in blocks of self.rows.
+      chunk = max(src.chunk_layout.read_chunk.shape[0] or self.rows, 1)
+      for c in range(0, self.n, chunk):
+        stored = src[c:min(c + chunk, self.n)].read().result()
+        for a in range(0, len(stored), self.rows):
+          rows = stored[a:a + self.rows]
+          yield c + a, rows * self.s if which == "W_enc" else rows / self.s
+        del stored
+
+
+# ---- writers ------------------------------------------------------------------------------------
+
+def _shape(name, transposed, d, n):
+  """Shape of an exported tensor; W_enc is [d, n] when transposed (SAELens, Gemma Scope)."""
+  return {"W_enc": (d, n) if transposed else (n, d), "W_dec": (n, d), "b_enc": (n,), "b_dec": (d,)
+          }[name]
+
+
+def write_safetensors(path: str, sae: FoldedSae, tensors: list, dtype: str, metadata: dict):
+  """Streams `tensors` [(file key, source, transposed)] into a safetensors file at path.
+
+  The header (names, dtypes, shapes, byte ranges) is written first; each block of latent rows then
+  goes to its own byte range with os.pwrite. A transposed [d, n] tensor receives a block of latent
+  rows as a column band: d short writes per block, still no more than one block in memory.
+  """
+  np_dtype, st_dtype = DTYPES[dtype]
+  size = np_dtype.itemsize
+  header, offset, layout = {"__metadata__": {k: str(v) for k, v in metadata.items()}}, 0, []
+  for key, source, transposed in tensors:
+    shape = _shape(source, transposed, sae.d, sae.n)
+    nbytes = int(np.prod(shape)) * size
+    header[key] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    layout.append((source, transposed, shape, offset))
+    offset += nbytes
+  head = json.dumps(header, separators=(",", ":")).encode()
+  head += b" " * (-len(head) % 8)   # data starts 8-byte aligned
+  base = 8 + len(head)
+  tmp = f"{path}.tmp{os.getpid()}"   # a killed export never leaves a torn file under `path`
+  fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+  try:
+    os.pwrite(fd, struct.pack("<Q", len(head)) + head, 0)
+    os.ftruncate(fd, base + offset)
+    for source, transposed, shape, start in layout:
+      for first, block in sae.blocks(source):
+        block = np.asarray(block, np.float32).astype(np_dtype)
+        if not transposed:   # rows [first, first + len) are one contiguous byte range
+          os.pwrite(fd, block.tobytes(), base + start + first * int(np.prod(shape[1:])) * size)
+          continue
+        band = np.ascontiguousarray(block.T)     # [d, rows]: column band of the [d, n] tensor
+        for i in range(shape[0]):
+          os.pwrite(fd, band[i].tobytes(), base + start + (i * shape[1] + first) * size)
+    os.fsync(fd)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+  finally:
+    os.close(fd)
+  os.replace(tmp, path)
+
+
+def write_npz(path: str, sae: FoldedSae):
+  """Gemma Scope's params.npz layout, streamed into an uncompressed zip entry by entry.
+
+  W_enc [d, n] is stored with fortran_order=True: its bytes are then exactly the [n, d] row-major
+  blocks the checkpoint yields, and np.load returns the [d, n] array as usual.
+  """
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+      for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        shape = _shape(name, name == "W_enc", sae.d, sae.n)
+        with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+          np.lib.format.write_array_header_1_0(
+              f, {"descr": "<f4", "fortran_order": name == "W_enc", "shape": shape})
+          for _, block in sae.blocks(name):
+            f.write(np.asarray(block, "<f4").tobytes())
+  except BaseException:
+    os.unlink(tmp)
+    raise
+  os.replace(tmp, path)
+
+
+# ---- formats ------------------------------------------------------------------------------------
+
+def _text(value) -> str:
+  return value if isinstance(value, str) else json.dumps(value)
+
+
+def export(workdir: str, fmt: str, out: str, dtype: str = "float32", step: int = -1,
+           block_bytes: int = BLOCK_BYTES) -> dict:
+  """Writes the SAE of a checkpoint step to `out`; returns the metadata it recorded."""
+  if fmt not in FORMATS:
+    raise ExportError(f"--format={fmt!r}: expected one of {FORMATS}")
+  if dtype not in DTYPES:
+    raise ExportError(f"--dtype={dtype!r}: expected one of {tuple(DTYPES)}")
+  reader = StepReader(workdir, step)
+  sae = FoldedSae(reader, block_bytes)
+  meta = dict(reader.describe(), format=fmt, dtype=dtype)
+  st_meta = {k: _text(v) for k, v in meta.items()}
+  if fmt == "npz":
+    if dtype != "float32":
+      raise ExportError("--format=npz holds float32 only (numpy has no bfloat16 .npy type)")
+    write_npz(out, sae)
+    _write_json(os.path.splitext(out)[0] + ".metadata.json", meta)
+    return meta
+  os.makedirs(out, exist_ok=True)
+  if fmt == "saelens":
+    tensors = [("W_enc", "W_enc", True), ("b_enc", "b_enc", False), ("W_dec", "W_dec", False),
+               ("b_dec", "b_dec", False)]
+    write_safetensors(os.path.join(out, "sae_weights.safetensors"), sae, tensors, dtype, st_meta)
+    _write_json(os.path.join(out, "cfg.json"), {
+        "architecture": "topk", "d_in": reader.d, "d_sae": reader.n, "k": reader.k,
+        "dtype": dtype, "device": "cpu", "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "metadata": {"model_name": meta["model"], "hook_name": meta["hook"], **meta}})
+  else:
+    tensors = [("encoder.weight", "W_enc", False), ("encoder.bias", "b_enc", False),
+               ("W_dec", "W_dec", False), ("b_dec", "b_dec", False)]
+    write_safetensors(os.path.join(out, "sae.safetensors"), sae, tensors, dtype, st_meta)
+    _write_json(os.path.join(out, "cfg.json"), {
+        "activation": "topk", "expansion_factor": max(1, reader.n // reader.d),
+        # Decoder rows are unit norm in scaled units; folding divides them by s.
+        "normalize_decoder": bool(meta["input_scale"] == 1.0), "num_latents": reader.n,
+        "k": reader.k,
+        "multi_topk": bool(reader.config["sae"].get("multi_topk", False)),
+        "skip_connection": False, "transcode": False, "d_in": reader.d})
+  return meta
+
+
+def _write_json(path: str, obj):
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Only when run as a command: imported (by checkpoint.py, tests), flags would clash with main's."""
+  flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
+  flags.DEFINE_integer("step", -1, "Checkpoint step to export; -1: the latest.")
+  flags.DEFINE_enum("format", "saelens", FORMATS, "Output layout.")
+  flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Stored dtype of the exported tensors.")
+  flags.DEFINE_string("out", None, "Output folder (saelens, sparsify) or .npz file (npz).")
+  flags.DEFINE_integer("block_mb", BLOCK_BYTES >> 20, "MiB of latent rows handled at a time; the "
+                       "export holds a few such blocks and one checkpoint chunk (<= 64 MiB).")
+  flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    meta = export(FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.dtype, FLAGS.step,
+                  FLAGS.block_mb << 20)
+  except (ExportError, OSError) as e:
+    print(f"jaxsae.export: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"{FLAGS.out}: {FLAGS.format} SAE, d={meta['d']} n={meta['n']} k={meta['k']}, step "
+        f"{meta['steps']} ({meta['tokens']:,} tokens), {FLAGS.dtype}, input scale "
+        f"{meta['input_scale']:.6g} folded in")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,282 @@
+r"""Summarizes a run or an exported SAE, and shows what chosen latents fire on.
+
+  python -m jaxsae.inspect PATH
+  python -m jaxsae.inspect PATH --store=STORE --latents=3,17 [--tokenizer=TOK] [--top=10]
+      [--max_rows=200000] [--html=latents.html]
+
+PATH is a training workdir or an export (a saelens/sparsify folder, or a .npz). The summary gives
+the config, step, tokens, last metrics and the fraction of dead latents. With --store (an activation
+store from `python -m jaxsae.dump`, with token ids), the SAE encodes the store's first --max_rows
+rows and lists each chosen latent's top-activating tokens in their context. Token ids are decoded
+by --tokenizer (a tokenizer.json, an HF folder or a .gguf), by default the store's model when that
+path exists; without one the ids are printed.
+
+Run it as `python -m jaxsae.inspect` (a script inside jaxsae/ named inspect.py would shadow the
+standard library's `inspect` if run by path).
+"""
+import html
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from jaxsae import export as export_lib
+
+CONTEXT_BEFORE, CONTEXT_AFTER = 12, 3
+BLOCK_FLOATS = 16 << 20   # pre-activations computed per block of store rows (64 MiB of float32)
+
+
+class InspectError(ValueError):
+  pass
+
+
+# ---- loading a run or an export --------------------------------------------------------------
+
+class Sae:
+  """A top-k SAE in raw-activation units (input scale folded in), as the exports hold it."""
+
+  def __init__(self, w_enc, b_enc, w_dec, b_dec, k: int):
+    self.w_enc = np.asarray(w_enc, np.float32)   # [d, n]
+    self.b_enc = np.asarray(b_enc, np.float32)
+    self.w_dec = np.asarray(w_dec, np.float32)   # [n, d]
+    self.b_dec = np.asarray(b_dec, np.float32)
+    self.k = k
+
+  def encode_dense(self, x):
+    """[rows, n] codes: relu(top-k((x - b_dec) W_enc + b_enc)), zeros elsewhere."""
+    pre = (np.asarray(x, np.float32) - self.b_dec) @ self.w_enc + self.b_enc
+    kth = np.partition(pre, -self.k, axis=1)[:, -self.k][:, None]
+    return np.where(pre >= kth, np.maximum(pre, 0.0), 0.0)
+
+
+def _read_export(path: str):
+  """(Sae, metadata dict, cfg dict) of an export."""
+  if path.endswith(".npz"):
+    with np.load(path) as z:
+      arrays = {name: z[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    meta_path = os.path.splitext(path)[0] + ".metadata.json"
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    return Sae(**_named(arrays), k=int(meta.get("k", 0))), meta, {}
+  from safetensors import safe_open
+  cfg = json.load(open(os.path.join(path, "cfg.json")))
+  for name, keys in (("sae_weights.safetensors", ("W_enc", "b_enc", "W_dec", "b_dec")),
+                     ("sae.safetensors", ("encoder.weight", "encoder.bias", "W_dec", "b_dec"))):
+    file = os.path.join(path, name)
+    if os.path.exists(file):
+      with safe_open(file, framework="numpy") as f:
+        meta = {k: _parse(v) for k, v in (f.metadata() or {}).items()}
+        w_enc, b_enc, w_dec, b_dec = (f.get_tensor(key).astype(np.float32) for key in keys)
+      if name == "sae.safetensors":
+        w_enc = w_enc.T   # sparsify stores the encoder [n, d]
+      return Sae(w_enc, b_enc, w_dec, b_dec, int(cfg["k"])), meta, cfg
+  raise InspectError(f"{path}: no sae_weights.safetensors or sae.safetensors beside cfg.json")
+
+
+def _named(arrays):
+  return {"w_enc": arrays["W_enc"], "b_enc": arrays["b_enc"], "w_dec": arrays["W_dec"],
+          "b_dec": arrays["b_dec"]}
+
+
+def _parse(text: str):
+  try:
+    return json.loads(text)
+  except ValueError:
+    return text
+
+
+def _read_workdir(path: str, step: int, with_weights: bool):
+  reader = export_lib.StepReader(path, step)
+  meta = reader.describe()
+  sae = None
+  if with_weights:
+    folded = export_lib.FoldedSae(reader)
+    parts = {name: np.concatenate([b for _, b in folded.blocks(name)])
+             for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    sae = Sae(parts["W_enc"].T, parts["b_enc"], parts["W_dec"], parts["b_dec"], reader.k)
+  # Dead latents: the counters of tokens since each latent last fired, saturating at the window.
+  since = reader.read("since_fired")
+  window = int(reader.config["sae"]["dead_tokens"])
+  meta["dead_frac"] = float(np.mean(since >= window))
+  meta["dead_window_tokens"] = window
+  meta["steps_saved"] = export_lib.complete_steps(export_lib.checkpoint_dir(path))
+  last = _last_metrics(os.path.join(path, "metrics.jsonl"))
+  if last:
+    meta["metrics"] = last
+  return sae, meta, reader.config
+
+
+def _last_metrics(path: str) -> dict:
+  last = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          last = json.loads(line)
+        except ValueError:   # a line cut short by a kill
+          pass
+  return last
+
+
+def load(path: str, step: int = -1, with_weights: bool = False):
+  """(Sae or None, metadata, config) of a workdir or an export."""
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return _read_workdir(path, step, with_weights)
+  if path.endswith(".npz") or os.path.exists(os.path.join(path, "cfg.json")):
+    return _read_export(path)
+  raise InspectError(f"{path} is neither a workdir (no checkpoints/) nor an export (no cfg.json)")
+
+
+# ---- summary ----------------------------------------------------------------------------------
+
+def summary(meta: dict, config: dict) -> str:
+  lines = [f"model       {meta.get('model') or '?'}  hook {meta.get('hook') or '?'}",
+           f"SAE         d={meta.get('d')} n={meta.get('n')} k={meta.get('k')}  "
+           f"input scale {meta.get('input_scale', 1.0):.6g}",
+           f"trained     step {meta.get('steps')}, {int(meta.get('tokens', 0)):,} tokens"
+           + (f" (jaxsae {meta['jaxsae_version']})" if meta.get("jaxsae_version") else "")]
+  if "steps_saved" in meta:
+    lines.append(f"checkpoints {', '.join(map(str, meta['steps_saved']))}")
+  if "dead_frac" in meta:
+    lines.append(f"dead        {100 * meta['dead_frac']:.2f}% of latents (no firing in the last "
+                 f"{meta['dead_window_tokens']:,} tokens)")
+  metrics = meta.get("metrics") or {}
+  if metrics:
+    lines.append(f"metrics     (step {metrics.get('step', '?')})")
+    lines += [f"  {key:28s} {value:.6g}" if isinstance(value, (int, float)) else
+              f"  {key:28s} {value}" for key, value in sorted(metrics.items()) if key != "step"]
+  if config:
+    t, dc = config.get("train", {}), config.get("data", {})
+    lines.append(f"config      data {dc.get('source')} {dc.get('path') or ''}  batch "
+                 f"{t.get('batch_size')}  lr {config.get('resolved', {}).get('lr', t.get('lr'))}  "
+                 f"steps {t.get('steps')}  mesh {config.get('resolved', {}).get('mesh_shape')}")
+  return "\n".join(lines)
+
+
+# ---- top-activating contexts ------------------------------------------------------------------
+
+def top_examples(sae: Sae, store, latents: list[int], top: int, max_rows: int):
+  """{latent: [(activation, row), ...] best first} over the store's first max_rows rows."""
+  n = sae.w_enc.shape[1]
+  bad = [j for j in latents if not 0 <= j < n]
+  if bad:
+    raise InspectError(f"--latents {bad} out of range: the SAE has n={n} latents")
+  rows_total = min(store.rows, max_rows)
+  block = max(1, BLOCK_FLOATS // n)
+  acts = {j: np.zeros(0, np.float32) for j in latents}
+  rows = {j: np.zeros(0, np.int64) for j in latents}
+  for start in range(0, rows_total, block):
+    stop = min(start + block, rows_total)
+    z = sae.encode_dense(store.read(start, stop))
+    for j in latents:
+      hit = np.flatnonzero(z[:, j] > 0)
+      a, r = np.concatenate([acts[j], z[hit, j]]), np.concatenate([rows[j], hit + start])
+      keep = np.argsort(-a, kind="stable")[:top]
+      acts[j], rows[j] = a[keep], r[keep]
+  return {j: list(zip(acts[j].tolist(), rows[j].tolist())) for j in latents}
+
+
+def load_tokenizer(spec: str):
+  """A callable id -> text, from a tokenizer.json, an HF folder or a .gguf."""
+  if spec.endswith(".json"):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(spec)
+    return lambda i: tok.decode([int(i)], skip_special_tokens=False)
+  import transformers
+  if spec.endswith(".gguf"):
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(spec)),
+                                                     gguf_file=os.path.basename(spec),
+                                                     local_files_only=True)
+  else:
+    tok = transformers.AutoTokenizer.from_pretrained(spec, local_files_only=True)
+  return lambda i: tok.decode([int(i)])
+
+
+def context(store, row: int, decode):
+  """(tokens before, the token, tokens after) of a row, staying inside its document."""
+  lo, hi = max(0, row - CONTEXT_BEFORE), min(store.rows, row + CONTEXT_AFTER + 1)
+  toks = store.read(lo, hi, "tokens")
+  keep = np.ones(hi - lo, bool)
+  if "doc_ids" in store.columns:
+    keep = store.read(lo, hi, "doc_ids") == store.read(row, row + 1, "doc_ids")[0]
+  pieces = [decode(t) if ok else None for t, ok in zip(toks, keep)]
+  at = row - lo
+  join = lambda xs: "".join(x for x in xs if x is not None)
+  return join(pieces[:at]), pieces[at], join(pieces[at + 1:])
+
+
+def render_text(examples: dict, store, decode) -> str:
+  out = []
+  for latent, items in examples.items():
+    out.append(f"latent {latent}: {len(items)} top activations")
+    for value, row in items:
+      before, tok, after = context(store, row, decode)
+      out.append(f"  {value:9.3f}  row {row:>9}  {before!r} [[{tok}]] {after!r}"
+                 .replace("\\n", "\u21b5"))
+  return "\n".join(out)
+
+
+def render_html(examples: dict, store, decode, title: str) -> str:
+  parts = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>",
+           "<style>body{font-family:sans-serif} .c{font-family:monospace;white-space:pre-wrap}"
+           " mark{background:#fb4;font-weight:bold}</style>", f"<h1>{html.escape(title)}</h1>"]
+  for latent, items in examples.items():
+    parts.append(f"<h2>latent {latent}</h2><table>")
+    for value, row in items:
+      before, tok, after = context(store, row, decode)
+      parts.append(f"<tr><td>{value:.3f}</td><td class=c>{html.escape(before)}<mark>"
+                   f"{html.escape(tok)}</mark>{html.escape(after)}</td></tr>")
+    parts.append("</table>")
+  return "\n".join(parts)
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_integer("step", -1, "Checkpoint step of a workdir; -1: the latest.")
+  flags.DEFINE_string("store", "", "Activation store with token ids, for top-activating contexts.")
+  flags.DEFINE_list("latents", [], "Latents whose top-activating contexts are listed.")
+  flags.DEFINE_string("tokenizer", "", "tokenizer.json, HF folder or .gguf; default: the store's "
+                      "model when that path exists.")
+  flags.DEFINE_integer("top", 10, "Contexts per latent.")
+  flags.DEFINE_integer("max_rows", 200_000, "Store rows encoded (from the start).")
+  flags.DEFINE_string("html", "", "Also write the contexts as an HTML page here.")
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError("usage: python -m jaxsae.inspect PATH [--store=... --latents=...]")
+  path = argv[1]
+  try:
+    latents = [int(x) for x in FLAGS.latents]
+    sae, meta, config = load(path, FLAGS.step, with_weights=bool(FLAGS.store and latents))
+    print(summary(meta, config))
+    if not (FLAGS.store and latents):
+      return
+    from jaxsae.data.store import Store   # only now: tensorstore + the store format
+    store = Store(FLAGS.store)
+    if "tokens" not in store.columns:
+      raise InspectError(f"{FLAGS.store} holds no token ids (dump it with --tokens-npy or a model)")
+    if store.d != sae.w_enc.shape[0]:
+      raise InspectError(f"{FLAGS.store} holds d={store.d}; the SAE takes d={sae.w_enc.shape[0]}")
+    spec = FLAGS.tokenizer or (store.metadata.get("info") or {}).get("model", "")
+    decode = load_tokenizer(spec) if spec and os.path.exists(spec) else (lambda i: f"<{int(i)}>")
+    examples = top_examples(sae, store, latents, FLAGS.top, FLAGS.max_rows)
+    print()
+    print(render_text(examples, store, decode))
+    if FLAGS.html:
+      with open(FLAGS.html, "w") as f:
+        f.write(render_html(examples, store, decode, f"{path}: top activations"))
+      print(f"wrote {FLAGS.html}")
+  except (InspectError, export_lib.ExportError, OSError, ValueError) as e:
+    print(f"jaxsae.inspect: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
