@@ -1,4 +1,4 @@
-"""Built-in default: synthetic activations with known ground-truth features; ~2 min on 2 CPU cores.
+"""Built-in default: synthetic activations with known ground-truth features; about 3 minutes on 2 CPU cores.
 
 1024 true features in superposition in d=128 (about 8 active per sample, uneven frequencies, noise).
 Reports eval/gt_mmcs and eval/gt_recovered_frac (true features matched with cosine > 0.9).
@@ -6,6 +6,9 @@ Reports eval/gt_mmcs and eval/gt_recovered_frac (true features matched with cosi
   python -m jaxsae.main --config=configs/quickstart.py --workdir=/tmp/jaxsae_quickstart
 """
 from configs import base
+
+TARGET = {"hardware": "a 2-core CPU with 24 GiB (the CI machine)", "devices": 1,
+          "device_memory": "24GiB"}
 
 
 def get_config():

@@ -13,6 +13,9 @@ Another store: --config.data.path=STORE (and --config.sae.d / data.dtype to matc
 """
 from configs import base
 
+TARGET = {"hardware": "a 2-core CPU with 24 GiB (the CI machine)", "devices": 1,
+          "device_memory": "24GiB"}
+
 STORE = "/tmp/jaxsae/smollm2-135m-L15"
 MAKE_STORE = (
     "make it once, from the repository root: python -m jaxsae.dump "
