@@ -64,7 +64,7 @@ def encode(params, x, k, compute_dtype=jnp.float32):
   """Inference encode of x [B, d] (already input-scaled): (z values [B, k] >= 0, indices [B, k])."""
   xc = x - params["b_pre"]
   idx, _, _ = topk.select(xc, params["W_enc"], params["b_enc"], k, compute_dtype=compute_dtype)
-  vals = sparse.encode_at(xc, params["W_enc"], params["b_enc"], idx)
+  vals = sparse.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], idx)
   return jax.nn.relu(vals), idx
 
 
@@ -81,8 +81,8 @@ def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeS
   (held fixed) from the selected dead latents only; aux_scale = min(dead / k_aux, 1).
   Returns (loss, aux) with aux holding per-batch sums, z and the residual.
   """
-  xc = x - params["b_pre"]
-  vals = sparse.encode_at(xc, params["W_enc"], params["b_enc"], idx, axis, kernels)
+  vals = sparse.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], idx, axis,
+                          kernels)
   z = jax.nn.relu(vals)
   k = spec.k
   x_hat = sparse.decode(z[:, :k], idx[:, :k], params["W_dec"], axis, kernels) + params["b_pre"]
@@ -94,7 +94,8 @@ def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeS
   auxk_sq = jnp.zeros((), jnp.float32)
   if aux_idx is not None:
     resid = jax.lax.stop_gradient(x - x_hat)
-    aux_vals = sparse.encode_at(xc, params["W_enc"], params["b_enc"], aux_idx, axis, kernels)
+    aux_vals = sparse.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], aux_idx,
+                                axis, kernels)
     z_aux = jnp.where(aux_ok, jax.nn.relu(aux_vals), 0.0)
     e_hat = sparse.decode(z_aux, aux_idx, params["W_dec"], axis, kernels)
     auxk_sq = jnp.sum(jnp.square(e_hat - resid))

@@ -9,8 +9,9 @@ here carry custom VJPs built from three primitives:
   gather_sum(c, W, idx)[b]       = sum_j c[b, j] W[idx[b, j]]           (sparse decode)
   scatter_outer(c, x, idx)[i]    = sum_{b,j: idx[b,j]=i} c[b, j] x[b]   (segment sums: dW)
 
-  encode_at(xc, W_enc, b_enc, idx) = gather_dot(xc, W_enc, idx) + b_enc[idx]
-      backward: d_xc = gather_sum(g, W_enc), dW_enc = scatter_outer(g, xc), db_enc = segment_sum(g)
+  encode_at(x, b_pre, W_enc, b_enc, idx) = gather_dot(x - b_pre, W_enc, idx) + b_enc[idx]
+      backward: db_pre = -rows_sum(gather_sum(g, W_enc)), dW_enc = scatter_outer(g, x - b_pre),
+                db_enc = segment_sum(g)
   decode(z, idx, W_dec) = gather_sum(z, W_dec, idx)
       backward: dz = gather_dot(g, W_dec), dW_dec = scatter_outer(z, g)
 
@@ -50,14 +51,19 @@ def _psum(x, axis):
   return x if axis is None else jax.lax.psum(x, axis)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def encode_at(xc, w_enc, b_enc, idx, axis=None, kernels="xla"):
-  """Pre-activations of the selected latents: xc [B, d] . W_enc[idx] + b_enc[idx] -> [B, K] f32."""
-  return _encode_fwd(xc, w_enc, b_enc, idx, axis, kernels)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def encode_at(x, b_pre, w_enc, b_enc, idx, axis=None, kernels="xla"):
+  """Pre-activations of the selected latents: (x - b_pre) . W_enc[idx] + b_enc[idx] -> [B, K] f32.
+
+  x is data and gets no gradient. b_pre's gradient is a sum over rows, so the backward sums each
+  shard's rows first and psums a [d] vector over `axis` instead of the [B, d] d(x - b_pre).
+  """
+  return _encode_fwd(x, b_pre, w_enc, b_enc, idx, axis, kernels)[0]
 
 
-def _encode_fwd(xc, w_enc, b_enc, idx, axis, kernels):
+def _encode_fwd(x, b_pre, w_enc, b_enc, idx, axis, kernels):
   dot, _, _ = _primitives(kernels)
+  xc = x - b_pre
   local, own = localize(idx, w_enc.shape[0], axis)
   vals = jnp.where(own, dot(xc, w_enc, local) + b_enc[local], 0.0)
   return _psum(vals, axis), (xc, w_enc, local, own)
@@ -68,14 +74,13 @@ def _encode_bwd(axis, kernels, res, g):
   _, gsum, scatter = _primitives(kernels)
   n = w_enc.shape[0]
   g = jnp.where(own, g, 0.0)
-  d_xc = _psum(gsum(g, w_enc, local), axis).astype(xc.dtype)
+  d_b_pre = -_psum(jnp.sum(gsum(g, w_enc, local), axis=0), axis).astype(xc.dtype)
   d_w = scatter(g, xc, local, n).astype(w_enc.dtype)
   d_b = jax.ops.segment_sum(g.reshape(-1), local.reshape(-1), n).astype(w_enc.dtype)
-  return d_xc, d_w, d_b, None
+  return None, d_b_pre, d_w, d_b, None
 
 
-encode_at.defvjp(lambda xc, w, b, idx, axis, kernels: _encode_fwd(xc, w, b, idx, axis, kernels),
-                 _encode_bwd)
+encode_at.defvjp(_encode_fwd, _encode_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -99,4 +104,4 @@ def _decode_bwd(axis, kernels, res, g):
   return dz, None, d_w
 
 
-decode.defvjp(lambda z, idx, w, axis, kernels: _decode_fwd(z, idx, w, axis, kernels), _decode_bwd)
+decode.defvjp(_decode_fwd, _decode_bwd)
