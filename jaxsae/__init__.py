@@ -1,0 +1,6 @@
+"""jaxsae: top-k sparse autoencoders trained at scale in JAX.
+
+Entry points: `python -m jaxsae.main` (train), `jaxsae.dump` (activation stores), `jaxsae.plan`
+(memory), `jaxsae.export` (SAELens / sparsify / npz), `jaxsae.inspect` (a run or an export).
+From Python: `jaxsae.train.train_and_evaluate(config, workdir)`.
+"""

@@ -8,7 +8,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 # Every log record carries these keys (eval/* only where evaluated).
 TRAIN_KEYS = ("step", "tokens", "train/fvu", "train/explained_variance", "train/l0",
@@ -91,7 +90,3 @@ def ground_truth_recovery(w_dec, truth, threshold=0.9):
   eval/gt_recovered_frac: the fraction whose best cosine exceeds threshold."""
   best = jnp.max(truth @ w_dec.T, axis=1)  # decoder rows are unit norm; so are the true features
   return {"eval/gt_mmcs": jnp.mean(best), "eval/gt_recovered_frac": jnp.mean(best > threshold)}
-
-
-def log(line: str):
-  logging.info(line)
