@@ -1,15 +1,30 @@
-"""Train-step throughput against the machine's own matmul rate, measured in the same run.
+"""Train-step throughput against the machine's own matmul rate and against SAELens, in the same run.
 
   python bench/throughput.py                       # d=768 n=32768 k=32 B=4096 (issue 2's config)
   python bench/throughput.py --n=131072 --batch=16384 --compute_dtype=bfloat16   # a GPU config
+  python bench/throughput.py --d=64 --n=1024 --k=8 --batch=256 --kernels=xla,pallas  # Pallas on CPU
 
 Prints tokens/s of (a) the encoder GEMM alone, the ceiling: no step can beat its one dense
 matmul; (b) jaxsae's sparse train step with no dead latents, and (c) with AuxK active
-(10% of latents dead); (d) the same loss by dense autodiff. Appends a row to bench/RESULTS.md.
+(10% of latents dead, their b_enc at -1e4 so they stay dead and AuxK runs on every timed step),
+once per --kernels path; (d) the same loss by dense autodiff; and, with
+--peers=saelens (the default when sae-lens is installed, bench/saelens_peer.py), (e) SAELens's
+TopKTrainingSAE + SAETrainer step on the same batch, with no dead latents and with 10% dead
+(its AuxK), on --saelens_device (auto: CUDA when torch sees a GPU). Ratios jaxsae / SAELens
+compare like with like (no dead with no dead, AuxK with AuxK).
+
+Timing is interleaved: --rounds rounds, each timing every variant for --steps steps after the
+warm-up; the median round per variant is reported, so all variants see the same machine load.
+Before timing it waits (up to --wait_quiet seconds) for the 1-minute load average to drop below
+--max_load, and prints the load it ran under. Appends a row to bench/RESULTS.md.
+
+Pallas on CPU runs in interpret mode (the TPU kernels emulated grid step by grid step): its speed
+says nothing about a TPU or GPU, so the big config refuses it on CPU unless --allow_interpret.
 """
 import datetime
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -19,70 +34,144 @@ _D = flags.DEFINE_integer("d", 768, "input width")
 _N = flags.DEFINE_integer("n", 32768, "latents")
 _K = flags.DEFINE_integer("k", 32, "active latents")
 _B = flags.DEFINE_integer("batch", 4096, "tokens per step")
-_STEPS = flags.DEFINE_integer("steps", 5, "timed steps per variant (after one warm-up)")
+_STEPS = flags.DEFINE_integer("steps", 5, "timed steps per variant per round (after one warm-up)")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "interleaved rounds; the median round is reported")
 _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "encoder GEMM dtype")
-_KERNELS = flags.DEFINE_enum("kernels", "xla", ["xla", "pallas"], "sparse op implementation")
+_KERNELS = flags.DEFINE_list("kernels", ["xla"], "sparse op paths to time: xla, pallas")
 _DENSE = flags.DEFINE_bool("dense", True, "also time the dense-autodiff step")
+_PEERS = flags.DEFINE_list("peers", ["saelens"], "PyTorch peers to time beside jaxsae ('' none)")
+_SAELENS_DEVICE = flags.DEFINE_string("saelens_device", "auto", "auto | cpu | cuda")
+_AUTOCAST = flags.DEFINE_bool("saelens_autocast", False, "SAELens with bf16 autocast "
+                              "(its `autocast` option; pair with --compute_dtype=bfloat16)")
+_ALLOW_INTERPRET = flags.DEFINE_bool("allow_interpret", False,
+                                     "time kernels=pallas on CPU (interpret mode) at any size")
+_MAX_LOAD = flags.DEFINE_float("max_load", 1.5, "wait for the 1-min load average to drop below")
+_WAIT = flags.DEFINE_integer("wait_quiet", 900, "seconds to wait for a quiet machine (0: no wait)")
 _RESULTS = flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "RESULTS.md"),
                                "markdown file to append to ('' to skip)")
 
 
-def timed(fn, *args, steps):
-  """Seconds per call after one warm-up call; fn must return (carry, ...) fed back as arg 0."""
-  import jax
-  out = fn(*args)
-  jax.block_until_ready(out)
-  carry = out[0]
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    out = fn(carry, *args[1:])
-    carry = out[0]
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / steps
+def load_peer():
+  """bench/saelens_peer.py, imported by path: bench/ itself stays off sys.path, since its
+  kernels.py would shadow the `kernels` package that transformers (under sae-lens) probes for."""
+  import importlib.util
+  if "saelens_peer" in sys.modules:
+    return sys.modules["saelens_peer"]
+  spec = importlib.util.spec_from_file_location(
+      "saelens_peer", os.path.join(os.path.dirname(os.path.abspath(__file__)), "saelens_peer.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["saelens_peer"] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+class JaxVariant:
+  """A jitted fn whose first result is fed back as its first argument; warm on first use."""
+
+  def __init__(self, fn, carry, *args):
+    self.fn, self.carry, self.args, self.warm = fn, carry, args, False
+
+  def __call__(self, steps: int) -> float:
+    import jax
+    if not self.warm:
+      out = self.fn(self.carry, *self.args)
+      jax.block_until_ready(out)
+      self.carry, self.warm = out[0], True
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      out = self.fn(self.carry, *self.args)
+      self.carry = out[0]
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / steps
+
+
+class PeerVariant:
+  def __init__(self, peer, batch, dead_frac):
+    self.peer, self.batch, self.warm = peer, batch, False
+    # Dead and kept dead, as jaxsae's in fresh_state below.
+    dead = int(dead_frac * peer.sae.cfg.d_sae)
+    peer.trainer.n_forward_passes_since_fired[:dead] = 10 ** 9
+    with peer._torch.no_grad():
+      peer.sae.b_enc[:dead] = -1e4
+
+  def __call__(self, steps: int) -> float:
+    if not self.warm:
+      self.peer.step(self.batch)
+      self.warm = True
+    self.peer.sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      self.peer.step(self.batch)
+    self.peer.sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def wait_quiet():
+  """Waits until the 1-minute load average is below --max_load; returns it (or the last seen)."""
+  deadline = time.time() + _WAIT.value
+  load = os.getloadavg()[0]
+  while load > _MAX_LOAD.value and time.time() < deadline:
+    print(f"load {load:.2f} > {_MAX_LOAD.value}: waiting", flush=True)
+    time.sleep(30)
+    load = os.getloadavg()[0]
+  return load
 
 
 def main(_):
   import jax
   import jax.numpy as jnp
+  import numpy as np
   import optax
   from configs import base
   from jaxsae import mesh as mesh_lib, model, optim, state as state_lib, step as step_lib
 
+  b, d, n, k = _B.value, _D.value, _N.value, _K.value
+  on_cpu = jax.default_backend() == "cpu"
+  for kern in _KERNELS.value:
+    if kern not in ("xla", "pallas"):
+      raise app.UsageError(f"--kernels: {kern!r} is not xla or pallas")
+  if "pallas" in _KERNELS.value and on_cpu and not _ALLOW_INTERPRET.value and b * k > 8192:
+    raise app.UsageError("kernels=pallas on CPU runs in interpret mode (minutes per step at this "
+                         "size, and meaningless as a speed): use a tiny config or "
+                         "--allow_interpret")
+
   c = base.get_config()
-  c.sae.d, c.sae.n, c.sae.k = _D.value, _N.value, _K.value
-  c.train.batch_size, c.mesh.shape = _B.value, (1, 1)
-  c.compute_dtype, c.kernels = _DTYPE.value, _KERNELS.value
+  c.sae.d, c.sae.n, c.sae.k = d, n, k
+  c.train.batch_size, c.mesh.shape = b, (1, 1)
+  c.compute_dtype = _DTYPE.value
   spec = model.SaeSpec.from_config(c.sae)
   mesh = mesh_lib.create_mesh(c.mesh)
   specs = mesh_lib.Specs(mesh, c.mesh)
   tx = optim.make_optimizer(c)
   key = jax.random.PRNGKey(0)
-  x = jax.random.normal(key, (_B.value, _D.value), jnp.float32) + 0.5
-  b, d, n, k = _B.value, _D.value, _N.value, _K.value
+  x = jax.random.normal(key, (b, d), jnp.float32) + 0.5
   cd = step_lib.DTYPES[_DTYPE.value]
 
   # (a) the ceiling: the encoder GEMM [B, d] x [d, n] alone.
   w = jax.random.normal(key, (n, d), jnp.float32)
   gemm = jax.jit(lambda w, x: (w, jnp.einsum("bd,nd->bn", x.astype(cd), w.astype(cd),
                                              preferred_element_type=jnp.float32).astype(cd)))
-  t_gemm = timed(gemm, w, x, steps=_STEPS.value)
-  rows = [("encoder GEMM alone (ceiling)", t_gemm)]
+  variants = [("encoder GEMM alone (ceiling)", JaxVariant(gemm, w, x))]
 
   # (b, c) jaxsae's step, without and with dead latents (AuxK runs only when some are dead).
   def fresh_state(dead_frac):
     state, shardings = state_lib.create(key, spec, tx, specs, jnp.zeros(d), 1.0)
     dead = jnp.arange(n) < int(dead_frac * n)
-    return state.replace(since_fired=jnp.where(dead, spec.dead_tokens, 0)), shardings
+    # Dead, and kept dead: a b_enc of -1e4 never wins the top-k, so AuxK (which selects among the
+    # dead by pre-activation, at the same cost whatever the values) runs on every timed step.
+    params = {**state.params, "b_enc": jnp.where(dead, -1e4, state.params["b_enc"])}
+    return state.replace(params=params, since_fired=jnp.where(dead, spec.dead_tokens, 0)), shardings
 
-  state, shardings = fresh_state(0.0)
-  fns = step_lib.StepFns(c, spec, specs, tx, shardings)
   xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, specs.batch))
-  # since_fired is reset when latents fire, so AuxK stays active only for the first steps; with
-  # dead_tokens above the run length a dead latent stays dead unless it fires.
-  rows.append(("jaxsae sparse step, no dead latents", timed(fns.train, state, xs, steps=_STEPS.value)))
-  state, _ = fresh_state(0.1)
-  rows.append((f"jaxsae sparse step, AuxK active (k_aux={spec.k_aux})",
-               timed(fns.train, state, xs, steps=_STEPS.value)))
+  for kern in _KERNELS.value:
+    c.kernels = kern
+    suffix = "" if kern == "xla" else f" [{kern}{' interpret' if on_cpu else ''}]"
+    state, shardings = fresh_state(0.0)
+    fns = step_lib.StepFns(c, spec, specs, tx, shardings)
+    variants.append((f"jaxsae sparse step, no dead latents{suffix}", JaxVariant(fns.train, state, xs)))
+    state, _ = fresh_state(0.1)
+    variants.append((f"jaxsae sparse step, AuxK active (k_aux={spec.k_aux}){suffix}",
+                     JaxVariant(fns.train, state, xs)))
 
   # (d) the same loss by dense autodiff through a [B, n] code.
   if _DENSE.value:
@@ -96,28 +185,80 @@ def main(_):
 
     params = model.init_params(key, d, n, jnp.zeros(d))
     dense = jax.jit(dense_step, donate_argnums=0)
-    rows.append(("dense autodiff step", timed(dense, (params, tx.init(params)), x,
-                                              steps=_STEPS.value)))
+    variants.append(("dense autodiff step", JaxVariant(dense, (params, tx.init(params)), x)))
+
+  # (e) SAELens on the same batch.
+  peer_info = ""
+  peers = [p for p in _PEERS.value if p]
+  if "saelens" in peers:
+    try:
+      saelens_peer = load_peer()
+      import torch
+    except ImportError as e:
+      print(f"SAELens not timed ({e}); pip install -e '.[bench]' (torch first)")
+    else:
+      dev = _SAELENS_DEVICE.value
+      if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+      v = saelens_peer.versions()
+      peer_info = f"sae-lens {v['sae_lens']}, torch {v['torch']} on {dev}" + (
+          f" ({v['torch_threads']} threads)" if dev == "cpu" else "") + (
+          ", bf16 autocast" if _AUTOCAST.value else "")
+      xb = np.asarray(x)
+      for frac, name in ((0.0, "no dead latents"), (0.1, f"AuxK active (k_aux={d // 2})")):
+        peer = saelens_peer.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 6, device=dev,
+                                 autocast=_AUTOCAST.value)
+        variants.append((f"SAELens step, {name}", PeerVariant(peer, xb, frac)))
+  elif peers:
+    raise app.UsageError(f"--peers: unknown {peers}")
+
+  # Warm-up (compiles) before waiting for a quiet machine: compiling is not timed.
+  for _, v in variants:
+    v(1)
+  load0 = wait_quiet()
+  times = {name: [] for name, _ in variants}
+  for _ in range(_ROUNDS.value):
+    for name, v in variants:
+      times[name].append(v(_STEPS.value))
+  load1 = os.getloadavg()[0]
+  rows = [(name, statistics.median(ts)) for name, ts in times.items()]
+  t_gemm = rows[0][1]
 
   device = jax.devices()[0]
   where = f"{device.platform}:{getattr(device, 'device_kind', '')} ({os.cpu_count()} cores)"
-  print(f"d={d} n={n} k={k} B={b} compute={_DTYPE.value} kernels={_KERNELS.value} on {where}, "
-        f"jax {jax.__version__}")
+  print(f"d={d} n={n} k={k} B={b} compute={_DTYPE.value} kernels={','.join(_KERNELS.value)} on "
+        f"{where}, jax {jax.__version__}" + (f"; {peer_info}" if peer_info else ""))
+  print(f"load average (1 min) {load0:.2f} before, {load1:.2f} after; median of "
+        f"{_ROUNDS.value} interleaved rounds of {_STEPS.value} steps")
   flops = 2 * b * d * n
   print(f"matmul rate: {flops / t_gemm / 1e9:.1f} GFLOP/s ({_DTYPE.value})")
+  by_name = dict(rows)
+  peer_of = lambda name: ("SAELens step, no dead latents" if "no dead" in name
+                          else f"SAELens step, AuxK active (k_aux={d // 2})")
+  ratios = []
   for name, t in rows:
-    print(f"  {name:48s} {t * 1e3:9.1f} ms  {b / t:12,.0f} tok/s  {t_gemm / t:6.1%} of ceiling")
+    line = f"  {name:56s} {t * 1e3:9.1f} ms  {b / t:12,.0f} tok/s  {t_gemm / t:6.1%} of ceiling"
+    peer_t = by_name.get(peer_of(name))
+    if name.startswith("jaxsae") and peer_t:
+      line += f"  {peer_t / t:6.2f}x SAELens"
+      ratios.append((name, peer_t / t))
+    print(line)
   if _RESULTS.value:
     cmd = "python bench/throughput.py " + " ".join(sys.argv[1:])
     line = (f"| {datetime.date.today()} | {where} | jax {jax.__version__} | `{cmd.strip()}` | "
-            f"d={d} n={n} k={k} B={b} {_DTYPE.value} {_KERNELS.value} | "
+            f"d={d} n={n} k={k} B={b} {_DTYPE.value} {','.join(_KERNELS.value)} | "
             f"{flops / t_gemm / 1e9:.1f} GFLOP/s | "
             + " | ".join(f"{name}: {b / t:,.0f} tok/s ({t_gemm / t:.0%})" for name, t in rows[1:])
+            + "".join(f" | {name} / SAELens: {r:.2f}x" for name, r in ratios)
+            + (f" | {peer_info}; load {load0:.1f}-{load1:.1f}" if peer_info else "")
             + " |\n")
     with open(_RESULTS.value, "a") as f:
       f.write(line)
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  # Run as a script, bench/ is sys.path[0]; drop it (see load_peer) and put the repository root.
+  here = os.path.dirname(os.path.abspath(__file__))
+  sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+  sys.path.insert(0, os.path.dirname(here))
   app.run(main)

@@ -1,0 +1,298 @@
+r"""Quality at equal tokens: jaxsae (full recipe) against SAELens's top-k SAE, side by side.
+
+  python bench/quality.py                                   # fixture + synthetic, LR sweep
+  python bench/quality.py --datasets=fixture,store,synthetic --store=STORE
+
+For each dataset and learning rate, one jaxsae run and one SAELens run train in lockstep in one
+process: every batch comes from jaxsae's own data pipeline (the store loader with its chunk-level
+held-out split, or the synthetic source) and the *same array* is handed to jaxsae's compiled step
+and then to SAELens's `SAETrainer.step`, so both see identical data in identical order, under
+identical machine load (each trainer's step time is measured on its own, per step). Both have the
+same n, k, batch, steps, learning rate, dead window and input scale (bench/saelens_peer.py).
+
+Reported per run: held-out FVU (sum ||x - x_hat||^2 / sum ||x - mean||^2 over all held-out rows,
+in raw units, the same numpy code for both), held-out L0, dead fraction (latents that did not fire
+for `sae.dead_tokens` tokens; SAELens's counters read with the same rule), wall time (setup, and
+summed step times including the first, compiling, step), and for synthetic data gt_mmcs (mean over
+true features of the best cosine with a unit decoder row) and the fraction recovered above 0.9.
+
+jaxsae runs as `configs/smollm2_fixture.py` (real data) or `configs/quickstart.py` (synthetic)
+configure it: tied init, geometric-median b_pre, AuxK, decoder projection, inputs scaled to mean
+squared norm d. It is driven through `jaxsae.train.setup()` and its compiled `steps.train`, i.e.
+train_and_evaluate's step without its logging and checkpoints.
+
+Results go to --out (JSON lines; a rerun skips the runs already there) and a markdown table.
+Datasets:
+  fixture    ../shared/data/smollm2-135m-L15.acts.f16.npy as a store (made on first use with
+             `python -m jaxsae.dump --from-npy`, as configs/smollm2_fixture.py says)
+  store      --store: a store dumped from SmolLM2-135M with `python -m jaxsae.dump` (d=576)
+  synthetic  configs/quickstart.py's ground-truth data (d=128, 1024 true features)
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "..", "shared", "data", "smollm2-135m-L15.acts.f16.npy")
+
+_DATASETS = flags.DEFINE_list("datasets", ["fixture", "synthetic"],
+                              "fixture | store | synthetic")
+_LRS = flags.DEFINE_list("lrs", ["2e-4", "6e-4", "2e-3"], "learning rates (real data)")
+_SYN_LRS = flags.DEFINE_list("synthetic_lrs", ["1e-3", "3e-3"], "learning rates (synthetic)")
+_TRAINERS = flags.DEFINE_list("trainers", ["jaxsae", "saelens"], "jaxsae | saelens")
+_STEPS = flags.DEFINE_integer("steps", 150, "steps on real data (150 x 4096 = 614k tokens)")
+_SYN_STEPS = flags.DEFINE_integer("synthetic_steps", 1500, "steps on synthetic data")
+_STORE = flags.DEFINE_string("store", "", "activation store dumped from SmolLM2-135M")
+_FIXTURE = flags.DEFINE_string("fixture", FIXTURE, "the shared fixture .npy")
+_FIXTURE_STORE = flags.DEFINE_string("fixture_store", "/tmp/jaxsae/smollm2-135m-L15",
+                                     "where the fixture's store is (made if missing)")
+_EVAL_ROWS = flags.DEFINE_integer("eval_rows", 8192, "held-out rows (whole chunks, spread)")
+_OUT = flags.DEFINE_string("out", os.path.join(ROOT, "bench", "quality.jsonl"),
+                           "JSON lines of results; runs already there are skipped")
+_TABLE = flags.DEFINE_string("table", os.path.join(ROOT, "bench", "quality.md"),
+                             "markdown table of everything in --out ('' to skip)")
+
+
+def load_peer():
+  """bench/saelens_peer.py, imported by path: bench/ itself stays off sys.path, since its
+  kernels.py would shadow the `kernels` package that transformers (under sae-lens) probes for."""
+  import importlib.util
+  if "saelens_peer" in sys.modules:
+    return sys.modules["saelens_peer"]
+  spec = importlib.util.spec_from_file_location(
+      "saelens_peer", os.path.join(os.path.dirname(os.path.abspath(__file__)), "saelens_peer.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["saelens_peer"] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+# ---- configs ----------------------------------------------------------------------------------
+
+def real_config(path: str, lr: float):
+  from configs import smollm2_fixture
+  c = smollm2_fixture.get_config()
+  c.data.path, c.data.dtype, c.data.missing_hint = path, "", ""
+  c.data.eval_rows, c.data.eval_batches = _EVAL_ROWS.value, 1 << 20   # all held-out rows
+  c.train.steps, c.train.lr = _STEPS.value, lr
+  c.mesh.shape = (1, 1)
+  return c
+
+
+def synthetic_config(lr: float):
+  from configs import quickstart
+  c = quickstart.get_config()
+  c.train.steps, c.train.lr = _SYN_STEPS.value, lr
+  c.mesh.shape = (1, 1)
+  return c
+
+
+def ensure_fixture_store(path: str):
+  from jaxsae.data.store import read_metadata
+  if read_metadata(path) is not None:
+    return
+  tokens = _FIXTURE.value.replace(".acts.f16.npy", ".tokens.i32.npy")
+  cmd = [sys.executable, "-m", "jaxsae.dump", f"--from-npy={_FIXTURE.value}",
+         f"--tokens-npy={tokens}", f"--out={path}", "--chunk_rows=1024", "--shard_rows=16384",
+         "--progress=false"]
+  print("making the fixture store:", " ".join(cmd), flush=True)
+  subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+# ---- one lockstep run -------------------------------------------------------------------------
+
+def fvu(x, x_hat):
+  import numpy as np
+  x = x.astype(np.float64)
+  return float(np.sum((x - x_hat) ** 2) / np.sum((x - x.mean(0)) ** 2))
+
+
+def jaxsae_reconstruct(params, scale: float, k: int, x):
+  import jax
+  import numpy as np
+  from jaxsae import model
+
+  @jax.jit
+  def rec(params, xb):
+    vals, idx = model.encode(params, xb * scale, k)
+    return model.decode(params, vals, idx) / scale, jax.numpy.sum(vals > 0, axis=1)
+
+  outs, l0s = [], []
+  for i in range(0, len(x), 4096):
+    o, l = rec(params, np.asarray(x[i:i + 4096], np.float32))
+    outs.append(np.asarray(o, np.float64))
+    l0s.append(np.asarray(l))
+  return np.concatenate(outs), np.concatenate(l0s)
+
+
+def gt_recovery(w_unit, truth):
+  import numpy as np
+  best = np.max(truth @ w_unit.T, axis=1)
+  return float(best.mean()), float(np.mean(best > 0.9))
+
+
+def run_pair(dataset: str, config, trainers) -> list[dict]:
+  import jax
+  import numpy as np
+  from jaxsae import mesh as mesh_lib, train
+  saelens_peer = load_peer()
+
+  load0 = os.getloadavg()[0]
+  t0 = time.perf_counter()
+  run = train.setup(config)
+  jax.block_until_ready(run.state)
+  setup_s = {"jaxsae": time.perf_counter() - t0}
+  spec, B, steps = run.spec, config.train.batch_size, config.train.steps
+  window = -(-spec.dead_tokens // B)   # steps without firing after which a latent is dead
+  peer = None
+  if "saelens" in trainers:
+    t0 = time.perf_counter()
+    scale = run.input_scale if config.data.normalize != "none" else None
+    peer = saelens_peer.Peer(spec.d, spec.n, spec.k, config.train.lr, B, steps, window,
+                             input_scale=scale,
+                             decay_steps=int(steps * config.train.decay_frac),
+                             seed=config.train.seed)
+    setup_s["saelens"] = time.perf_counter() - t0
+  state = run.state
+  step_s = {t: [] for t in trainers}
+  for i in range(steps):
+    batch = np.asarray(next(run.data.train), np.float32)
+    if "jaxsae" in trainers:
+      t0 = time.perf_counter()
+      state, _, guard = run.steps.train(
+          state, mesh_lib.host_batch_to_global(batch, run.batch_sharding, B))
+      jax.block_until_ready(state)
+      step_s["jaxsae"].append(time.perf_counter() - t0)
+      if bool(guard["skipped"]):
+        raise RuntimeError(f"jaxsae step {i}: non-finite loss")
+    if peer is not None:
+      t0 = time.perf_counter()
+      peer.step(batch)
+      step_s["saelens"].append(time.perf_counter() - t0)
+    if (i + 1) % 25 == 0:
+      print(f"  {dataset} lr={config.train.lr:g} step {i + 1}/{steps} "
+            + " ".join(f"{t} {np.sum(v):.0f}s" for t, v in step_s.items()), flush=True)
+  load1 = os.getloadavg()[0]
+
+  held = None
+  if run.data.eval_batches is not None:
+    held = np.concatenate([np.asarray(b, np.float32) for b in run.data.eval_batches()])
+  common = {"dataset": dataset, "lr": config.train.lr, "n": spec.n, "k": spec.k, "d": spec.d,
+            "batch": B, "steps": steps, "tokens": steps * B, "dead_tokens": spec.dead_tokens,
+            "eval_rows": 0 if held is None else len(held), "load_start": load0, "load_end": load1,
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+  out = []
+  for t in trainers:
+    rec = dict(common, trainer=t, setup_s=setup_s[t], train_s=float(np.sum(step_s[t])),
+               step_s_median=float(np.median(step_s[t][1:] or step_s[t])),
+               step_s_first=step_s[t][0])
+    rec["tokens_per_s"] = B / rec["step_s_median"]
+    if t == "jaxsae":
+      params = jax.device_get(state.params)
+      rec["dead_frac"] = float(np.mean(np.asarray(state.since_fired) >= spec.dead_tokens))
+      rec["recipe"] = (f"tied init, geometric-median b_pre, AuxK k_aux={spec.k_aux} "
+                       f"alpha={spec.auxk_coef:g}, projected unit decoder, Adam eps "
+                       f"{config.train.eps:g}")
+      w_unit = params["W_dec"] / np.linalg.norm(params["W_dec"], axis=1, keepdims=True)
+      if held is not None:
+        x_hat, l0 = jaxsae_reconstruct(params, run.input_scale, spec.k, held)
+    else:
+      peer.finish()
+      rec["dead_frac"] = peer.dead_frac()
+      rec["recipe"] = ("SAELens TopKTrainingSAE defaults: decoder init norm 0.1, b_dec=0, "
+                       f"rescale_acts_by_decoder_norm, AuxK k_aux={spec.d // 2} coef 1.0, "
+                       "grad clip 1.0, Adam eps 1e-8")
+      w_unit = peer.decoder_directions()
+      if held is not None:
+        x_hat, l0 = peer.reconstruct(held)
+    if held is not None:
+      rec["eval_fvu"], rec["eval_l0"] = fvu(held, x_hat), float(np.mean(l0))
+    if run.data.ground_truth is not None:
+      rec["gt_mmcs"], rec["gt_recovered_frac"] = gt_recovery(w_unit, run.data.ground_truth)
+    out.append(rec)
+  run.data.close()
+  return out
+
+
+# ---- table ------------------------------------------------------------------------------------
+
+def table(records: list[dict]) -> str:
+  lines = ["| data | trainer | lr | tokens | eval FVU | eval L0 | dead | gt_mmcs | gt >0.9 | "
+           "setup s | train s | tok/s (median step) | load |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  f = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"
+  for r in sorted(records, key=lambda r: (r["dataset"], r["lr"], r["trainer"])):
+    lines.append(
+        f"| {r['dataset']} | {r['trainer']} | {r['lr']:g} | {r['tokens']:,} | "
+        f"{f(r, 'eval_fvu', '.4f')} | {f(r, 'eval_l0', '.1f')} | {100 * r['dead_frac']:.1f}% | "
+        f"{f(r, 'gt_mmcs', '.3f')} | {f(r, 'gt_recovered_frac', '.1%')} | {r['setup_s']:.1f} | "
+        f"{r['train_s']:.0f} | {r['tokens_per_s']:,.0f} | {r['load_start']:.1f}-{r['load_end']:.1f} |")
+  best = {}
+  for r in records:
+    key = (r["dataset"], r["trainer"])
+    metric = r.get("eval_fvu", -r.get("gt_mmcs", 0.0))
+    if key not in best or metric < best[key][0]:
+      best[key] = (metric, r)
+  lines += ["", "Best learning rate per trainer (lowest eval FVU):", "",
+            "| data | trainer | best lr | eval FVU | dead | gt_mmcs |", "|---|---|---|---|---|---|"]
+  for (ds, t), (_, r) in sorted(best.items()):
+    lines.append(f"| {ds} | {t} | {r['lr']:g} | {f(r, 'eval_fvu', '.4f')} | "
+                 f"{100 * r['dead_frac']:.1f}% | {f(r, 'gt_mmcs', '.3f')} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(_):
+  import jax
+  saelens_peer = load_peer()
+
+  done = []
+  if os.path.exists(_OUT.value):
+    with open(_OUT.value) as f:
+      done = [json.loads(line) for line in f if line.strip()]
+  have = {(r["dataset"], r["lr"], r["trainer"], r["steps"]) for r in done}
+  print(f"jax {jax.__version__}, {saelens_peer.versions()}, {os.cpu_count()} cores", flush=True)
+
+  plans = []
+  for ds in _DATASETS.value:
+    if ds == "synthetic":
+      plans += [(ds, None, float(lr)) for lr in _SYN_LRS.value]
+    elif ds == "fixture":
+      plans += [(ds, _FIXTURE_STORE.value, float(lr)) for lr in _LRS.value]
+    elif ds == "store":
+      if not _STORE.value:
+        raise app.UsageError("--datasets=store needs --store=PATH")
+      plans += [(ds, _STORE.value, float(lr)) for lr in _LRS.value]
+    else:
+      raise app.UsageError(f"unknown dataset {ds!r}")
+  for ds, path, lr in plans:
+    steps = _SYN_STEPS.value if ds == "synthetic" else _STEPS.value
+    todo = [t for t in _TRAINERS.value if (ds, lr, t, steps) not in have]
+    if not todo:
+      continue
+    if ds == "fixture":
+      ensure_fixture_store(path)
+    config = synthetic_config(lr) if ds == "synthetic" else real_config(path, lr)
+    print(f"{ds} lr={lr:g}: {', '.join(todo)}", flush=True)
+    for rec in run_pair(ds, config, todo):
+      rec.update(jax=jax.__version__, **saelens_peer.versions())
+      print(json.dumps(rec), flush=True)
+      with open(_OUT.value, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+      done.append(rec)
+  text = table(done)
+  print(text)
+  if _TABLE.value:
+    with open(_TABLE.value, "w") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  # Run as a script, bench/ is sys.path[0]; drop it (see load_peer) and put the repository root.
+  sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
+      os.path.abspath(__file__))]
+  sys.path.insert(0, ROOT)
+  app.run(main)
