@@ -151,6 +151,8 @@ def run_point(trainer, sweep, d, n, k, b) -> dict:
   need = expected_bytes(trainer, d, n, k, b, tile)
   avail = available_bytes()
   rec["encoder_tile"], rec["expected_bytes"] = tile, need
+  if trainer == "jaxsae":
+    rec["plan_peak_bytes"] = need - int(0.5 * GB)
   if need > _MAX_MEM.value * GB or need > avail - 2 * GB:
     rec["skipped"] = (f"needs ~{need / GB:.1f} GB; budget {_MAX_MEM.value:g} GB, "
                       f"{avail / GB:.1f} GB available")
@@ -184,7 +186,7 @@ def table(records) -> str:
   for r in sorted(records, key=lambda r: (r["sweep"], r["trainer"], r["n"], r["k"])):
     if "skipped" in r:
       lines.append(f"| {r['sweep']} | {r['trainer']} | {r['n']:,} | {r['k']} | - | - | - | - | "
-                   f"{g(r, 'expected_bytes') if r['trainer'] == 'jaxsae' else '-'} | "
+                   f"{g(r, 'plan_peak_bytes')} | "
                    f"{r['encoder_tile'] or '-'} | skipped: {r['skipped']} |")
       continue
     lines.append(f"| {r['sweep']} | {r['trainer']} | {r['n']:,} | {r['k']} | "
@@ -214,13 +216,17 @@ def plot(records, path, d, b):
       if trainer == "jaxsae":
         axes[1, col].plot(xs, [r["xla_peak_bytes"] / GB for r in pts], linestyle="--",
                           label="jaxsae: XLA step peak", color="tab:cyan", marker=".")
+        for r in pts:
+          if r["encoder_tile"]:
+            axes[0, col].annotate(f"encoder_tile={r['encoder_tile']}", (r[key], r["tokens_per_s"]),
+                                  textcoords="offset points", xytext=(-40, -14), fontsize=7)
     for trainer in ("jaxsae", "saelens"):
       skipped = sorted((r for r in records if r["sweep"] == sweep and r["trainer"] == trainer
                         and "skipped" in r), key=lambda r: r[key])
       for r in skipped:
         axes[0, col].axvline(r[key], color=style[trainer]["color"], alpha=0.15, linewidth=6)
       if trainer == "jaxsae" and skipped:   # what the planner says they would need
-        axes[1, col].plot([r[key] for r in skipped], [r["expected_bytes"] / GB for r in skipped],
+        axes[1, col].plot([r[key] for r in skipped], [r["plan_peak_bytes"] / GB for r in skipped],
                           linestyle="none", marker="o", markerfacecolor="none", color="tab:blue",
                           label="jaxsae: planner estimate (not run)")
     for row in (0, 1):

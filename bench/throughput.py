@@ -23,7 +23,6 @@ says nothing about a TPU or GPU, so the big config refuses it on CPU unless --al
 """
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -193,6 +192,7 @@ def main(_):
   if "saelens" in peers:
     try:
       saelens_peer = load_peer()
+      import sae_lens  # noqa: F401
       import torch
     except ImportError as e:
       print(f"SAELens not timed ({e}); pip install -e '.[bench]' (torch first)")
