@@ -1,15 +1,21 @@
 """Each sparse-work kernel against the machine's own ceilings, measured in the same run.
 
-  python bench/kernels.py                                  # d=768 n=131072 k=32 B=16384 (issue 5)
-  python bench/kernels.py --d=128 --n=4096 --batch=512     # small, e.g. on CPU
+  python bench/kernels.py                       # d=768 n=131072 k=32; B=4096 and 16384 on GPU,
+                                                # B=16384 elsewhere (issue 5)
+  python bench/kernels.py --d=128 --n=4096 --batch=512             # small, e.g. on CPU
+  python bench/kernels.py --d=64 --n=512 --batch=64 --k_aux=16 --interpret --flavor=gpu --reps=1
+                                                # CPU: the GPU kernels in interpret mode
 
 First the two ceilings: memory bandwidth (a large device copy) and the bf16 matmul rate. Then, per
-kernel, the XLA path (pallas_kernels' pure-JAX references) and, where this backend runs them, the
-Pallas kernels (TPU natively; CPU only with --interpret, which measures Python, not hardware):
-time, bytes and FLOPs it must move at least, and the fraction of the ceiling that implies.
-Appends a table to bench/RESULTS.md.
+kernel, the XLA path (pallas_kernels' pure-JAX references) and the Pallas kernels of this
+backend's flavour (pallas_kernels.flavor(): the *_gpu modules, Pallas Triton, on GPU; the TPU ones
+on TPU; on CPU only with --interpret, which measures Python, not hardware, and --flavor picks
+which): time, bytes and FLOPs it must move at least, and the fraction of the ceiling that the
+faster of the two implies. The optimizer sweeps donate their buffers (each repetition feeds the
+last one's outputs back), so neither side pays for copies. Appends a table to bench/RESULTS.md.
 """
 import datetime
+import functools
 import os
 import sys
 import time
@@ -19,10 +25,15 @@ from absl import app, flags
 _D = flags.DEFINE_integer("d", 768, "input width")
 _N = flags.DEFINE_integer("n", 131072, "latents")
 _K = flags.DEFINE_integer("k", 32, "active latents per token")
-_B = flags.DEFINE_integer("batch", 16384, "tokens")
+_K_AUX = flags.DEFINE_integer("k_aux", 256, "AuxK latents per token (0: skip the AuxK top-k)")
+_DEAD = flags.DEFINE_float("dead_frac", 0.03, "fraction of dead latents in the AuxK case")
+_B = flags.DEFINE_multi_integer("batch", None, "tokens (repeatable); default 4096 and 16384 on "
+                                "GPU, 16384 elsewhere")
 _REPS = flags.DEFINE_integer("reps", 5, "timed repetitions (after one warm-up)")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "on CPU, also time the Pallas kernels in "
                                "interpret mode (slow; use tiny shapes)")
+_FLAVOR = flags.DEFINE_enum("flavor", "auto", ["auto", "tpu", "gpu"],
+                            "which Pallas kernels (pallas_kernels.FLAVOR)")
 _RESULTS = flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "RESULTS.md"),
                                "markdown file to append to ('' to skip)")
 
@@ -37,80 +48,125 @@ def timed(fn, *args):
   return (time.perf_counter() - t0) / _REPS.value
 
 
-def main(_):
+def timed_sweep(fn, w, g, mu, nu, h):
+  """fn(w, g, mu, nu, h) -> (w, mu, nu) with w, mu, nu donated: the outputs feed the next call."""
+  import jax
+  import jax.numpy as jnp
+  fn = jax.jit(fn, donate_argnums=(0, 2, 3))
+  state = [jnp.copy(a) for a in (w, mu, nu)]
+  state = jax.block_until_ready(fn(state[0], g, state[1], state[2], h))
+  t0 = time.perf_counter()
+  for _ in range(_REPS.value):
+    state = fn(state[0], g, state[1], state[2], h)
+  jax.block_until_ready(state)
+  return (time.perf_counter() - t0) / _REPS.value
+
+
+def ceilings(n, d):
+  """(bytes/s of a large copy, bf16 FLOP/s of a large matmul), measured now."""
+  import jax
+  import jax.numpy as jnp
+  big = jnp.ones((max(n * d, 1 << 26),), jnp.float32)
+  t_copy = timed(jax.jit(lambda a: a * 1.0), big)
+  m = 8192 if jax.default_backend() == "gpu" else 4096 if jax.default_backend() != "cpu" else 1024
+  a16 = jnp.ones((m, m), jnp.bfloat16)
+  t_mm = timed(jax.jit(lambda a: a @ a), a16)
+  return 2 * big.size * 4 / t_copy, 2 * m ** 3 / t_mm
+
+
+def cases(b, n, d, k, k_aux, pallas_mods):
+  """(name, xla fn, pallas fn, args, bytes at least, flops, bound, sweep?) per kernel."""
   import jax
   import jax.numpy as jnp
   from pallas_kernels import fused_adam, sparse_ops, topk_encoder
-
-  d, n, k, b = _D.value, _N.value, _K.value, _B.value
-  backend = jax.default_backend()
-  pallas_ok = backend == "tpu" or (backend == "cpu" and _INTERPRET.value)
+  ops, adam, tk = pallas_mods
   ks = jax.random.split(jax.random.PRNGKey(0), 6)
   x = jax.random.normal(ks[0], (b, d), jnp.float32)
   w = jax.random.normal(ks[1], (n, d), jnp.float32)
   c = jax.random.normal(ks[2], (b, k), jnp.float32)
   idx = jax.random.randint(ks[3], (b, k), 0, n)
-  f32 = 4
-
-  # Ceilings: a copy of a large array (read + write) and a large bf16 matmul.
-  big = jnp.ones((max(n * d, 1 << 26),), jnp.float32)
-  t_copy = timed(jax.jit(lambda a: a * 1.0), big)
-  bandwidth = 2 * big.size * f32 / t_copy
-  m = 4096 if backend != "cpu" else 1024
-  a16 = jnp.ones((m, m), jnp.bfloat16)
-  t_mm = timed(jax.jit(lambda a: a @ a), a16)
-  matmul = 2 * m ** 3 / t_mm
-
+  f32, gathered = 4, b * k * d * 4
   h = fused_adam.hyper(1e-4, 0.9, 0.999, 6.25e-10, 1)
   mu, nu = jnp.zeros_like(w), jnp.zeros_like(w)
-  gathered = b * k * d * f32
-  cases = [
-      # name, xla fn, pallas fn, args, bytes at least, flops, bound
-      ("gather_dot [B,k] = x . W[idx]", sparse_ops.gather_dot_reference, sparse_ops.gather_dot,
-       (x, w, idx), gathered + b * d * f32 + b * k * f32, 2 * b * k * d, "memory"),
-      ("gather_sum [B,d] = sum c W[idx]", sparse_ops.gather_sum_reference, sparse_ops.gather_sum,
-       (c, w, idx), gathered + b * d * f32, 2 * b * k * d, "memory"),
+  out = [
+      ("gather_dot [B,k] = x . W[idx]", sparse_ops.gather_dot_reference, ops.gather_dot,
+       (x, w, idx), gathered + b * d * f32 + b * k * f32, 2 * b * k * d, "memory", False),
+      ("gather_sum [B,d] = sum c W[idx]", sparse_ops.gather_sum_reference, ops.gather_sum,
+       (c, w, idx), gathered + b * d * f32, 2 * b * k * d, "memory", False),
       ("scatter_outer [n,d] segment sums", lambda *a: sparse_ops.scatter_outer_reference(*a, n),
-       lambda *a: sparse_ops.scatter_outer(*a, n), (c, x, idx),
-       n * d * f32 + b * d * f32, 2 * b * k * d, "memory"),
-      ("fused Adam sweep over W_dec", lambda *a: fused_adam.adam_rows_reference(
-          *a, project=True, renorm=True), lambda *a: fused_adam.adam_rows(
-          *a, project=True, renorm=True), (w, w, mu, nu, h), 7 * n * d * f32, 20 * n * d,
-       "memory"),
-      ("encoder GEMM + top-k (bf16)", lambda *a: topk_encoder.topk_reference(
-          *(v.astype(jnp.bfloat16) for v in a[:2]), a[2], k), lambda *a: topk_encoder.topk(
+       lambda *a: ops.scatter_outer(*a, n), (c, x, idx), n * d * f32 + b * d * f32,
+       2 * b * k * d, "memory", False),
+      ("fused Adam sweep over W_dec", functools.partial(
+          fused_adam.adam_rows_reference, project=True, renorm=True), functools.partial(
+          adam.adam_rows, project=True, renorm=True), (w, w, mu, nu, h), 7 * n * d * f32,
+       20 * n * d, "memory", True),
+      (f"encoder GEMM + top-{k} (bf16)", lambda *a: topk_encoder.topk_reference(
+          *(v.astype(jnp.bfloat16) for v in a[:2]), a[2], k), lambda *a: tk.topk(
           *a, k, compute_dtype=jnp.bfloat16), (x, w, jnp.zeros((n,))), None, 2 * b * n * d,
-       "matmul"),
+       "matmul", False),
   ]
-  rows = []
-  for name, ref, kern, args, nbytes, flops, bound in cases:
-    t_xla = timed(jax.jit(ref), *args)
-    t_pl = timed(jax.jit(kern), *args) if pallas_ok else None
-    best = min(t for t in (t_xla, t_pl) if t is not None)
-    frac = (nbytes / best / bandwidth) if bound == "memory" else (flops / best / matmul)
-    rows.append((name, t_xla, t_pl, nbytes, flops, bound, frac))
+  if k_aux:
+    live = jax.random.uniform(ks[4], (n,)) >= _DEAD.value
+    aux_bias = jnp.where(live, -jnp.inf, jax.random.normal(ks[5], (n,)))
+    out.append((f"AuxK GEMM + top-{k_aux}, {_DEAD.value:.0%} dead (bf16)",
+                lambda *a: topk_encoder.topk_reference(
+                    *(v.astype(jnp.bfloat16) for v in a[:2]), a[2], k_aux),
+                lambda *a: tk.topk(*a, k_aux, compute_dtype=jnp.bfloat16), (x, w, aux_bias),
+                None, 2 * b * n * d, "matmul", False))
+  return out
 
+
+def main(_):
+  import jax
+  import pallas_kernels
+  pallas_kernels.FLAVOR = _FLAVOR.value
+  flavor = pallas_kernels.flavor()
+  if flavor == "gpu":
+    from pallas_kernels import fused_adam_gpu as adam, sparse_ops_gpu as ops
+    from pallas_kernels import topk_encoder_gpu as tk
+  else:
+    from pallas_kernels import fused_adam as adam, sparse_ops as ops, topk_encoder as tk
+
+  d, n, k = _D.value, _N.value, _K.value
+  k_aux = min(_K_AUX.value, n)
+  backend = jax.default_backend()
+  batches = _B.value or ([4096, 16384] if backend == "gpu" else [16384])
+  pallas_ok = (backend == "cpu" and _INTERPRET.value) or (backend, flavor) in (
+      ("tpu", "tpu"), ("gpu", "gpu"))
+  bandwidth, matmul = ceilings(n, d)
   dev = jax.devices()[0]
-  where = f"{dev.platform}:{dev.device_kind}"
-  head = (f"{where}, jax {jax.__version__}, d={d} n={n} k={k} B={b}: copy {bandwidth / 1e9:.0f} "
-          f"GB/s, bf16 matmul {matmul / 1e12:.2f} TFLOP/s")
-  lines = [f"| kernel | XLA ms | Pallas ms | bytes (min) | FLOPs | best vs its ceiling |",
-           "|---|---|---|---|---|---|"]
-  for name, t_xla, t_pl, nbytes, flops, bound, frac in rows:
-    pl_ms = f"{t_pl * 1e3:.2f}" if t_pl is not None else "n/a"
-    lines.append(f"| {name} | {t_xla * 1e3:.2f} | {pl_ms} | "
-                 f"{f'{nbytes / 1e6:.2f} MB' if nbytes else '-'} | {flops / 1e9:.1f} G | "
-                 f"{frac:.0%} of {bound} |")
-  print(head)
-  print("\n".join(lines))
+  blocks = []
+  for b in batches:
+    rows = []
+    for name, ref, kern, args, nbytes, flops, bound, sweep in cases(b, n, d, k, k_aux,
+                                                                     (ops, adam, tk)):
+      timer = timed_sweep if sweep else lambda f, *a: timed(jax.jit(f), *a)
+      t_xla = timer(ref, *args)
+      t_pl = timer(kern, *args) if pallas_ok else None
+      best = min(t for t in (t_xla, t_pl) if t is not None)
+      frac = (nbytes / best / bandwidth) if bound == "memory" else (flops / best / matmul)
+      rows.append((name, t_xla, t_pl, nbytes, flops, bound, frac))
+    head = (f"{dev.platform}:{dev.device_kind}, jax {jax.__version__}, Pallas flavour {flavor}, "
+            f"d={d} n={n} k={k} B={b}: copy {bandwidth / 1e9:.0f} GB/s, bf16 matmul "
+            f"{matmul / 1e12:.2f} TFLOP/s")
+    lines = ["| kernel | XLA ms | Pallas ms | bytes (min) | FLOPs | best vs its ceiling |",
+             "|---|---|---|---|---|---|"]
+    for name, t_xla, t_pl, nbytes, flops, bound, frac in rows:
+      pl_ms = f"{t_pl * 1e3:.2f}" if t_pl is not None else "n/a"
+      lines.append(f"| {name} | {t_xla * 1e3:.2f} | {pl_ms} | "
+                   f"{f'{nbytes / 1e6:.2f} MB' if nbytes else '-'} | {flops / 1e9:.1f} G | "
+                   f"{frac:.0%} of {bound} |")
+    print(head)
+    print("\n".join(lines))
+    blocks.append(f"{head}\n\n" + "\n".join(lines))
   if not pallas_ok:
-    print(f"(Pallas kernels not timed: they are TPU-style; on {backend} "
-          f"{'pass --interpret' if backend == 'cpu' else 'there is no version yet'})")
+    print(f"(Pallas kernels not timed: flavour {flavor} does not run on {backend}"
+          f"{'; pass --interpret' if backend == 'cpu' else ''})")
   if _RESULTS.value:
     cmd = "python bench/kernels.py " + " ".join(sys.argv[1:])
     with open(_RESULTS.value, "a") as f:
-      f.write(f"\n### Kernels, {datetime.date.today()}: `{cmd.strip()}`\n\n{head}\n\n"
-              + "\n".join(lines) + "\n")
+      f.write(f"\n### Kernels, {datetime.date.today()}: `{cmd.strip()}`\n\n"
+              + "\n\n".join(blocks) + "\n")
 
 
 if __name__ == "__main__":

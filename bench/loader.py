@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxsae.data.loader import open_store  # noqa: E402
+from jaxsae.data.loader import open_store, retain_freed_memory  # noqa: E402
 from jaxsae.data.store import Layout, Store, StoreWriter, numpy_dtype  # noqa: E402
 
 flags.DEFINE_integer("rows", 262144, "Rows per store.")
@@ -39,6 +39,8 @@ flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Stored dtypes.")
 flags.DEFINE_integer("repeats", 3, "Timed passes of each reader; the best is kept.")
 flags.DEFINE_bool("cold", False, "Drop the page cache before every timed pass (needs root): "
                   "the files then come off the disk, as for a store larger than RAM.")
+flags.DEFINE_bool("retain_freed_memory", True, "data.retain_freed_memory (the trainer's default), "
+                  "set before any reader runs so all three share the allocator policy.")
 flags.DEFINE_float("train_rows_per_sec", 0.0, "CPU train step consumption, for the ratio.")
 flags.DEFINE_string("dir", "", "Where to write the stores (default: a temporary folder).")
 FLAGS = flags.FLAGS
@@ -98,9 +100,11 @@ def loader_pass(path):
 
 def main(_):
   root = FLAGS.dir or tempfile.mkdtemp(prefix="jaxsae_bench_loader_")
+  retained = FLAGS.retain_freed_memory and retain_freed_memory()
   print(f"{'cold' if FLAGS.cold else 'warm'} page cache; {FLAGS.rows} rows per store, batch {FLAGS.batch}, chunks {FLAGS.chunk_rows}, shards "
         f"{FLAGS.shard_rows}, group {FLAGS.group} chunks, {FLAGS.threads} threads, prefetch "
-        f"{FLAGS.prefetch}, {os.cpu_count()} CPUs; best of {FLAGS.repeats}", flush=True)
+        f"{FLAGS.prefetch}, {os.cpu_count()} CPUs; best of {FLAGS.repeats}; freed memory "
+        f"{'retained' if retained else 'returned to the OS'}", flush=True)
   head = "| d | dtype | raw MB/s | ts_seq MB/s | loader rows/s | loader MB/s | loader/raw |"
   head += " loader/train |" if FLAGS.train_rows_per_sec else ""
   lines = [head, "|" + "---|" * (head.count("|") - 1)]

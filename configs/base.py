@@ -30,6 +30,7 @@ def get_config():
   c.train.eps = 6.25e-10
   c.train.opt_state_dtype = "float32"  # Adam moments: "float32" | "bfloat16" (stochastically
                                        # rounded; halves the optimizer state, optim.py)
+  c.train.auxk_buckets = True    # run AuxK only as wide as the dead latents need (same result)
   c.train.warmup_steps = 0
   c.train.decay_frac = 0.0       # linear decay to 0 over this final fraction of steps
   c.train.seed = 0
@@ -53,6 +54,7 @@ def get_config():
   c.data.shuffle_buffer_chunks = 8  # chunks whose rows are mixed in memory before batching
   c.data.num_threads = 2         # grain reader threads
   c.data.prefetch = 2            # chunk groups read ahead; memory ~ (prefetch + threads) groups
+  c.data.retain_freed_memory = True  # glibc keeps freed buffers for reuse (loader ~1.5x faster)
   c.data.allow_incomplete = False  # read a store whose dump has not finished
   c.data.missing_hint = ""       # printed when data.path holds no store: the command that makes it
   c.data.synthetic = ml_collections.ConfigDict()

@@ -59,9 +59,23 @@ def _problems(c):
 def _backend_problems(c):
   import jax
   backend = jax.default_backend()
-  if c.kernels == "pallas" and backend not in ("cpu", "tpu"):
-    yield (f"kernels=pallas: the Pallas kernels are written for TPU (CPU runs them in interpret "
-           f"mode); there is no {backend} version yet: use kernels=xla")
+  if c.kernels != "pallas":
+    return
+  if backend not in ("cpu", "tpu", "gpu"):
+    yield (f"kernels=pallas: the Pallas kernels exist for TPU and GPU (CPU runs them in interpret "
+           f"mode); there is no {backend} version: use kernels=xla")
+    return
+  import pallas_kernels
+  if pallas_kernels.flavor() == "gpu":
+    from jaxsae import model
+    from pallas_kernels import topk_encoder_gpu
+    s = c.sae
+    widest = max(4 * s.k if s.multi_topk else s.k,
+                 model.resolve_k_aux(s.k_aux, s.d, s.n) if s.auxk_coef > 0 else 0)
+    if widest > topk_encoder_gpu.MAX_K:
+      yield (f"kernels=pallas on GPU: the top-k kernel keeps each row's top-k in registers, up to "
+             f"k={topk_encoder_gpu.MAX_K}; this config selects {widest} latents per token "
+             f"(sae.k, x4 with multi_topk, or sae.k_aux): use kernels=xla")
 
 
 def validate(config):

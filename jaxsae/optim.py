@@ -135,11 +135,16 @@ def renormalize_decoder(params):
 
 def fused_update(train, n: int, params, grads, opt_state):
   """What tx.update + apply_updates + renormalize_decoder do, with W_enc and W_dec each updated in
-  one Pallas sweep (pallas_kernels/fused_adam.py); the bias vectors take the same arithmetic in
-  plain JAX. Reads and writes make_optimizer's fp32 state layout:
-  (EmptyState, (ScaleByAdamState, ScaleByScheduleState)). Runs per shard: rows are independent.
+  one Pallas sweep (pallas_kernels/fused_adam.py, or fused_adam_gpu.py for the GPU flavour); the
+  bias vectors take the same arithmetic in plain JAX. Reads and writes make_optimizer's fp32 state
+  layout: (EmptyState, (ScaleByAdamState, ScaleByScheduleState)). Runs per shard: rows are
+  independent.
   """
-  from pallas_kernels import fused_adam  # only this path needs Pallas
+  import pallas_kernels  # only this path needs Pallas
+  if pallas_kernels.flavor() == "gpu":
+    from pallas_kernels import fused_adam_gpu as fused_adam
+  else:
+    from pallas_kernels import fused_adam
   empty, (adam, sched) = opt_state
   count = optax.safe_increment(adam.count)
   h = fused_adam.hyper(learning_rate(train, n)(sched.count), train.b1, train.b2, train.eps,

@@ -18,14 +18,16 @@ here carry custom VJPs built from three primitives:
 Latent sharding: weights are the local shard [n_local, d] of a matrix split over the mesh axis
 `axis`; indices are global. Rows another shard owns contribute zero here, and the partial results
 are psum'd over `axis` inside the ops (forward and backward), so callers see whole values. With
-axis=None the ops are plain single-device ops. The Pallas kernels (pallas_kernels/sparse_ops.py)
-implement the same three primitives beside their pure-JAX references; `kernels` picks which runs.
+axis=None the ops are plain single-device ops. The Pallas kernels (pallas_kernels/sparse_ops.py for
+TPU, sparse_ops_gpu.py for GPU) implement the same three primitives beside their pure-JAX
+references; `kernels` picks which runs (and pallas_kernels.flavor() which Pallas flavour).
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 from pallas_kernels import sparse_ops
 
 
@@ -34,6 +36,9 @@ def _primitives(kernels: str):
   if kernels == "xla":
     return sparse_ops.REFERENCE
   if kernels == "pallas":
+    if pallas_kernels.flavor() == "gpu":
+      from pallas_kernels import sparse_ops_gpu  # Pallas Triton: imported only where it runs
+      return sparse_ops_gpu.PALLAS
     return sparse_ops.PALLAS
   raise ValueError(f"kernels={kernels!r}: expected 'xla' or 'pallas'")
 

@@ -22,6 +22,21 @@ from jaxsae.state import TrainState
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def aux_sizes(k_aux: int, buckets: bool) -> tuple[int, ...]:
+  """The AuxK widths a step may run: k_aux, and with buckets k_aux/8, k_aux/64 while >= 32.
+
+  A step picks the smallest width that holds every dead latent (or k_aux when more are dead).
+  With width >= number dead, the dead top-k picks every dead latent either way, and the extra
+  picks of a wider run are masked to zero, so the loss and gradients are the same; the work
+  (a second top-k, sparse ops over B x width pairs) shrinks with the width. Late in training only
+  a few latents are dead, and k_aux=256 would cost 8x the k=32 pairs of the main term.
+  """
+  sizes = [k_aux]
+  while buckets and sizes[0] // 8 >= 32:
+    sizes.insert(0, sizes[0] // 8)
+  return tuple(sizes)
+
+
 class StepFns:
   """Builds the jitted steps for one config, mesh and optimizer."""
 
@@ -32,6 +47,7 @@ class StepFns:
     self.encoder_tile = config.encoder_tile   # 0: pre[B, n_local] in one piece (topk.py)
     self.axis = specs.latent_axis if specs.model_size > 1 else None
     self.batch_size = config.train.batch_size
+    self.aux_sizes = aux_sizes(spec.k_aux, config.train.auxk_buckets)
     self.fused_optimizer = None
     if config.kernels == "pallas" and config.train.opt_state_dtype == "float32":
       # Pallas calls are not partitioned by XLA: each device sweeps its own rows in shard_map.
@@ -68,10 +84,10 @@ class StepFns:
       num_dead = jax.lax.psum(num_dead, axis)
     xc = x - params["b_pre"]
 
-    def run(with_aux):
+    def run(k_aux):
       idx, aux_idx, aux_ok = topk.select(
           xc, params["W_enc"], params["b_enc"], spec.k_select, dead=dead,
-          k_aux=spec.k_aux if with_aux else 0, axis=axis, compute_dtype=self.compute_dtype,
+          k_aux=k_aux, axis=axis, compute_dtype=self.compute_dtype,
           tile=self.encoder_tile, kernels=self.kernels)
       aux_scale = jnp.minimum(num_dead / max(spec.k_aux, 1), 1.0)
       (_, aux), grads = jax.value_and_grad(model.loss_terms, has_aux=True)(
@@ -81,10 +97,15 @@ class StepFns:
               "l0": jnp.sum(z > 0).astype(jnp.float32)}
       return grads, sums, self._fired(idx[:, :spec.k], z, since_fired.shape[0])
 
-    if spec.k_aux:  # AuxK's second top-k costs as much as the first: run it only when needed
-      grads, sums, fired = jax.lax.cond(num_dead > 0, lambda: run(True), lambda: run(False))
+    if spec.k_aux:  # AuxK's second top-k costs as much as the first: run it only when needed,
+      # and only as wide as the dead latents need (aux_sizes).
+      sizes = self.aux_sizes
+      branch = jnp.where(num_dead == 0, 0,
+                         1 + jnp.searchsorted(jnp.asarray(sizes[:-1], jnp.int32), num_dead))
+      grads, sums, fired = jax.lax.switch(
+          branch, [functools.partial(run, w) for w in (0,) + sizes])
     else:
-      grads, sums, fired = run(False)
+      grads, sums, fired = run(0)
     grads, sums, fired = self._psum_batch((grads, sums, fired))
     sums["total_var"] = total_var
     return grads, sums, fired > 0

@@ -42,9 +42,14 @@ def _merge(a, b, k):
 
 
 def _pallas_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype):
-  """The GEMM with a top-k epilogue (pallas_kernels/topk_encoder.py): pre never leaves the chip.
-  AuxK's "dead latents only" is a bias of -inf on live latents, in the same kernel."""
-  from pallas_kernels import topk_encoder  # only this path needs Pallas
+  """The GEMM with a top-k epilogue (pallas_kernels/topk_encoder.py, or topk_encoder_gpu.py for the
+  GPU flavour): pre never leaves the chip. AuxK's "dead latents only" is a bias of -inf on live
+  latents, in the same kernel."""
+  import pallas_kernels  # only this path needs Pallas
+  if pallas_kernels.flavor() == "gpu":
+    from pallas_kernels import topk_encoder_gpu as topk_encoder
+  else:
+    from pallas_kernels import topk_encoder
   main = topk_encoder.topk(xc, w_enc, b_enc, k, compute_dtype=compute_dtype)
   if not k_aux:
     return main, None

@@ -9,6 +9,9 @@ renormalization, so `adam_rows_reference` and the kernel equal the optax path to
 
 Every row is updated every step (exact dense semantics): rows that no token selected still move
 by their Adam momentum, as they do under optax.
+
+TPU-style (Mosaic TPU; CPU interpret mode for tests). The GPU version is fused_adam_gpu.py (Pallas
+Triton), which shares `_rows_update` and the reference with this module.
 """
 import jax
 import jax.numpy as jnp

@@ -6,8 +6,9 @@
 
 The references are what the `xla` path runs (jaxsae/sparse.py). The kernels are TPU-style
 (Mosaic TPU): indices are scalar-prefetched into SMEM, W rows are fetched from HBM by DMA, so W of
-any size stays in HBM and only B*K rows move. They run on CPU in interpret mode (tests) and need
-their own GPU version (not written yet: `kernels=pallas` on GPU raises). All accumulate in f32.
+any size stays in HBM and only B*K rows move. They run on CPU in interpret mode (tests); they do
+not lower on GPU, which has its own version in sparse_ops_gpu.py (Pallas Triton; `kernels=pallas`
+picks it on a GPU backend, see pallas_kernels.flavor()). All accumulate in f32.
 """
 import functools
 
@@ -86,8 +87,8 @@ def _interpret():
   if backend == "cpu":
     return INTERPRET
   raise NotImplementedError(
-      f"kernels=pallas: the sparse kernels are written for TPU (and CPU interpret mode); there is "
-      f"no {backend} version yet. Use kernels=xla.")
+      f"kernels=pallas: these kernels are written for TPU (and CPU interpret mode), not {backend}; "
+      f"GPUs run the *_gpu modules (pallas_kernels.FLAVOR 'auto' or 'gpu'), else use kernels=xla.")
 
 
 INTERPRET = True  # what CPU runs; tests set pltpu.InterpretParams() for bounds checks

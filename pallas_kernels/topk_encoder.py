@@ -8,7 +8,8 @@ top-k. Memory drops from B*n to B*n*k/tile (a 64x cut at tile=2048, k=32).
 
 AuxK uses the same kernel: its mask "dead latents only" is a bias of -inf on live latents.
 
-TPU-style (Mosaic TPU), runs on CPU in interpret mode; a GPU version is still to be written.
+TPU-style (Mosaic TPU), runs on CPU in interpret mode. The GPU version is topk_encoder_gpu.py
+(Pallas Triton; a running top-k per program instead of per-tile candidates).
 """
 import jax
 import jax.numpy as jnp

@@ -2,8 +2,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxsae import model, optim, stats, train
+from jaxsae import step as step_lib
 
 
 def test_decoder_rows_unit_norm_after_every_step(tiny_config):
@@ -87,3 +89,33 @@ def test_dead_latents_are_tracked_and_trained_by_auxk(tiny_config):
   differs = np.any(np.asarray(with_aux.params["W_dec"]) != np.asarray(without.params["W_dec"]), 1)
   assert differs[dead].any()
   assert not differs[~dead].any(), "AuxK changed the update of a live latent's decoder row"
+
+
+def test_aux_sizes():
+  assert step_lib.aux_sizes(256, True) == (32, 256)
+  assert step_lib.aux_sizes(2048, True) == (32, 256, 2048)
+  assert step_lib.aux_sizes(64, True) == (64,)
+  assert step_lib.aux_sizes(2048, False) == (2048,)
+
+
+@pytest.mark.parametrize("num_dead", [5, 100])
+def test_auxk_buckets_give_the_same_step(tiny_config, num_dead):
+  """AuxK at width 32 (5 dead) or 256 (100 dead) updates exactly like AuxK at k_aux=256."""
+  tiny_config.sae.n, tiny_config.sae.k_aux = 512, 256
+  tiny_config.sae.dead_tokens = 10_000
+  runs = {}
+  for buckets in (True, False):
+    tiny_config.train.auxk_buckets = buckets
+    runs[buckets] = train.setup(tiny_config)
+  assert runs[True].steps.aux_sizes == (32, 256)
+  state = runs[True].state
+  dead = np.zeros(512, bool)
+  dead[np.random.default_rng(num_dead).choice(512, num_dead, replace=False)] = True
+  state = state.replace(since_fired=jnp.where(dead, 10_000, 0).astype(state.since_fired.dtype))
+  x = jax.device_put(next(runs[True].data.train), runs[True].batch_sharding)
+  out = {b: r.steps.train(jax.tree.map(jnp.copy, state), x) for b, r in runs.items()}
+  assert float(out[True][1]["losses/auxk"]) > 0
+  np.testing.assert_allclose(out[True][1]["losses/auxk"], out[False][1]["losses/auxk"], rtol=1e-6)
+  for name in ("W_dec", "W_enc", "b_enc", "b_pre"):
+    np.testing.assert_allclose(out[True][0].params[name], out[False][0].params[name],
+                               rtol=1e-5, atol=1e-6, err_msg=name)

@@ -16,6 +16,8 @@ def create(config, process_index: int = 0, process_count: int = 1) -> Data:
   if dc.source == "npy":
     return source.open_npy(dc.path, seed=dc.shuffle_seed, **common)
   if dc.source == "store":
+    if dc.retain_freed_memory:
+      loader.retain_freed_memory()
     data = loader.open_store(dc.path, seed=dc.shuffle_seed, epochs=dc.epochs,
                              group_chunks=dc.shuffle_buffer_chunks, num_threads=dc.num_threads,
                              prefetch=dc.prefetch, allow_incomplete=dc.allow_incomplete,

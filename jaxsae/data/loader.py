@@ -13,7 +13,10 @@ chunks exactly once. Batches may straddle groups and epochs. Everything is a pur
 Held-out eval chunks are chosen once, spread evenly over the store (a store is usually ordered by
 text source), plus the last chunk when it is partial: training then only ever sees full chunks.
 """
+import ctypes
+import ctypes.util
 import math
+import sys
 
 import grain
 import numpy as np
@@ -159,6 +162,33 @@ class StoreBatches(BatchIterator):
     close = getattr(self._it, "close", None)
     if close:
       close()
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+def retain_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) - 1,
+                        arena_max: int = 4) -> bool:
+  """Lets glibc reuse freed chunk and batch buffers instead of returning them to the kernel.
+
+  By default glibc serves blocks over 32 MiB (and, with several threads, many smaller ones) with
+  fresh mmap()s and unmaps them on free, so every chunk read and every batch touches new pages
+  that the kernel must fault in and zero. On the 2-core VM that kernel time was 1.7 s of 2.1 s
+  for one warm pass over 0.8 GB (sys time; 0.07 s with this), and the loader ran 1.5-1.7x faster.
+  The cost: the process keeps its peak heap instead of shrinking (bounded by ~(prefetch +
+  threads) groups). Process-wide and idempotent; a no-op (False) off glibc.
+  """
+  if not sys.platform.startswith("linux"):
+    return False
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):   # musl and others have no mallopt
+    return False
+  return all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, mmap_threshold),
+                                              (_M_TRIM_THRESHOLD, trim_threshold),
+                                              (_M_ARENA_MAX, arena_max)))
 
 
 def open_store(path: str, global_batch: int, eval_rows: int, eval_batches: int, seed: int,
