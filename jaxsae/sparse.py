@@ -79,10 +79,16 @@ def _encode_bwd(axis, kernels, res, g):
   _, gsum, scatter = _primitives(kernels)
   n = w_enc.shape[0]
   g = jnp.where(own, g, 0.0)
-  d_b_pre = -_psum(jnp.sum(gsum(g, w_enc, local), axis=0), axis).astype(xc.dtype)
+  d_b = jax.ops.segment_sum(g.reshape(-1), local.reshape(-1), n)
+  # b_pre's gradient, -sum over pairs of g W_enc[idx], is also -d_b @ W_enc: one pass over the
+  # n_local rows instead of B*K gathered ones, whichever is fewer (AuxK has 8x the pairs).
+  if n < g.size:
+    d_b_pre = jnp.einsum("n,nd->d", d_b, w_enc, preferred_element_type=jnp.float32)
+  else:
+    d_b_pre = jnp.sum(gsum(g, w_enc, local), axis=0)
+  d_b_pre = -_psum(d_b_pre, axis).astype(xc.dtype)
   d_w = scatter(g, xc, local, n).astype(w_enc.dtype)
-  d_b = jax.ops.segment_sum(g.reshape(-1), local.reshape(-1), n).astype(w_enc.dtype)
-  return None, d_b_pre, d_w, d_b, None
+  return None, d_b_pre, d_w, d_b.astype(w_enc.dtype), None
 
 
 encode_at.defvjp(_encode_fwd, _encode_bwd)

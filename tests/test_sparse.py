@@ -33,10 +33,12 @@ def _rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-@pytest.mark.parametrize("k_aux,multi", [(0, False), (32, False), (32, True)])
+@pytest.mark.parametrize("k_aux,multi,b", [(0, False, 48), (32, False, 48), (32, True, 48),
+                                           (0, False, 4)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_sparse_backward_equals_dense_autodiff(seed, k_aux, multi):
-  params, x, dead = _problem(seed)
+def test_sparse_backward_equals_dense_autodiff(seed, k_aux, multi, b):
+  """b=48: more pairs than latents, so b_pre's gradient is d_b @ W_enc; b=4: fewer, gathered."""
+  params, x, dead = _problem(seed, b=b)
   spec = model.SaeSpec(d=24, n=160, k=6, k_aux=k_aux, auxk_coef=1 / 32 if k_aux else 0.0,
                        dead_tokens=1, multi_topk=multi)
   (loss, grads), total_var = _sparse_loss_and_grads(params, x, dead, spec)
