@@ -53,7 +53,7 @@ def get_config():
   c.data.epochs = 0              # passes over the training chunks; 0: repeat forever
   c.data.shuffle_buffer_chunks = 8  # chunks whose rows are mixed in memory before batching
   c.data.num_threads = 2         # grain reader threads
-  c.data.prefetch = 2            # chunk groups read ahead; memory ~ (prefetch + threads) groups
+  c.data.prefetch = 2            # chunk groups read ahead; memory ~ (2 prefetch + threads) groups
   c.data.retain_freed_memory = True  # glibc keeps freed buffers for reuse (loader ~1.5x faster)
   c.data.allow_incomplete = False  # read a store whose dump has not finished
   c.data.missing_hint = ""       # printed when data.path holds no store: the command that makes it

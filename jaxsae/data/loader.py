@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import math
 import sys
+import threading
 
 import grain
 import numpy as np
@@ -77,17 +78,40 @@ class Plan:
 
 
 class GroupReader:
-  """grain map: group index -> (index, pieces). Pieces end where batches end in the row stream."""
+  """grain map: group index -> (index, pieces). Pieces end where batches end in the row stream.
 
-  def __init__(self, store: Store, plan: Plan):
-    self.store, self.plan = store, plan
+  Reads run ahead: taking group g issues the TensorStore reads of groups g+1 .. g+read_ahead
+  (TensorStore does the I/O on its own threads), so the disk stays busy while grain's threads
+  shuffle rows, instead of each thread alternating between waiting for its reads and mixing.
+  """
+
+  def __init__(self, store: Store, plan: Plan, read_ahead: int = 0):
+    self.store, self.plan, self.read_ahead = store, plan, read_ahead
+    self._started = {}   # group -> (chunk ids, futures); at most read_ahead + a few entries
+    self._lock = threading.Lock()
+
+  def _start(self, g: int):
+    ids = self.plan.group(g)
+    return ids, [self.store.read_async(*self.store.chunk(int(i))) for i in ids]
+
+  def _take(self, g: int):
+    """Group g's reads (started now if no earlier call started them), and start the next ones."""
+    plan = self.plan
+    last = plan.groups_per_epoch * plan.epochs if plan.epochs else None
+    with self._lock:
+      started = self._started.pop(g, None)
+      for old in [h for h in self._started if h < g - 8 or h > g + self.read_ahead + 8]:
+        del self._started[old]   # stale: the iterator was restored elsewhere
+      for h in range(g + 1, g + 1 + self.read_ahead):
+        if h not in self._started and (last is None or h < last):
+          self._started[h] = self._start(h)
+    return started or self._start(g)
 
   def __call__(self, g: int, _=None):
     plan, C = self.plan, self.plan.C
-    ids = plan.group(g)
     # All reads of a group in flight at once: on gs:// (or a cold disk) latency, not bandwidth,
     # is what limits one reader.
-    futures = [self.store.read_async(*self.store.chunk(int(i))) for i in ids]
+    ids, futures = self._take(g)
     chunks = []
     for i, f in zip(ids, futures):
       try:
@@ -121,7 +145,7 @@ class StoreBatches(BatchIterator):
   def __init__(self, store: Store, plan: Plan, num_threads: int, prefetch: int):
     epochs = plan.epochs or None
     groups = grain.MapDataset.range(plan.groups_per_epoch).repeat(epochs)
-    self._dataset = groups.map_with_index(GroupReader(store, plan))
+    self._dataset = groups.map_with_index(GroupReader(store, plan, read_ahead=prefetch))
     # Threads, not processes: TensorStore and numpy release the GIL, and on 2 cores threads
     # measured 4-6x faster than worker processes. The buffer is set explicitly: the default
     # held ~6 GB.
