@@ -30,6 +30,8 @@ def get_config():
   c.train.eps = 6.25e-10
   c.train.opt_state_dtype = "float32"  # Adam moments: "float32" | "bfloat16" (stochastically
                                        # rounded; halves the optimizer state, optim.py)
+  c.train.dense_op_ratio = 16    # xla path: sparse ops over K latents run as dense GEMMs when
+                                 # n_local <= ratio * K (AuxK on small dictionaries); 0: never
   c.train.auxk_buckets = True    # run AuxK only as wide as the dead latents need (same result)
   c.train.warmup_steps = 0
   c.train.decay_frac = 0.0       # linear decay to 0 over this final fraction of steps

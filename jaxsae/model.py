@@ -26,12 +26,23 @@ class SaeSpec:
   auxk_coef: float
   dead_tokens: int
   multi_topk: bool
+  dense_op_ratio: int = 0   # see ops_for; 0: the xla path always gathers
 
   @classmethod
-  def from_config(cls, sae):
+  def from_config(cls, config):
+    sae = config.sae
     k_aux = resolve_k_aux(sae.k_aux, sae.d, sae.n) if sae.auxk_coef > 0 else 0
     return cls(d=sae.d, n=sae.n, k=sae.k, k_aux=k_aux, auxk_coef=float(sae.auxk_coef),
-               dead_tokens=int(sae.dead_tokens), multi_topk=bool(sae.multi_topk))
+               dead_tokens=int(sae.dead_tokens), multi_topk=bool(sae.multi_topk),
+               dense_op_ratio=int(config.train.dense_op_ratio))
+
+  def ops_for(self, kernels: str, k: int, n_local: int) -> str:
+    """Which primitives the sparse ops over k latents per token run: on the xla path, dense GEMMs
+    over [B, n_local] codes when n_local <= dense_op_ratio * k (AuxK's k_aux over a small
+    dictionary: there one GEMM beats B*k*d gathered elements), else the gathers."""
+    if kernels == "xla" and self.dense_op_ratio and n_local <= self.dense_op_ratio * k:
+      return "dense"
+    return kernels
 
   @property
   def k_select(self) -> int:
@@ -81,23 +92,26 @@ def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeS
   (held fixed) from the selected dead latents only; aux_scale = min(dead / k_aux, 1).
   Returns (loss, aux) with aux holding per-batch sums, z and the residual.
   """
+  n_local = params["W_enc"].shape[0]
+  ops = lambda width: spec.ops_for(kernels, width, n_local)
   vals = sparse.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], idx, axis,
-                          kernels)
+                          ops(idx.shape[1]))
   z = jax.nn.relu(vals)
   k = spec.k
-  x_hat = sparse.decode(z[:, :k], idx[:, :k], params["W_dec"], axis, kernels) + params["b_pre"]
+  x_hat = sparse.decode(z[:, :k], idx[:, :k], params["W_dec"], axis, ops(k)) + params["b_pre"]
   sq = jnp.sum(jnp.square(x_hat - x))
   loss = sq / total_var
   if spec.multi_topk:
-    x_hat4 = sparse.decode(z, idx, params["W_dec"], axis, kernels) + params["b_pre"]
+    x_hat4 = sparse.decode(z, idx, params["W_dec"], axis, ops(idx.shape[1])) + params["b_pre"]
     loss = loss + jnp.sum(jnp.square(x_hat4 - x)) / total_var / 8
   auxk_sq = jnp.zeros((), jnp.float32)
   if aux_idx is not None:
     resid = jax.lax.stop_gradient(x - x_hat)
+    aux_ops = ops(aux_idx.shape[1])
     aux_vals = sparse.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], aux_idx,
-                                axis, kernels)
+                                axis, aux_ops)
     z_aux = jnp.where(aux_ok, jax.nn.relu(aux_vals), 0.0)
-    e_hat = sparse.decode(z_aux, aux_idx, params["W_dec"], axis, kernels)
+    e_hat = sparse.decode(z_aux, aux_idx, params["W_dec"], axis, aux_ops)
     auxk_sq = jnp.sum(jnp.square(e_hat - resid))
     loss = loss + spec.auxk_coef * aux_scale * auxk_sq / total_var
   return loss, {"sq": sq, "auxk_sq": auxk_sq, "z": z[:, :k]}

@@ -70,13 +70,15 @@ class Problem:
   multi_topk: bool = False
   opt_state: str = "float32"  # Adam moment dtype
   encoder_tile: int = 0
+  dense_op_ratio: int = 0     # model.SaeSpec.ops_for: dense [B, n_local] codes for wide ops
 
   @classmethod
   def from_config(cls, config):
-    spec = model.SaeSpec.from_config(config.sae)
+    spec = model.SaeSpec.from_config(config)
+    ratio = spec.dense_op_ratio if config.kernels == "xla" else 0
     return cls(d=spec.d, n=spec.n, k=spec.k, batch=config.train.batch_size, k_aux=spec.k_aux,
                multi_topk=spec.multi_topk, opt_state=config.train.opt_state_dtype,
-               encoder_tile=config.encoder_tile)
+               encoder_tile=config.encoder_tile, dense_op_ratio=ratio)
 
 
 @dataclasses.dataclass
@@ -101,6 +103,9 @@ def estimate(p: Problem, data: int, model_size: int) -> Plan:
       else min(n_l, max(p.encoder_tile, k_sel, p.k_aux))
   pre_copies = (2 if p.k_aux else 1) * (2 if cols < n_l else 1)   # AuxK mask; scan buffers
   candidates = b_l * (k_sel + p.k_aux) * model_size * 8   # gathered f32 values + int32 indices
+  widest = max(k_sel, p.k_aux)
+  # Dense-path ops (SaeSpec.ops_for) hold the [B, n_local] codes, a GEMM result and their gradient.
+  dense_ops = 3 * b_l * n_l * 4 if p.dense_op_ratio and n_l <= p.dense_op_ratio * widest else 0
   rows = {
       "params": weights * 4,
       "optimizer state": 2 * weights * OPT_BYTES[p.opt_state],
@@ -108,7 +113,7 @@ def estimate(p: Problem, data: int, model_size: int) -> Plan:
       "gradients": weights * 4,
       "update temporaries": UPDATE_TEMPS * n_l * p.d * 4,
       "activations": max(pre_copies * b_l * cols * 4 + candidates,
-                         SPARSE_BUFFERS * b_l * _chunk(b_l, max(k_sel, p.k_aux), p.d) * p.d * 4),
+                         SPARSE_BUFFERS * b_l * _chunk(b_l, widest, p.d) * p.d * 4, dense_ops),
   }
   state = rows["params"] + rows["optimizer state"] + rows["dead-latent counters"]
   peak = state + rows["gradients"] + max(rows["update temporaries"], rows["activations"])
@@ -230,7 +235,7 @@ def compile_step(config):
   from jax.sharding import NamedSharding
   from jaxsae import optim, state as state_lib
   from jaxsae.step import StepFns
-  spec = model.SaeSpec.from_config(config.sae)
+  spec = model.SaeSpec.from_config(config)
   mesh = mesh_lib.create_mesh(config.mesh)
   specs = mesh_lib.Specs(mesh, config.mesh)
   specs.check(spec.n, config.train.batch_size)

@@ -35,12 +35,14 @@ def _primitives(kernels: str):
   """(gather_dot, gather_sum, scatter_outer): the pure-JAX references or the Pallas kernels."""
   if kernels == "xla":
     return sparse_ops.REFERENCE
+  if kernels == "dense":   # the xla path as GEMMs over [B, n] codes (model.ops_for picks it)
+    return sparse_ops.DENSE
   if kernels == "pallas":
     if pallas_kernels.flavor() == "gpu":
       from pallas_kernels import sparse_ops_gpu  # Pallas Triton: imported only where it runs
       return sparse_ops_gpu.PALLAS
     return sparse_ops.PALLAS
-  raise ValueError(f"kernels={kernels!r}: expected 'xla' or 'pallas'")
+  raise ValueError(f"kernels={kernels!r}: expected 'xla', 'dense' or 'pallas'")
 
 
 def localize(idx, n_local: int, axis):

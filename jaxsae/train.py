@@ -102,7 +102,7 @@ def setup(config) -> Setup:
   Every check that can fail on bad input runs here, before the first compile.
   """
   config_check.validate(config)
-  spec = model.SaeSpec.from_config(config.sae)
+  spec = model.SaeSpec.from_config(config)
   mesh = mesh_lib.create_mesh(config.mesh)
   specs = mesh_lib.Specs(mesh, config.mesh)
   specs.check(spec.n, config.train.batch_size, jax.process_count())

@@ -76,6 +76,37 @@ def scatter_outer_reference(coef, x, idx, n):
 REFERENCE = (gather_dot_reference, gather_sum_reference, scatter_outer_reference)
 
 # ---------------------------------------------------------------------------------------------
+# The same three as dense GEMMs over [B, n] codes. Cheaper than the gathers once K is a sizable
+# fraction of n: AuxK (k_aux=256) over a few thousand latents moves B*K*d gathered elements per
+# op, where one GEMM does B*n*d multiply-adds at the machine's matmul rate (model.py picks).
+# HIGHEST: f32 products in f32 (GPUs would otherwise round to TF32), as the gathers compute.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _codes(coef, idx, n):
+  """[B, K] values at [B, K] indices -> dense [B, n] f32 (repeated indices add up)."""
+  rows = jnp.arange(idx.shape[0])[:, None]
+  return jnp.zeros((idx.shape[0], n), jnp.float32).at[rows, idx].add(coef.astype(jnp.float32))
+
+
+def gather_dot_dense(x, w, idx):
+  full = jnp.einsum("bd,nd->bn", x, w, precision=_HIGHEST, preferred_element_type=jnp.float32)
+  return jnp.take_along_axis(full, idx, axis=1)
+
+
+def gather_sum_dense(coef, w, idx):
+  return jnp.einsum("bn,nd->bd", _codes(coef, idx, w.shape[0]), w, precision=_HIGHEST,
+                    preferred_element_type=jnp.float32)
+
+
+def scatter_outer_dense(coef, x, idx, n):
+  return jnp.einsum("bn,bd->nd", _codes(coef, idx, n), x, precision=_HIGHEST,
+                    preferred_element_type=jnp.float32)
+
+
+DENSE = (gather_dot_dense, gather_sum_dense, scatter_outer_dense)
+
+# ---------------------------------------------------------------------------------------------
 # Pallas kernels (Mosaic TPU; CPU interpret mode for tests).
 
 

@@ -72,6 +72,9 @@ MESHES = {
                        batch_axes=("slice", "data")),
     # the blocked encoder (tiles of 16 latents, 2 per shard) and its running top-k
     "2x4-tiled": dict(shape=(2, 4), tile=8),
+    # At n_local = 64 the default train.dense_op_ratio runs AuxK's ops (and at 1x8 the main
+    # ones) as dense GEMMs (model.SaeSpec.ops_for); here every op gathers, as large n would.
+    "2x4-gathers": dict(shape=(2, 4), dense_op_ratio=0),
 }
 
 
@@ -94,6 +97,7 @@ def test_mesh_matches_single_device(config, name):
   config.mesh.axes = m.get("axes", config.mesh.axes)
   config.mesh.batch_axes = m.get("batch_axes", config.mesh.batch_axes)
   config.encoder_tile = m.get("tile", 0)
+  config.train.dense_op_ratio = m.get("dense_op_ratio", config.train.dense_op_ratio)
   state, got = _trace(config)
 
   assert any(r["aux_ok"].any() for r in ref), "no dead latents: AuxK was not exercised"

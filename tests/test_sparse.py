@@ -33,14 +33,19 @@ def _rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-@pytest.mark.parametrize("k_aux,multi,b", [(0, False, 48), (32, False, 48), (32, True, 48),
-                                           (0, False, 4)])
+@pytest.mark.parametrize("k_aux,multi,b,ratio", [
+    (0, False, 48, 0), (32, False, 48, 0), (32, True, 48, 0), (0, False, 4, 0),
+    (32, False, 48, 5), (32, True, 48, 1000)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_sparse_backward_equals_dense_autodiff(seed, k_aux, multi, b):
-  """b=48: more pairs than latents, so b_pre's gradient is d_b @ W_enc; b=4: fewer, gathered."""
+def test_sparse_backward_equals_dense_autodiff(seed, k_aux, multi, b, ratio):
+  """b=48: more pairs than latents, so b_pre's gradient is d_b @ W_enc; b=4: fewer, gathered.
+  ratio (dense_op_ratio): 0 gathers everywhere; 5 runs AuxK's ops (32 of 160 latents) as dense
+  GEMMs and the main ones as gathers; 1000 runs every op densely."""
   params, x, dead = _problem(seed, b=b)
   spec = model.SaeSpec(d=24, n=160, k=6, k_aux=k_aux, auxk_coef=1 / 32 if k_aux else 0.0,
-                       dead_tokens=1, multi_topk=multi)
+                       dead_tokens=1, multi_topk=multi, dense_op_ratio=ratio)
+  assert spec.ops_for("xla", k_aux, 160) == ("dense" if ratio and k_aux else "xla")
+  assert spec.ops_for("xla", 6, 160) == ("dense" if ratio == 1000 else "xla")
   (loss, grads), total_var = _sparse_loss_and_grads(params, x, dead, spec)
   dense, dgrads = jax.value_and_grad(model.dense_loss)(params, x, dead, total_var, spec)
   assert abs(float(loss) - float(dense)) <= 1e-5 * abs(float(dense))
