@@ -1,14 +1,24 @@
-r"""Quality at equal tokens: jaxsae (full recipe) against SAELens's top-k SAE, side by side.
+r"""Quality at equal tokens: jaxsae (full recipe) against SAELens's and sparsify's top-k SAEs.
 
   python bench/quality.py                                   # fixture + synthetic, LR sweep
   python bench/quality.py --datasets=fixture,store,synthetic --store=STORE
+  python bench/quality.py --datasets=fixture --lrs=2e-4,6e-4,2e-3,6e-3 --trainers=sparsify
 
-For each dataset and learning rate, one jaxsae run and one SAELens run train in lockstep in one
-process: every batch comes from jaxsae's own data pipeline (the store loader with its chunk-level
-held-out split, or the synthetic source) and the *same array* is handed to jaxsae's compiled step
-and then to SAELens's `SAETrainer.step`, so both see identical data in identical order, under
-identical machine load (each trainer's step time is measured on its own, per step). Both have the
-same n, k, batch, steps, learning rate, dead window and input scale (bench/saelens_peer.py).
+For each dataset and learning rate, the --trainers train in lockstep in one process: every batch
+comes from jaxsae's own data pipeline (the store loader with its chunk-level held-out split, or the
+synthetic source) and the *same array* is handed to jaxsae's compiled step and then to each peer's
+step, so all see identical data in identical order, under identical machine load (each trainer's
+step time is measured on its own, per step). All have the same n, k, batch, steps, learning rate
+and dead-latent rule. Trainers (bench/peers.py):
+  jaxsae           the full recipe (below)
+  saelens          SAELens's TopKTrainingSAE + SAETrainer, input scaled as jaxsae's
+                   (bench/saelens_peer.py)
+  sparsify         EleutherAI sparsify's SparseCoder + its Trainer's step with its `adam` option
+                   (torch Adam, its linear decay to 0 over the run, no warmup), AuxK alpha =
+                   jaxsae's (1/32), raw inputs (bench/sparsify_peer.py)
+  sparsify_signum  the same with sparsify's default optimizer, `signum` (SignSGD + schedule-free,
+                   momentum 0.95), at --signum_lrs (default "auto": sparsify's own
+                   5e-3 * sqrt(2^14 / n)); it runs alone, not in lockstep, since its LR differs
 
 Reported per run: held-out FVU (sum ||x - x_hat||^2 / sum ||x - mean||^2 over all held-out rows,
 in raw units, the same numpy code for both), held-out L0, dead fraction (latents that did not fire
@@ -43,7 +53,10 @@ _DATASETS = flags.DEFINE_list("datasets", ["fixture", "synthetic"],
                               "fixture | store | synthetic")
 _LRS = flags.DEFINE_list("lrs", ["2e-4", "6e-4", "2e-3"], "learning rates (real data)")
 _SYN_LRS = flags.DEFINE_list("synthetic_lrs", ["1e-3", "3e-3"], "learning rates (synthetic)")
-_TRAINERS = flags.DEFINE_list("trainers", ["jaxsae", "saelens"], "jaxsae | saelens")
+_TRAINERS = flags.DEFINE_list("trainers", ["jaxsae", "saelens", "sparsify"],
+                              "jaxsae | saelens | sparsify | sparsify_signum")
+_SIGNUM_LRS = flags.DEFINE_list("signum_lrs", ["auto"],
+                                "learning rates of sparsify_signum ('auto': sparsify's default)")
 _STEPS = flags.DEFINE_integer("steps", 150, "steps on real data (150 x 4096 = 614k tokens)")
 _SYN_STEPS = flags.DEFINE_integer("synthetic_steps", 1500, "steps on synthetic data")
 _STORE = flags.DEFINE_string("store", "", "activation store dumped from SmolLM2-135M")
@@ -55,20 +68,6 @@ _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "bench", "quality.jsonl"),
                            "JSON lines of results; runs already there are skipped")
 _TABLE = flags.DEFINE_string("table", os.path.join(ROOT, "bench", "quality.md"),
                              "markdown table of everything in --out ('' to skip)")
-
-
-def load_peer():
-  """bench/saelens_peer.py, imported by path: bench/ itself stays off sys.path, since its
-  kernels.py would shadow the `kernels` package that transformers (under sae-lens) probes for."""
-  import importlib.util
-  if "saelens_peer" in sys.modules:
-    return sys.modules["saelens_peer"]
-  spec = importlib.util.spec_from_file_location(
-      "saelens_peer", os.path.join(os.path.dirname(os.path.abspath(__file__)), "saelens_peer.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["saelens_peer"] = module
-  spec.loader.exec_module(module)
-  return module
 
 
 # ---- configs ----------------------------------------------------------------------------------
@@ -101,6 +100,33 @@ def ensure_fixture_store(path: str):
          "--progress=false"]
   print("making the fixture store:", " ".join(cmd), flush=True)
   subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+# ---- peers -----------------------------------------------------------------------------------
+
+PEER_OF = {"saelens": "saelens", "sparsify": "sparsify", "sparsify_signum": "sparsify"}
+
+
+def make_peer(trainer: str, run, config, spec, window: int):
+  """The peer for `trainer`, with jaxsae's n, k, batch, steps, lr, seed and dead-latent rule."""
+  from bench import peers
+  mod = peers.load(PEER_OF[trainer])
+  B, steps, lr = config.train.batch_size, config.train.steps, config.train.lr
+  if trainer == "saelens":
+    scale = run.input_scale if config.data.normalize != "none" else None
+    return mod.Peer(spec.d, spec.n, spec.k, lr, B, steps, window, input_scale=scale,
+                    decay_steps=int(steps * config.train.decay_frac), seed=config.train.seed)
+  return mod.Peer(spec.d, spec.n, spec.k, lr, B, steps, spec.dead_tokens,
+                  optimizer="adam" if trainer == "sparsify" else "signum",
+                  auxk_alpha=spec.auxk_coef, warmup_steps=config.train.warmup_steps,
+                  multi_topk=spec.multi_topk, seed=config.train.seed)
+
+
+def trainer_versions(trainer: str) -> dict:
+  if trainer == "jaxsae":
+    return {}
+  from bench import peers
+  return peers.load(PEER_OF[trainer]).versions()
 
 
 # ---- one lockstep run -------------------------------------------------------------------------
@@ -139,7 +165,6 @@ def run_pair(dataset: str, config, trainers) -> list[dict]:
   import jax
   import numpy as np
   from jaxsae import mesh as mesh_lib, train
-  saelens_peer = load_peer()
 
   load0 = os.getloadavg()[0]
   t0 = time.perf_counter()
@@ -148,15 +173,13 @@ def run_pair(dataset: str, config, trainers) -> list[dict]:
   setup_s = {"jaxsae": time.perf_counter() - t0}
   spec, B, steps = run.spec, config.train.batch_size, config.train.steps
   window = -(-spec.dead_tokens // B)   # steps without firing after which a latent is dead
-  peer = None
-  if "saelens" in trainers:
+  peers = {}
+  for t in trainers:
+    if t == "jaxsae":
+      continue
     t0 = time.perf_counter()
-    scale = run.input_scale if config.data.normalize != "none" else None
-    peer = saelens_peer.Peer(spec.d, spec.n, spec.k, config.train.lr, B, steps, window,
-                             input_scale=scale,
-                             decay_steps=int(steps * config.train.decay_frac),
-                             seed=config.train.seed)
-    setup_s["saelens"] = time.perf_counter() - t0
+    peers[t] = make_peer(t, run, config, spec, window)
+    setup_s[t] = time.perf_counter() - t0
   state = run.state
   step_s = {t: [] for t in trainers}
   for i in range(steps):
@@ -169,10 +192,11 @@ def run_pair(dataset: str, config, trainers) -> list[dict]:
       step_s["jaxsae"].append(time.perf_counter() - t0)
       if bool(guard["skipped"]):
         raise RuntimeError(f"jaxsae step {i}: non-finite loss")
-    if peer is not None:
+    for t, peer in peers.items():
       t0 = time.perf_counter()
       peer.step(batch)
-      step_s["saelens"].append(time.perf_counter() - t0)
+      peer.sync()
+      step_s[t].append(time.perf_counter() - t0)
     if (i + 1) % 25 == 0:
       print(f"  {dataset} lr={config.train.lr:g} step {i + 1}/{steps} "
             + " ".join(f"{t} {np.sum(v):.0f}s" for t, v in step_s.items()), flush=True)
@@ -201,11 +225,10 @@ def run_pair(dataset: str, config, trainers) -> list[dict]:
       if held is not None:
         x_hat, l0 = jaxsae_reconstruct(params, run.input_scale, spec.k, held)
     else:
+      peer = peers[t]
       peer.finish()
       rec["dead_frac"] = peer.dead_frac()
-      rec["recipe"] = ("SAELens TopKTrainingSAE defaults: decoder init norm 0.1, b_dec=0, "
-                       f"rescale_acts_by_decoder_norm, AuxK k_aux={spec.d // 2} coef 1.0, "
-                       "grad clip 1.0, Adam eps 1e-8")
+      rec["recipe"] = peer.recipe
       w_unit = peer.decoder_directions()
       if held is not None:
         x_hat, l0 = peer.reconstruct(held)
@@ -247,38 +270,51 @@ def table(records: list[dict]) -> str:
 
 def main(_):
   import jax
-  saelens_peer = load_peer()
 
   done = []
   if os.path.exists(_OUT.value):
     with open(_OUT.value) as f:
       done = [json.loads(line) for line in f if line.strip()]
   have = {(r["dataset"], r["lr"], r["trainer"], r["steps"]) for r in done}
-  print(f"jax {jax.__version__}, {saelens_peer.versions()}, {os.cpu_count()} cores", flush=True)
+  unknown = set(_TRAINERS.value) - {"jaxsae", *PEER_OF}
+  if unknown:
+    raise app.UsageError(f"--trainers: unknown {sorted(unknown)}")
+  print(f"jax {jax.__version__}, " + ", ".join(
+      f"{t} {trainer_versions(t)}" for t in _TRAINERS.value if t != "jaxsae")
+        + f", {os.cpu_count()} cores", flush=True)
 
-  plans = []
+  lockstep = [t for t in _TRAINERS.value if t != "sparsify_signum"]
+  plans = []   # (dataset, store path, lr, trainers)
   for ds in _DATASETS.value:
     if ds == "synthetic":
-      plans += [(ds, None, float(lr)) for lr in _SYN_LRS.value]
+      path, lrs = None, _SYN_LRS.value
     elif ds == "fixture":
-      plans += [(ds, _FIXTURE_STORE.value, float(lr)) for lr in _LRS.value]
+      path, lrs = _FIXTURE_STORE.value, _LRS.value
     elif ds == "store":
       if not _STORE.value:
         raise app.UsageError("--datasets=store needs --store=PATH")
-      plans += [(ds, _STORE.value, float(lr)) for lr in _LRS.value]
+      path, lrs = _STORE.value, _LRS.value
     else:
       raise app.UsageError(f"unknown dataset {ds!r}")
-  for ds, path, lr in plans:
+    if lockstep:
+      plans += [(ds, path, float(lr), lockstep) for lr in lrs]
+    if "sparsify_signum" in _TRAINERS.value:
+      plans += [(ds, path, lr, ["sparsify_signum"]) for lr in _SIGNUM_LRS.value]
+  for ds, path, lr, trainers in plans:
     steps = _SYN_STEPS.value if ds == "synthetic" else _STEPS.value
-    todo = [t for t in _TRAINERS.value if (ds, lr, t, steps) not in have]
+    config = synthetic_config(0.0) if ds == "synthetic" else real_config(path, 0.0)
+    if lr == "auto":   # sparsify's own default for its signum optimizer
+      from bench import sparsify_peer
+      lr = sparsify_peer.default_lr(config.sae.n, "signum")
+    config.train.lr = lr = float(lr)
+    todo = [t for t in trainers if (ds, lr, t, steps) not in have]
     if not todo:
       continue
     if ds == "fixture":
       ensure_fixture_store(path)
-    config = synthetic_config(lr) if ds == "synthetic" else real_config(path, lr)
     print(f"{ds} lr={lr:g}: {', '.join(todo)}", flush=True)
     for rec in run_pair(ds, config, todo):
-      rec.update(jax=jax.__version__, **saelens_peer.versions())
+      rec.update(jax=jax.__version__, **trainer_versions(rec["trainer"]))
       print(json.dumps(rec), flush=True)
       with open(_OUT.value, "a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -291,7 +327,7 @@ def main(_):
 
 
 if __name__ == "__main__":
-  # Run as a script, bench/ is sys.path[0]; drop it (see load_peer) and put the repository root.
+  # Run as a script, bench/ is sys.path[0]: drop it (bench/__init__.py says why), add the root.
   sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
       os.path.abspath(__file__))]
   sys.path.insert(0, ROOT)

@@ -26,6 +26,8 @@ import numpy as np
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+LABEL = "SAELens"
+
 
 def versions() -> dict:
   import sae_lens
@@ -67,11 +69,30 @@ class Peer:
       self.trainer.activation_scaler.scaling_factor = float(input_scale)
     self.device, self.window = device, dead_window_steps
     self._torch = torch
+    self.recipe = ("SAELens TopKTrainingSAE defaults: decoder init norm 0.1, b_dec=0, "
+                   f"rescale_acts_by_decoder_norm, AuxK k_aux={d // 2} coef "
+                   f"{aux_loss_coefficient:g}, grad clip 1.0, Adam eps 1e-8"
+                   + (", bf16 autocast" if autocast else ""))
 
-  def step(self, batch: np.ndarray) -> float:
-    """One SAELens training step on a raw batch; returns its loss (a host sync, as `fit` has)."""
+  def to_device(self, batch: np.ndarray):
+    """A raw batch as a float32 tensor on the peer's device (for timing without the copy)."""
     torch = self._torch
-    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+    # np.array copies: torch wants a writable array, and arrays from jax are read-only.
+    return torch.from_numpy(np.array(batch, dtype=np.float32)).to(self.device)
+
+  def make_dead(self, frac: float):
+    """The first `frac` of latents dead and kept dead (b_enc -1e4), so AuxK runs every step."""
+    dead = int(frac * self.sae.cfg.d_sae)
+    self.trainer.n_forward_passes_since_fired[:dead] = 10 ** 9
+    with self._torch.no_grad():
+      self.sae.b_enc[:dead] = -1e4
+
+  def step(self, batch):
+    """One SAELens training step on a raw batch (numpy, or a tensor from `to_device`); returns
+    its loss tensor."""
+    torch = self._torch
+    x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(
+        np.ascontiguousarray(batch, dtype=np.float32))
     out = self.trainer.step(x)
     self.trainer.n_training_steps += 1
     return out.loss

@@ -1,7 +1,10 @@
-r"""Scaling sweep: train-step tokens/s and peak memory as n grows and as k grows, jaxsae and SAELens.
+r"""Scaling sweep: train-step tokens/s and peak memory as n grows and as k grows, jaxsae and peers.
 
   python bench/scaling.py                      # d=768 B=4096; n = 2^12..2^20 at k=32, k = 8..256 at n=2^15
   python bench/scaling.py --trainers=jaxsae --ns=4096,65536 --ks=32
+  python bench/scaling.py --trainers=sparsify  # add EleutherAI sparsify (adam) to the same table
+
+Trainers: jaxsae, saelens, sparsify (the peers of bench/peers.py, stepped as there).
 
 Every point runs in its own process (`--worker`), so its peak resident memory (ru_maxrss from
 wait4, which includes the interpreter and the imported framework, ~0.3-0.6 GB) is its own. jaxsae
@@ -30,12 +33,13 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _WORKER = flags.DEFINE_bool("worker", False, "internal: time one point and print JSON")
-_TRAINER = flags.DEFINE_string("trainer", "jaxsae", "internal (worker): jaxsae | saelens")
+_TRAINER = flags.DEFINE_string("trainer", "jaxsae",
+                               "internal (worker): jaxsae | saelens | sparsify")
 _N = flags.DEFINE_integer("n", 32768, "internal (worker)")
 _K = flags.DEFINE_integer("k", 32, "internal (worker)")
 _TILE_USED = flags.DEFINE_integer("encoder_tile", 0, "internal (worker)")
 
-_TRAINERS = flags.DEFINE_list("trainers", ["jaxsae", "saelens"], "jaxsae | saelens")
+_TRAINERS = flags.DEFINE_list("trainers", ["jaxsae", "saelens"], "jaxsae | saelens | sparsify")
 _NS = flags.DEFINE_list("ns", [str(1 << p) for p in range(12, 21)], "n sweep (at --k_for_n)")
 _KS = flags.DEFINE_list("ks", ["8", "16", "32", "64", "128", "256"], "k sweep (at --n_for_k)")
 _K_FOR_N = flags.DEFINE_integer("k_for_n", 32, "k of the n sweep")
@@ -54,20 +58,6 @@ _TABLE = flags.DEFINE_string("table", os.path.join(ROOT, "bench", "scaling.md"),
 GB = 1e9
 
 
-def load_peer():
-  """bench/saelens_peer.py, imported by path: bench/ itself stays off sys.path, since its
-  kernels.py would shadow the `kernels` package that transformers (under sae-lens) probes for."""
-  import importlib.util
-  if "saelens_peer" in sys.modules:
-    return sys.modules["saelens_peer"]
-  spec = importlib.util.spec_from_file_location(
-      "saelens_peer", os.path.join(os.path.dirname(os.path.abspath(__file__)), "saelens_peer.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["saelens_peer"] = module
-  spec.loader.exec_module(module)
-  return module
-
-
 # ---- worker: one point ------------------------------------------------------------------------
 
 def worker_jaxsae(d, n, k, b, steps, tile) -> dict:
@@ -78,7 +68,7 @@ def worker_jaxsae(d, n, k, b, steps, tile) -> dict:
   c = base.get_config()
   c.sae.d, c.sae.n, c.sae.k = d, n, k
   c.train.batch_size, c.mesh.shape, c.encoder_tile = b, (1, 1), tile
-  spec = model.SaeSpec.from_config(c.sae)
+  spec = model.SaeSpec.from_config(c)
   mesh = mesh_lib.create_mesh(c.mesh)
   specs = mesh_lib.Specs(mesh, c.mesh)
   tx = optim.make_optimizer(c)
@@ -100,17 +90,23 @@ def worker_jaxsae(d, n, k, b, steps, tile) -> dict:
           "jax": jax.__version__}
 
 
-def worker_saelens(d, n, k, b, steps) -> dict:
+def worker_peer(name, d, n, k, b, steps) -> dict:
   import numpy as np
-  saelens_peer = load_peer()
+  from bench import peers
+  mod = peers.load(name)
   x = (np.random.default_rng(0).standard_normal((b, d)) + 0.5).astype(np.float32)
-  peer = saelens_peer.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 6)
+  if name == "saelens":
+    peer = mod.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 6)
+  else:
+    peer = mod.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 12, optimizer="adam", auxk_alpha=1 / 32)
+  xb = peer.to_device(x)
   times = []
   for i in range(steps + 1):
     t0 = time.perf_counter()
-    peer.step(x)
+    peer.step(xb)
+    peer.sync()
     times.append(time.perf_counter() - t0)
-  return {"step_s": sorted(times[1:])[len(times[1:]) // 2], **saelens_peer.versions()}
+  return {"step_s": sorted(times[1:])[len(times[1:]) // 2], **mod.versions()}
 
 
 # ---- driver -----------------------------------------------------------------------------------
@@ -121,6 +117,8 @@ def expected_bytes(trainer, d, n, k, b, tile) -> int:
     k_aux = model.resolve_k_aux(-1, d, n)
     return plan.estimate(plan.Problem(d=d, n=n, k=k, batch=b, k_aux=k_aux, encoder_tile=tile),
                          1, 1).peak + int(0.5 * GB)
+  if trainer == "sparsify":   # dense only in the encoder's forward ([B, n] pre-acts, ReLU, top-k)
+    return 3 * b * n * 4 + 6 * n * d * 4 + int(0.6 * GB)
   return 8 * b * n * 4 + 6 * n * d * 4 + int(0.6 * GB)
 
 
@@ -201,15 +199,18 @@ def plot(records, path, d, b):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-  style = {"jaxsae": dict(color="tab:blue", marker="o"), "saelens": dict(color="tab:red", marker="s")}
+  style = {"jaxsae": dict(color="tab:blue", marker="o"),
+           "saelens": dict(color="tab:red", marker="s"),
+           "sparsify": dict(color="tab:green", marker="^")}
+  names = {"jaxsae": "jaxsae (xla)", "saelens": "SAELens", "sparsify": "sparsify (adam)"}
   for col, (sweep, key, label) in enumerate((("n", "n", "n (latents)"), ("k", "k", "k"))):
-    for trainer in ("jaxsae", "saelens"):
+    for trainer in style:
       pts = sorted((r for r in records if r["sweep"] == sweep and r["trainer"] == trainer
                     and "skipped" not in r), key=lambda r: r[key])
       if not pts:
         continue
       xs = [r[key] for r in pts]
-      name = "jaxsae (xla)" if trainer == "jaxsae" else "SAELens"
+      name = names[trainer]
       axes[0, col].plot(xs, [r["tokens_per_s"] for r in pts], label=name, **style[trainer])
       axes[1, col].plot(xs, [r["peak_rss_bytes"] / GB for r in pts], label=f"{name}: peak RSS",
                         **style[trainer])
@@ -220,7 +221,7 @@ def plot(records, path, d, b):
           if r["encoder_tile"]:
             axes[0, col].annotate(f"encoder_tile={r['encoder_tile']}", (r[key], r["tokens_per_s"]),
                                   textcoords="offset points", xytext=(-40, -14), fontsize=7)
-    for trainer in ("jaxsae", "saelens"):
+    for trainer in style:
       skipped = sorted((r for r in records if r["sweep"] == sweep and r["trainer"] == trainer
                         and "skipped" in r), key=lambda r: r[key])
       for r in skipped:
@@ -253,7 +254,7 @@ def main(_):
     if _TRAINER.value == "jaxsae":
       out = worker_jaxsae(d, _N.value, _K.value, b, _STEPS.value, _TILE_USED.value)
     else:
-      out = worker_saelens(d, _N.value, _K.value, b, _STEPS.value)
+      out = worker_peer(_TRAINER.value, d, _N.value, _K.value, b, _STEPS.value)
     print(json.dumps(out), flush=True)
     return
   done = []
@@ -285,7 +286,7 @@ def main(_):
 
 
 if __name__ == "__main__":
-  # Run as a script, bench/ is sys.path[0]; drop it (see load_peer) and put the repository root.
+  # Run as a script, bench/ is sys.path[0]: drop it (bench/__init__.py says why), add the root.
   sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
       os.path.abspath(__file__))]
   sys.path.insert(0, ROOT)

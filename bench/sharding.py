@@ -39,7 +39,7 @@ def config(a, shape):
 def tokens_per_sec(a, shape) -> float:
   """Median over a.steps timed steps after one warm-up (compile) step; fixed random batch."""
   c = config(a, shape)
-  spec = model.SaeSpec.from_config(c.sae)
+  spec = model.SaeSpec.from_config(c)
   devices = jax.devices()[:int(np.prod(shape))]
   mesh = mesh_lib.create_mesh(c.mesh, devices)
   specs = mesh_lib.Specs(mesh, c.mesh)
@@ -68,7 +68,7 @@ def collective_bytes(a, shape=(2, 4)):
   groups = hlo.by_branch(hlo.collectives(text))
   total = lambda cs: sum(x.bytes for x in cs)
   data, model_size = shape
-  b_l, n_l, k_aux = a.batch // data, a.n // model_size, model.SaeSpec.from_config(c.sae).k_aux
+  b_l, n_l, k_aux = a.batch // data, a.n // model_size, model.SaeSpec.from_config(c).k_aux
   cand = lambda k: b_l * k * model_size * 8        # f32 values + int32 indices, gathered
   xhat = b_l * a.d * 4                             # one partial [B_local, d] psum
   grads = (2 * n_l * a.d + n_l + a.d) * 4          # dense gradients, summed over the data axis

@@ -1,4 +1,4 @@
-"""Train-step throughput against the machine's own matmul rate and against SAELens, in the same run.
+"""Train-step throughput against the machine's own matmul rate and PyTorch peers, in one run.
 
   python bench/throughput.py                       # d=768 n=32768 k=32 B=4096 (issue 2's config)
   python bench/throughput.py --n=131072 --batch=16384 --compute_dtype=bfloat16   # a GPU config
@@ -7,14 +7,26 @@
 Prints tokens/s of (a) the encoder GEMM alone, the ceiling: no step can beat its one dense
 matmul; (b) jaxsae's sparse train step with no dead latents, and (c) with AuxK active
 (10% of latents dead, their b_enc at -1e4 so they stay dead and AuxK runs on every timed step),
-once per --kernels path; (d) the same loss by dense autodiff; and, with
---peers=saelens (the default when sae-lens is installed, bench/saelens_peer.py), (e) SAELens's
-TopKTrainingSAE + SAETrainer step on the same batch, with no dead latents and with 10% dead
-(its AuxK), on --saelens_device (auto: CUDA when torch sees a GPU). Ratios jaxsae / SAELens
-compare like with like (no dead with no dead, AuxK with AuxK).
+once per --kernels path; (d) the same loss by dense autodiff; and (e) each of --peers
+(bench/peers.py; default both, each skipped with a note when its library is not installed) on the
+same batch, with no dead latents and with 10% dead (its AuxK), on --peer_device (auto: CUDA when
+torch sees a GPU):
+  saelens   SAELens's TopKTrainingSAE + SAETrainer.step (bench/saelens_peer.py)
+  sparsify  EleutherAI sparsify's SparseCoder + its Trainer's step, optimizer --sparsify_optimizer
+            (adam: the same optimizer as jaxsae), AuxK alpha 1/32 (bench/sparsify_peer.py)
+Ratios jaxsae / peer compare like with like (no dead with no dead, AuxK with AuxK).
+
+Precision on a GPU: --compute_dtype=bfloat16 runs jaxsae's encoder GEMM in bf16 (weights f32);
+SAELens then runs under its own bf16 autocast option (--peer_autocast, default: on exactly when
+--compute_dtype=bfloat16 and the peer is on CUDA); sparsify's forward always autocasts to bf16 on
+CUDA (its own decorator; its fp32 matmuls outside autocast run as TF32, as its fit() sets), whatever
+--compute_dtype says. On CPU every peer runs in float32. Peers get the batch already on their
+device, as jaxsae does. A variant that fails (out of memory, a kernel path that is not built for
+this backend) is reported as failed and the others are timed.
 
 Timing is interleaved: --rounds rounds, each timing every variant for --steps steps after the
-warm-up; the median round per variant is reported, so all variants see the same machine load.
+warm-up; the median round per variant is reported, so all variants see the same machine load. jax
+variants block on their last step's outputs, torch ones synchronize CUDA before and after.
 Before timing it waits (up to --wait_quiet seconds) for the 1-minute load average to drop below
 --max_load, and prints the load it ran under. Appends a row to bench/RESULTS.md.
 
@@ -38,30 +50,22 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "interleaved rounds; the median roun
 _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "encoder GEMM dtype")
 _KERNELS = flags.DEFINE_list("kernels", ["xla"], "sparse op paths to time: xla, pallas")
 _DENSE = flags.DEFINE_bool("dense", True, "also time the dense-autodiff step")
-_PEERS = flags.DEFINE_list("peers", ["saelens"], "PyTorch peers to time beside jaxsae ('' none)")
-_SAELENS_DEVICE = flags.DEFINE_string("saelens_device", "auto", "auto | cpu | cuda")
-_AUTOCAST = flags.DEFINE_bool("saelens_autocast", False, "SAELens with bf16 autocast "
-                              "(its `autocast` option; pair with --compute_dtype=bfloat16)")
+_PEERS = flags.DEFINE_list("peers", ["saelens", "sparsify"],
+                          "PyTorch peers to time beside jaxsae: saelens, sparsify ('' none)")
+_PEER_DEVICE = flags.DEFINE_string("peer_device", "auto", "auto | cpu | cuda")
+_PEER_AUTOCAST = flags.DEFINE_bool(
+    "peer_autocast", None, "SAELens with its bf16 autocast option (default: on when "
+    "--compute_dtype=bfloat16 and the peer is on CUDA)")
+_SPARSIFY_OPT = flags.DEFINE_enum("sparsify_optimizer", "adam", ["adam", "signum"],
+                                  "sparsify's optimizer (its default is signum)")
+flags.DEFINE_alias("saelens_device", "peer_device")
+flags.DEFINE_alias("saelens_autocast", "peer_autocast")
 _ALLOW_INTERPRET = flags.DEFINE_bool("allow_interpret", False,
                                      "time kernels=pallas on CPU (interpret mode) at any size")
 _MAX_LOAD = flags.DEFINE_float("max_load", 1.5, "wait for the 1-min load average to drop below")
 _WAIT = flags.DEFINE_integer("wait_quiet", 900, "seconds to wait for a quiet machine (0: no wait)")
 _RESULTS = flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "RESULTS.md"),
                                "markdown file to append to ('' to skip)")
-
-
-def load_peer():
-  """bench/saelens_peer.py, imported by path: bench/ itself stays off sys.path, since its
-  kernels.py would shadow the `kernels` package that transformers (under sae-lens) probes for."""
-  import importlib.util
-  if "saelens_peer" in sys.modules:
-    return sys.modules["saelens_peer"]
-  spec = importlib.util.spec_from_file_location(
-      "saelens_peer", os.path.join(os.path.dirname(os.path.abspath(__file__)), "saelens_peer.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["saelens_peer"] = module
-  spec.loader.exec_module(module)
-  return module
 
 
 class JaxVariant:
@@ -85,13 +89,11 @@ class JaxVariant:
 
 
 class PeerVariant:
+  """A PyTorch peer stepping on one device-resident batch; warm on first use."""
+
   def __init__(self, peer, batch, dead_frac):
-    self.peer, self.batch, self.warm = peer, batch, False
-    # Dead and kept dead, as jaxsae's in fresh_state below.
-    dead = int(dead_frac * peer.sae.cfg.d_sae)
-    peer.trainer.n_forward_passes_since_fired[:dead] = 10 ** 9
-    with peer._torch.no_grad():
-      peer.sae.b_enc[:dead] = -1e4
+    self.peer, self.batch, self.warm = peer, peer.to_device(batch), False
+    peer.make_dead(dead_frac)
 
   def __call__(self, steps: int) -> float:
     if not self.warm:
@@ -103,6 +105,11 @@ class PeerVariant:
       self.peer.step(self.batch)
     self.peer.sync()
     return (time.perf_counter() - t0) / steps
+
+
+def short_error(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:160] if text else ''}".replace("|", "/")
 
 
 def wait_quiet():
@@ -117,6 +124,10 @@ def wait_quiet():
 
 
 def main(_):
+  # On a GPU the peers share the device with jax: let jax take memory as it needs it instead of
+  # 75% up front (set before jax is imported; no effect on CPU).
+  if [p for p in _PEERS.value if p]:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -138,7 +149,7 @@ def main(_):
   c.sae.d, c.sae.n, c.sae.k = d, n, k
   c.train.batch_size, c.mesh.shape = b, (1, 1)
   c.compute_dtype = _DTYPE.value
-  spec = model.SaeSpec.from_config(c.sae)
+  spec = model.SaeSpec.from_config(c)
   mesh = mesh_lib.create_mesh(c.mesh)
   specs = mesh_lib.Specs(mesh, c.mesh)
   tx = optim.make_optimizer(c)
@@ -152,6 +163,15 @@ def main(_):
                                              preferred_element_type=jnp.float32).astype(cd)))
   variants = [("encoder GEMM alone (ceiling)", JaxVariant(gemm, w, x))]
 
+  failed = {}   # variant name -> why it was not timed
+
+  def add(name, make):
+    try:
+      variants.append((name, make()))
+    except Exception as e:  # noqa: BLE001 - reported in the output and the row
+      failed[name] = short_error(e)
+      print(f"{name}: not timed ({failed[name]})", flush=True)
+
   # (b, c) jaxsae's step, without and with dead latents (AuxK runs only when some are dead).
   def fresh_state(dead_frac):
     state, shardings = state_lib.create(key, spec, tx, specs, jnp.zeros(d), 1.0)
@@ -161,16 +181,17 @@ def main(_):
     params = {**state.params, "b_enc": jnp.where(dead, -1e4, state.params["b_enc"])}
     return state.replace(params=params, since_fired=jnp.where(dead, spec.dead_tokens, 0)), shardings
 
+  def jaxsae_variant(kern, dead_frac):
+    c.kernels = kern
+    state, shardings = fresh_state(dead_frac)
+    return JaxVariant(step_lib.StepFns(c, spec, specs, tx, shardings).train, state, xs)
+
   xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, specs.batch))
   for kern in _KERNELS.value:
-    c.kernels = kern
     suffix = "" if kern == "xla" else f" [{kern}{' interpret' if on_cpu else ''}]"
-    state, shardings = fresh_state(0.0)
-    fns = step_lib.StepFns(c, spec, specs, tx, shardings)
-    variants.append((f"jaxsae sparse step, no dead latents{suffix}", JaxVariant(fns.train, state, xs)))
-    state, _ = fresh_state(0.1)
-    variants.append((f"jaxsae sparse step, AuxK active (k_aux={spec.k_aux}){suffix}",
-                     JaxVariant(fns.train, state, xs)))
+    add(f"jaxsae sparse step, no dead latents{suffix}", lambda: jaxsae_variant(kern, 0.0))
+    add(f"jaxsae sparse step, AuxK active (k_aux={spec.k_aux}){suffix}",
+        lambda: jaxsae_variant(kern, 0.1))
 
   # (d) the same loss by dense autodiff through a [B, n] code.
   if _DENSE.value:
@@ -182,46 +203,71 @@ def main(_):
       upd, opt_state = tx.update(g, opt_state, params)
       return (optim.renormalize_decoder(optax.apply_updates(params, upd)), opt_state),
 
-    params = model.init_params(key, d, n, jnp.zeros(d))
-    dense = jax.jit(dense_step, donate_argnums=0)
-    variants.append(("dense autodiff step", JaxVariant(dense, (params, tx.init(params)), x)))
+    def dense_variant():
+      params = model.init_params(key, d, n, jnp.zeros(d))
+      return JaxVariant(jax.jit(dense_step, donate_argnums=0), (params, tx.init(params)), x)
 
-  # (e) SAELens on the same batch.
-  peer_info = ""
-  peers = [p for p in _PEERS.value if p]
-  if "saelens" in peers:
+    add("dense autodiff step", dense_variant)
+
+  # (e) the PyTorch peers on the same batch.
+  from bench import peers as peers_lib
+  peer_infos, labels = [], []
+  xb = np.asarray(x)
+  for pname in [p for p in _PEERS.value if p]:
+    if pname not in peers_lib.MODULES:
+      raise app.UsageError(f"--peers: unknown {pname!r} (expected {sorted(peers_lib.MODULES)})")
     try:
-      saelens_peer = load_peer()
-      import sae_lens  # noqa: F401
-      import torch
+      mod = peers_lib.load(pname)
     except ImportError as e:
-      print(f"SAELens not timed ({e}); pip install -e '.[bench]' (torch first)")
+      print(f"{pname} not timed: {e}", flush=True)
+      continue
+    import torch
+    dev = _PEER_DEVICE.value
+    if dev == "auto":
+      dev = "cuda" if torch.cuda.is_available() else "cpu"
+    v = mod.versions()
+    on_cuda = dev.startswith("cuda")
+    hw = (torch.cuda.get_device_name(torch.device(dev)) if on_cuda
+          else f"cpu, {v['torch_threads']} threads")
+    if pname == "saelens":
+      autocast = _PEER_AUTOCAST.value
+      if autocast is None:
+        autocast = on_cuda and _DTYPE.value == "bfloat16"
+      info = (f"sae-lens {v['sae_lens']} ({'bf16 autocast' if autocast else 'fp32'})")
+      make = lambda: mod.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 6, device=dev, autocast=autocast)
     else:
-      dev = _SAELENS_DEVICE.value
-      if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-      v = saelens_peer.versions()
-      peer_info = f"sae-lens {v['sae_lens']}, torch {v['torch']} on {dev}" + (
-          f" ({v['torch_threads']} threads)" if dev == "cpu" else "") + (
-          ", bf16 autocast" if _AUTOCAST.value else "")
-      xb = np.asarray(x)
-      for frac, name in ((0.0, "no dead latents"), (0.1, f"AuxK active (k_aux={d // 2})")):
-        peer = saelens_peer.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 6, device=dev,
-                                 autocast=_AUTOCAST.value)
-        variants.append((f"SAELens step, {name}", PeerVariant(peer, xb, frac)))
-  elif peers:
-    raise app.UsageError(f"--peers: unknown {peers}")
+      info = (f"sparsify {v['sparsify']} ({_SPARSIFY_OPT.value}, decoder "
+              f"{v['sparsify_decoder']}, {'its bf16 autocast' if on_cuda else 'fp32'})")
+      make = lambda: mod.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 12, device=dev,
+                              optimizer=_SPARSIFY_OPT.value, auxk_alpha=1 / 32)
+    peer_infos.append(f"{info}, torch {v['torch']} on {dev} ({hw})")
+    labels.append(mod.LABEL)
+    for frac, vname in ((0.0, "no dead latents"), (0.1, f"AuxK active (k_aux={d // 2})")):
+      add(f"{mod.LABEL} step, {vname}", lambda: PeerVariant(make(), xb, frac))
+  peer_info = "; ".join(peer_infos)
+
+  def run_variants(steps):
+    out = {}
+    for name, v in list(variants):
+      try:
+        out[name] = v(steps)
+      except Exception as e:  # noqa: BLE001 - e.g. out of memory: reported, the rest go on
+        failed[name] = short_error(e)
+        print(f"{name}: failed ({failed[name]})", flush=True)
+        variants[:] = [(nm, vv) for nm, vv in variants if nm != name]
+    return out
 
   # Warm-up (compiles) before waiting for a quiet machine: compiling is not timed.
-  for _, v in variants:
-    v(1)
+  run_variants(1)
+  if not variants or variants[0][0] != "encoder GEMM alone (ceiling)":
+    raise RuntimeError(f"the GEMM ceiling failed: {failed}")
   load0 = wait_quiet()
   times = {name: [] for name, _ in variants}
   for _ in range(_ROUNDS.value):
-    for name, v in variants:
-      times[name].append(v(_STEPS.value))
+    for name, t in run_variants(_STEPS.value).items():
+      times[name].append(t)
   load1 = os.getloadavg()[0]
-  rows = [(name, statistics.median(ts)) for name, ts in times.items()]
+  rows = [(name, statistics.median(ts)) for name, ts in times.items() if name not in failed]
   t_gemm = rows[0][1]
 
   device = jax.devices()[0]
@@ -233,31 +279,39 @@ def main(_):
   flops = 2 * b * d * n
   print(f"matmul rate: {flops / t_gemm / 1e9:.1f} GFLOP/s ({_DTYPE.value})")
   by_name = dict(rows)
-  peer_of = lambda name: ("SAELens step, no dead latents" if "no dead" in name
-                          else f"SAELens step, AuxK active (k_aux={d // 2})")
+
+  def peer_of(name, label):
+    return (f"{label} step, no dead latents" if "no dead" in name
+            else f"{label} step, AuxK active (k_aux={d // 2})")
+
   ratios = []
   for name, t in rows:
     line = f"  {name:56s} {t * 1e3:9.1f} ms  {b / t:12,.0f} tok/s  {t_gemm / t:6.1%} of ceiling"
-    peer_t = by_name.get(peer_of(name))
-    if name.startswith("jaxsae") and peer_t:
-      line += f"  {peer_t / t:6.2f}x SAELens"
-      ratios.append((name, peer_t / t))
+    if name.startswith("jaxsae"):
+      for label in labels:
+        peer_t = by_name.get(peer_of(name, label))
+        if peer_t:
+          line += f"  {peer_t / t:6.2f}x {label}"
+          ratios.append((name, label, peer_t / t))
     print(line)
+  for name, why in failed.items():
+    print(f"  {name:56s} not timed: {why}")
   if _RESULTS.value:
     cmd = "python bench/throughput.py " + " ".join(sys.argv[1:])
     line = (f"| {datetime.date.today()} | {where} | jax {jax.__version__} | `{cmd.strip()}` | "
             f"d={d} n={n} k={k} B={b} {_DTYPE.value} {','.join(_KERNELS.value)} | "
             f"{flops / t_gemm / 1e9:.1f} GFLOP/s | "
             + " | ".join(f"{name}: {b / t:,.0f} tok/s ({t_gemm / t:.0%})" for name, t in rows[1:])
-            + "".join(f" | {name} / SAELens: {r:.2f}x" for name, r in ratios)
-            + (f" | {peer_info}; load {load0:.1f}-{load1:.1f}" if peer_info else "")
+            + "".join(f" | {name}: not timed ({why})" for name, why in failed.items())
+            + "".join(f" | {name} / {label}: {r:.2f}x" for name, label, r in ratios)
+            + (f" | {peer_info}" if peer_info else "") + f" | load {load0:.1f}-{load1:.1f}"
             + " |\n")
     with open(_RESULTS.value, "a") as f:
       f.write(line)
 
 
 if __name__ == "__main__":
-  # Run as a script, bench/ is sys.path[0]; drop it (see load_peer) and put the repository root.
+  # Run as a script, bench/ is sys.path[0]: drop it (bench/__init__.py says why), add the root.
   here = os.path.dirname(os.path.abspath(__file__))
   sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
   sys.path.insert(0, os.path.dirname(here))
