@@ -10,7 +10,6 @@ any size stays in HBM and only B*K rows move. They run on CPU in interpret mode 
 not lower on GPU, which has its own version in sparse_ops_gpu.py (Pallas Triton; `kernels=pallas`
 picks it on a GPU backend, see pallas_kernels.flavor()). All accumulate in f32.
 """
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,5 @@
-"""The fused optimizer sweep equals optax.adam + projection + renormalization."""
+"""The fused optimizer sweep (TPU and GPU flavours, CPU interpret mode) equals optax.adam +
+projection + renormalization."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxsae import model, optim
-from pallas_kernels import fused_adam, sparse_ops
+from pallas_kernels import fused_adam, fused_adam_gpu, sparse_ops
 
 
 @pytest.fixture(autouse=True)
@@ -15,10 +16,18 @@ def checked_interpret(monkeypatch):
   monkeypatch.setattr(sparse_ops, "INTERPRET", pltpu.InterpretParams())
 
 
+# Per flavour: the module, (n, d), and extra kwargs. The GPU kernel gets a ragged shape (50 rows in
+# blocks of 8, 72 columns padded to 128), since its blocks overhang and must mask.
+FLAVOURS = {"tpu": (fused_adam, (64, 128), {}),
+            "gpu": (fused_adam_gpu, (50, 72), {"row_block": 8})}
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
 @pytest.mark.parametrize("project_renorm", [True, False])
-def test_fused_sweep_equals_optax_over_steps(project_renorm):
+def test_fused_sweep_equals_optax_over_steps(project_renorm, flavour):
+  kernel, (n, d), kwargs = FLAVOURS[flavour]
   ks = jax.random.split(jax.random.PRNGKey(0), 2)
-  n, d, lr = 64, 128, 1e-3
+  lr = 1e-3
   w = model.unit_rows(jax.random.normal(ks[0], (n, d)))
   adam = optax.adam(lr, b1=0.9, b2=0.999, eps=6.25e-10)
   tx = optax.chain(optim.project_decoder_grads(), adam) if project_renorm else adam
@@ -32,13 +41,14 @@ def test_fused_sweep_equals_optax_over_steps(project_renorm):
     params = optax.apply_updates(params, updates)
     if project_renorm:
       params = optim.renormalize_decoder(params)
-    h = fused_adam.hyper(lr, 0.9, 0.999, 6.25e-10, t)
-    before = np.asarray(fw)
-    ref = fused_adam.adam_rows_reference(fw, g, mu, nu, h, project=project_renorm,
-                                         renorm=project_renorm)
-    fw, mu, nu = fused_adam.adam_rows(fw, g, mu, nu, h, project=project_renorm,
-                                      renorm=project_renorm)
-    assert (np.asarray(fw) != before).all(), "a row element was not written"
+    h = kernel.hyper(lr, 0.9, 0.999, 6.25e-10, t)
+    before = [np.asarray(a) for a in (fw, mu, nu)]
+    ref = kernel.adam_rows_reference(fw, g, mu, nu, h, project=project_renorm,
+                                     renorm=project_renorm)
+    fw, mu, nu = kernel.adam_rows(fw, g, mu, nu, h, project=project_renorm,
+                                  renorm=project_renorm, **kwargs)
+    for new, old in zip((fw, mu, nu), before):   # in place: every element must be rewritten
+      assert (np.asarray(new) != old).all(), "an element was not written"
     for a, b in zip((fw, mu, nu), ref):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.asarray(fw), np.asarray(params["W_dec"]), rtol=1e-5, atol=1e-6)

@@ -14,11 +14,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import pallas_kernels
-from jaxsae import config_check, model, optim, topk
+from jaxsae import config_check, model, topk
 from pallas_kernels import fused_adam_gpu, sparse_ops_gpu, topk_encoder_gpu
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -116,37 +115,7 @@ def test_sparse_kernels_lower_for_cuda(cuda_lowering, dtype):
 
 # ---- fused Adam --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("project_renorm", [True, False])
-def test_fused_adam_equals_reference_and_optax(project_renorm):
-  """n, d not multiples of the block (50 rows in blocks of 8, 72 columns padded to 128)."""
-  ks = jax.random.split(jax.random.PRNGKey(0), 2)
-  n, d, lr = 50, 72, 1e-3
-  w = model.unit_rows(jax.random.normal(ks[0], (n, d)))
-  adam = optax.adam(lr, b1=0.9, b2=0.999, eps=6.25e-10)
-  tx = optax.chain(optim.project_decoder_grads(), adam) if project_renorm else adam
-  params, state = {"W_dec": w}, None
-  state = tx.init(params)
-  mu, nu, fw = jnp.zeros_like(w), jnp.zeros_like(w), w
-  for t in range(1, 4):
-    g = jax.random.normal(jax.random.fold_in(ks[1], t), (n, d))
-    updates, state = tx.update({"W_dec": g}, state, params)
-    params = optax.apply_updates(params, updates)
-    if project_renorm:
-      params = optim.renormalize_decoder(params)
-    h = fused_adam_gpu.hyper(lr, 0.9, 0.999, 6.25e-10, t)
-    before = [np.asarray(a) for a in (fw, mu, nu)]
-    ref = fused_adam_gpu.adam_rows_reference(fw, g, mu, nu, h, project=project_renorm,
-                                             renorm=project_renorm)
-    fw, mu, nu = fused_adam_gpu.adam_rows(fw, g, mu, nu, h, project=project_renorm,
-                                          renorm=project_renorm, row_block=8)
-    for new, old in zip((fw, mu, nu), before):   # in place: every element must be rewritten
-      assert (np.asarray(new) != old).all(), "an element was not written"
-    for a, b in zip((fw, mu, nu), ref):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(fw), np.asarray(params["W_dec"]), rtol=1e-5, atol=1e-6)
-  if project_renorm:
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(fw), axis=1), 1.0, rtol=1e-6)
-
+# The sweep against optax over steps is in tests/test_fused_adam.py (parametrized by flavour).
 
 def test_fused_adam_bf16_moments():
   ks = jax.random.split(jax.random.PRNGKey(1), 4)
