@@ -231,28 +231,7 @@ def test_topk_lowers_for_cuda(cuda_lowering, compute_dtype):
 
 # ---- through jaxsae: gradients, selection, the train step, config_check ----------------------
 
-def test_gpu_flavour_gradients_and_selection_equal_xla(gpu_flavor):
-  ks = jax.random.split(jax.random.PRNGKey(4), 5)
-  d, n, b = 72, 50, 13
-  params = model.init_params(ks[0], d, n, 0.1 * jax.random.normal(ks[1], (d,)))
-  params["W_enc"] = params["W_enc"] + 0.2 * jax.random.normal(ks[2], (n, d))
-  x = jax.random.normal(ks[3], (b, d))
-  dead = jax.random.uniform(ks[4], (n,)) < 0.3
-  spec = model.SaeSpec(d=d, n=n, k=4, k_aux=8, auxk_coef=1 / 32, dead_tokens=1, multi_topk=False)
-  tv, _ = model.centred_sq_sum(x)
-  xc = x - params["b_pre"]
-  scale = jnp.minimum(jnp.sum(dead) / 8, 1.0)
-  loss = lambda p, sel, kern: model.loss_terms(p, x, *sel, tv, scale, spec, None, kern)[0]
-  sel, grads = {}, {}
-  for kern in ("xla", "pallas"):   # jitted: eagerly every op and kernel compiles alone, ~3x slower
-    sel[kern] = jax.jit(functools.partial(topk.select, k=4, k_aux=8, kernels=kern))(
-        xc, params["W_enc"], params["b_enc"], dead=dead)
-    grads[kern] = jax.jit(jax.grad(functools.partial(loss, kern=kern)))(params, sel["xla"])
-  for a, b_ in zip(sel["pallas"], sel["xla"]):   # idx, aux_idx, aux_ok
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b_))
-  for name in params:
-    err = jnp.linalg.norm(grads["pallas"][name] - grads["xla"][name])
-    assert float(err) <= 1e-5 * float(jnp.linalg.norm(grads["xla"][name])), name
+# Selection and gradients through jaxsae with the GPU flavour: tests/test_pallas_kernels.py.
 
 
 def test_gpu_flavour_step_pieces_lower_for_cuda(gpu_flavor, cuda_lowering):

@@ -1,4 +1,7 @@
-"""Pallas kernels (TPU-style, CPU interpret mode) equal their pure-JAX references."""
+"""Pallas kernels (TPU-style, CPU interpret mode) equal their pure-JAX references; the tests through
+jaxsae (selection, gradients, the train step) run the TPU and the GPU flavour."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,9 +67,13 @@ def test_out_of_range_index_is_caught(kernel):
     jax.block_until_ready(getattr(sparse_ops, kernel)(lhs, w, bad))
 
 
-def test_pallas_gradients_equal_dense_autodiff():
+@pytest.mark.parametrize("flavor", ["tpu", "gpu"])
+def test_pallas_selection_and_gradients(monkeypatch, flavor):
+  """Pallas top-k (main and AuxK) picks what lax.top_k picks, and gradients through the Pallas
+  sparse ops equal dense autodiff; for the GPU flavour on ragged sizes (d=72, n=50, B=13)."""
+  monkeypatch.setattr(pallas_kernels, "FLAVOR", flavor)
   ks = jax.random.split(jax.random.PRNGKey(4), 5)
-  d, n, b = 128, 64, 16
+  d, n, b = (128, 64, 16) if flavor == "tpu" else (72, 50, 13)
   params = model.init_params(ks[0], d, n, 0.1 * jax.random.normal(ks[1], (d,)))
   params["W_enc"] = params["W_enc"] + 0.2 * jax.random.normal(ks[2], (n, d))
   x = jax.random.normal(ks[3], (b, d))
@@ -74,10 +81,14 @@ def test_pallas_gradients_equal_dense_autodiff():
   spec = model.SaeSpec(d=d, n=n, k=4, k_aux=8, auxk_coef=1 / 32, dead_tokens=1, multi_topk=False)
   tv, _ = model.centred_sq_sum(x)
   xc = x - params["b_pre"]
-  idx, aidx, aok = topk.select(xc, params["W_enc"], params["b_enc"], 4, dead=dead, k_aux=8)
+  # jitted: eagerly, every op and kernel would compile alone (~3x slower)
+  sel = {kern: jax.jit(functools.partial(topk.select, k=4, k_aux=8, kernels=kern))(
+      xc, params["W_enc"], params["b_enc"], dead=dead) for kern in ("xla", "pallas")}
+  for a, b_ in zip(sel["pallas"], sel["xla"]):   # idx, aux_idx, aux_ok
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b_))
   scale = jnp.minimum(jnp.sum(dead) / 8, 1.0)
-  loss = lambda p: model.loss_terms(p, x, idx, aidx, aok, tv, scale, spec, None, "pallas")[0]
-  grads = jax.grad(loss)(params)
+  loss = lambda p: model.loss_terms(p, x, *sel["pallas"], tv, scale, spec, None, "pallas")[0]
+  grads = jax.jit(jax.grad(loss))(params)
   ref = jax.grad(model.dense_loss)(params, x, dead, tv, spec)
   for name in params:
     err = jnp.linalg.norm(grads[name] - ref[name]) / jnp.linalg.norm(ref[name])
