@@ -27,6 +27,7 @@ class SaeSpec:
   dead_tokens: int
   multi_topk: bool
   dense_op_ratio: int = 0   # see ops_for; 0: the xla path always gathers
+  auxk_relu: bool = True    # AuxK values through ReLU (the paper); False: see loss_terms
 
   @classmethod
   def from_config(cls, config):
@@ -34,7 +35,7 @@ class SaeSpec:
     k_aux = resolve_k_aux(sae.k_aux, sae.d, sae.n) if sae.auxk_coef > 0 else 0
     return cls(d=sae.d, n=sae.n, k=sae.k, k_aux=k_aux, auxk_coef=float(sae.auxk_coef),
                dead_tokens=int(sae.dead_tokens), multi_topk=bool(sae.multi_topk),
-               dense_op_ratio=int(config.train.dense_op_ratio))
+               dense_op_ratio=int(config.train.dense_op_ratio), auxk_relu=bool(sae.auxk_relu))
 
   def ops_for(self, kernels: str, k: int, n_local: int) -> str:
     """Which primitives the sparse ops over k latents per token run: on the xla path, dense GEMMs
@@ -110,7 +111,10 @@ def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeS
     aux_ops = ops(aux_idx.shape[1])
     aux_vals = sparse.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], aux_idx,
                                 axis, aux_ops)
-    z_aux = jnp.where(aux_ok, jax.nn.relu(aux_vals), 0.0)
+    # With the ReLU, a dead latent whose pre-activations are all negative gets no AuxK gradient
+    # and stays dead (seen at high lr: 40% dead, losses/auxk == train/fvu); auxk_relu=False lets
+    # AuxK pull its encoder row back toward the residual.
+    z_aux = jnp.where(aux_ok, jax.nn.relu(aux_vals) if spec.auxk_relu else aux_vals, 0.0)
     e_hat = sparse.decode(z_aux, aux_idx, params["W_dec"], axis, aux_ops)
     auxk_sq = jnp.sum(jnp.square(e_hat - resid))
     loss = loss + spec.auxk_coef * aux_scale * auxk_sq / total_var
@@ -137,7 +141,8 @@ def dense_loss(params, x, dead, total_var, spec: SaeSpec):
     num_dead = jnp.sum(dead)
     masked = jnp.where(dead[None, :], pre, -jnp.inf)
     v, i = jax.lax.top_k(masked, spec.k_aux)
-    z_aux = jnp.zeros_like(pre).at[rows, i].add(jnp.where(jnp.isfinite(v), jax.nn.relu(v), 0.0))
+    v_aux = jax.nn.relu(v) if spec.auxk_relu else v
+    z_aux = jnp.zeros_like(pre).at[rows, i].add(jnp.where(jnp.isfinite(v), v_aux, 0.0))
     resid = jax.lax.stop_gradient(x - x_hat)
     auxk = jnp.sum(jnp.square(z_aux @ params["W_dec"] - resid)) / total_var
     scale = jnp.minimum(num_dead / spec.k_aux, 1.0)

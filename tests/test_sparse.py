@@ -105,3 +105,21 @@ def test_encode_decode_match_definitions():
   np.testing.assert_allclose(np.asarray(model.decode(params, z, idx)),
                              np.asarray(dense_z @ params["W_dec"] + params["b_pre"]),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_auxk_without_relu_reaches_dead_latents_with_negative_pre_activations():
+  """Dead latents whose pre-activations are negative on every row: through AuxK's ReLU their
+  encoder rows get no gradient (they stay dead); with auxk_relu=False they do. Sparse == dense."""
+  params, x, dead = _problem(5)
+  params["b_enc"] = jnp.where(dead, -100.0, params["b_enc"])
+  moved = {}
+  for relu in (True, False):
+    spec = model.SaeSpec(d=24, n=160, k=6, k_aux=32, auxk_coef=1 / 32, dead_tokens=1,
+                         multi_topk=False, auxk_relu=relu)
+    (_, grads), total_var = _sparse_loss_and_grads(params, x, dead, spec)
+    dgrads = jax.grad(model.dense_loss)(params, x, dead, total_var, spec)
+    for name in params:
+      assert _rel(grads[name], dgrads[name]) < 1e-5, (relu, name)
+    moved[relu] = np.abs(np.asarray(grads["W_enc"])[np.asarray(dead)]).sum(axis=1) > 0
+  assert not moved[True].any()
+  assert moved[False].sum() >= 32   # every AuxK pick is a dead latent and trains
