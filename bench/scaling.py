@@ -130,16 +130,6 @@ def available_bytes() -> int:
   return 1 << 62
 
 
-def wait_quiet() -> float:
-  deadline = time.time() + _WAIT.value
-  load = os.getloadavg()[0]
-  while load > _MAX_LOAD.value and time.time() < deadline:
-    print(f"  load {load:.2f} > {_MAX_LOAD.value}: waiting", flush=True)
-    time.sleep(30)
-    load = os.getloadavg()[0]
-  return load
-
-
 def run_point(trainer, sweep, d, n, k, b) -> dict:
   rec = {"trainer": trainer, "sweep": sweep, "d": d, "n": n, "k": k, "batch": b,
          "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -155,7 +145,8 @@ def run_point(trainer, sweep, d, n, k, b) -> dict:
     rec["skipped"] = (f"needs ~{need / GB:.1f} GB; budget {_MAX_MEM.value:g} GB, "
                       f"{avail / GB:.1f} GB available")
     return rec
-  rec["load_start"] = wait_quiet()
+  from bench import quiet
+  rec["load_start"] = quiet.wait_quiet(_MAX_LOAD.value, _WAIT.value, indent='  ')
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--trainer={trainer}",
          f"--d={d}", f"--n={n}", f"--k={k}", f"--batch={b}", f"--steps={_STEPS.value}",
          f"--encoder_tile={tile}"]

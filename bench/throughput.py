@@ -112,17 +112,6 @@ def short_error(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0][:160] if text else ''}".replace("|", "/")
 
 
-def wait_quiet():
-  """Waits until the 1-minute load average is below --max_load; returns it (or the last seen)."""
-  deadline = time.time() + _WAIT.value
-  load = os.getloadavg()[0]
-  while load > _MAX_LOAD.value and time.time() < deadline:
-    print(f"load {load:.2f} > {_MAX_LOAD.value}: waiting", flush=True)
-    time.sleep(30)
-    load = os.getloadavg()[0]
-  return load
-
-
 def main(_):
   # On a GPU the peers share the device with jax: let jax take memory as it needs it instead of
   # 75% up front (set before jax is imported; no effect on CPU).
@@ -261,7 +250,8 @@ def main(_):
   run_variants(1)
   if not variants or variants[0][0] != "encoder GEMM alone (ceiling)":
     raise RuntimeError(f"the GEMM ceiling failed: {failed}")
-  load0 = wait_quiet()
+  from bench import quiet
+  load0 = quiet.wait_quiet(_MAX_LOAD.value, _WAIT.value)
   times = {name: [] for name, _ in variants}
   for _ in range(_ROUNDS.value):
     for name, t in run_variants(_STEPS.value).items():
