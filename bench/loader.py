@@ -3,9 +3,13 @@ r"""Loader throughput: rows/s and MB/s delivered to the host, beside the raw rea
 For each (d, dtype) it writes a store of --rows random rows, then, in the same run and on the same
 files, warm in the page cache (a store that fits in RAM) or, with --cold, off the disk:
 
-  raw      every shard file read front to back with plain readinto(): the bytes-off-disk ceiling
-  ts_seq   the chunks read in order through TensorStore (checksums verified), no shuffling
-  loader   the training pipeline: shuffled chunk order, groups mixed in memory, batches cut
+  raw        every shard file read front to back with plain readinto(): the bytes-off-disk ceiling
+  ts_seq     the chunks read in order through TensorStore (checksums verified), no shuffling
+  loader_ts  the training pipeline reading through TensorStore (data.direct_read=False)
+  loader     the training pipeline as configured by default: chunks read by pread() with their
+             crc32c checked (shard_files.py), shuffled chunk order, groups mixed, batches cut
+
+The readers take turns within each repeat, so a busy neighbour slows all of them alike.
 
   python bench/loader.py --rows=262144 --batch=4096 [--cold] [--train_rows_per_sec=N]
 
@@ -58,17 +62,19 @@ def make_store(path, d, dtype):
   w.finish({})
 
 
-def best(fn):
-  times = []
+def best(readers):
+  """{name: (what it returned, best time)}, the readers taking turns within each repeat."""
+  times = {name: [] for name in readers}
   for _ in range(FLAGS.repeats):
-    if FLAGS.cold:
-      os.sync()
-      with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-    t = time.perf_counter()
-    rows = fn()
-    times.append(time.perf_counter() - t)
-  return rows, min(times)
+    for name, fn in readers.items():
+      if FLAGS.cold:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+          f.write("3\n")
+      t = time.perf_counter()
+      got = fn()
+      times[name].append((time.perf_counter() - t, got))
+  return {name: (t[0][1], min(x for x, _ in t)) for name, t in times.items()}
 
 
 def raw_read(path):
@@ -89,8 +95,8 @@ def ts_sequential(path):
   return rows
 
 
-def loader_pass(path):
-  data = open_store(path, global_batch=FLAGS.batch, eval_rows=0, eval_batches=0, seed=0, epochs=1,
+def loader_pass(path, direct_read=True):
+  data = open_store(path, direct_read=direct_read, global_batch=FLAGS.batch, eval_rows=0, eval_batches=0, seed=0, epochs=1,
                     group_chunks=FLAGS.group, num_threads=FLAGS.threads, prefetch=FLAGS.prefetch,
                     allow_incomplete=False, process_index=0, process_count=1)
   rows = sum(len(b) for b in data.train)
@@ -105,7 +111,8 @@ def main(_):
         f"{FLAGS.shard_rows}, group {FLAGS.group} chunks, {FLAGS.threads} threads, prefetch "
         f"{FLAGS.prefetch}, {os.cpu_count()} CPUs; best of {FLAGS.repeats}; freed memory "
         f"{'retained' if retained else 'returned to the OS'}", flush=True)
-  head = "| d | dtype | raw MB/s | ts_seq MB/s | loader rows/s | loader MB/s | loader/raw |"
+  head = ("| d | dtype | raw MB/s | ts_seq MB/s | loader_ts MB/s | loader rows/s | loader MB/s |"
+          " loader/raw |")
   head += " loader/train |" if FLAGS.train_rows_per_sec else ""
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   try:
@@ -114,14 +121,16 @@ def main(_):
         path = os.path.join(root, f"d{d}_{dtype}")
         make_store(path, d, dtype)
         row_bytes = d * numpy_dtype(dtype).itemsize
-        raw_bytes, t_raw = best(lambda: raw_read(path))
-        ts_rows, t_ts = best(lambda: ts_sequential(path))
-        rows, t_ld = best(lambda: loader_pass(path))
+        got = best({"raw": lambda: raw_read(path), "ts_seq": lambda: ts_sequential(path),
+                    "loader_ts": lambda: loader_pass(path, direct_read=False),
+                    "loader": lambda: loader_pass(path)})
+        (raw_bytes, t_raw), (ts_rows, t_ts), (ts_ld_rows, t_ts_ld), (rows, t_ld) = got.values()
         raw_mb = raw_bytes / t_raw / 1e6
         ts_mb = ts_rows * row_bytes / t_ts / 1e6
+        ts_ld_mb = ts_ld_rows * row_bytes / t_ts_ld / 1e6
         ld_mb = rows * row_bytes / t_ld / 1e6
-        line = (f"| {d} | {dtype} | {raw_mb:,.0f} | {ts_mb:,.0f} | {rows / t_ld:,.0f} | "
-                f"{ld_mb:,.0f} | {ld_mb / raw_mb:.0%} |")
+        line = (f"| {d} | {dtype} | {raw_mb:,.0f} | {ts_mb:,.0f} | {ts_ld_mb:,.0f} | "
+                f"{rows / t_ld:,.0f} | {ld_mb:,.0f} | {ld_mb / raw_mb:.0%} |")
         if FLAGS.train_rows_per_sec:
           line += f" {rows / t_ld / FLAGS.train_rows_per_sec:.1f}x |"
         lines.append(line)

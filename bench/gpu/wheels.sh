@@ -26,6 +26,7 @@ PYTHON=${PYTHON:-python3}
 PKGS=(
   # jaxsae itself (pyproject dependencies missing from the image) and its tests
   grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 ml-collections==1.1.0 tensorboardX==2.6.5
+  crc32c==2.9.post0
   # SAELens peer: sae-lens imports transformer_lens and wandb at import time
   sae-lens==6.54.12 transformer-lens==3.9.0 better-abc==0.0.3
   wandb==0.31.0 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0

@@ -21,6 +21,7 @@ def create(config, process_index: int = 0, process_count: int = 1) -> Data:
     data = loader.open_store(dc.path, seed=dc.shuffle_seed, epochs=dc.epochs,
                              group_chunks=dc.shuffle_buffer_chunks, num_threads=dc.num_threads,
                              prefetch=dc.prefetch, allow_incomplete=dc.allow_incomplete,
+                             direct_read=dc.direct_read,
                              dtype=dc.dtype, missing_hint=dc.missing_hint, **common)
     if data.d != config.sae.d:   # checked here too, so the message names the store
       data.close()

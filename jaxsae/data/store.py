@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 import tensorstore as ts
 
+from jaxsae.data.shard_files import ShardFiles
 from jaxsae.data.source import DataError
 
 FORMAT = "jaxsae-activation-store/1"
@@ -271,9 +272,13 @@ def shard_file(arr, path: str, name: str, row: int) -> str:
 
 
 class Store:
-  """A store opened for reading; only its first metadata["rows"] rows are ever read."""
+  """A store opened for reading; only its first metadata["rows"] rows are ever read.
 
-  def __init__(self, path: str, allow_incomplete: bool = False):
+  `files` is the fast chunk reader for a local uncompressed store (shard_files.py), else None;
+  direct_read=False always reads through TensorStore.
+  """
+
+  def __init__(self, path: str, allow_incomplete: bool = False, direct_read: bool = True):
     meta = read_metadata(path)
     if meta is None:
       raise DataError(f"no activation store at {path} ({METADATA} not found)")
@@ -300,6 +305,7 @@ class Store:
     if acts.shape[1] != self.d or str(acts.dtype.numpy_dtype) != self.dtype:
       raise DataError(f"{_join(path, 'acts')} is {acts.dtype.name} [*, {acts.shape[1]}]; "
                       f"metadata says {self.dtype} [*, {self.d}]")
+    self.files = ShardFiles.for_array(path, "acts", acts) if direct_read else None
 
   def chunk(self, i: int) -> tuple[int, int]:
     """Row range [start, stop) of chunk i."""
@@ -309,6 +315,14 @@ class Store:
     if not 0 <= start <= stop <= self.rows:
       raise DataError(f"{self.path}: rows {start}-{stop} out of range (store has {self.rows})")
     return read_rows(self._arrays[name], self.path, name, start, stop)
+
+  def read_chunk_blocks(self, i: int, buf: np.ndarray):
+    """Chunk i's acts rows in blocks, by the fast reader (only for a store whose `files` is set):
+    see ShardFiles.read_blocks, whose checksum is checked when the generator finishes."""
+    start, stop = self.chunk(i)
+    for first, rows in self.files.read_blocks(i, buf, f"{start}-{stop}"):
+      if first < stop - start:
+        yield first, rows[:stop - start - first]
 
   def read_async(self, start: int, stop: int):
     """A future of acts[start:stop], so that several chunks are read at once."""
