@@ -7,10 +7,10 @@
 Prints tokens/s of (a) the encoder GEMM alone, the ceiling: no step can beat its one dense
 matmul; (b) jaxsae's sparse train step with no dead latents, and (c) with AuxK active
 (10% of latents dead, their b_enc at -1e4 so they stay dead and AuxK runs on every timed step),
-once per --kernels path; (d) the same loss by dense autodiff; and (e) each of --peers
-(bench/peers.py; default both, each skipped with a note when its library is not installed) on the
-same batch, with no dead latents and with 10% dead (its AuxK), on --peer_device (auto: CUDA when
-torch sees a GPU):
+once per --kernels path (with --lazy also under train.lazy_optimizer); (d) the same loss by dense
+autodiff; and (e) each of --peers (bench/peers.py; default both, each skipped with a note when its
+library is not installed) on the same batch, with no dead latents and with 10% dead (its AuxK), on
+--peer_device (auto: CUDA when torch sees a GPU):
   saelens   SAELens's TopKTrainingSAE + SAETrainer.step (bench/saelens_peer.py)
   sparsify  EleutherAI sparsify's SparseCoder + its Trainer's step, optimizer --sparsify_optimizer
             (adam: the same optimizer as jaxsae), AuxK alpha 1/32 (bench/sparsify_peer.py)
@@ -50,6 +50,7 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "interleaved rounds; the median roun
 _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "encoder GEMM dtype")
 _KERNELS = flags.DEFINE_list("kernels", ["xla"], "sparse op paths to time: xla, pallas")
 _DENSE = flags.DEFINE_bool("dense", True, "also time the dense-autodiff step")
+_LAZY = flags.DEFINE_bool("lazy", False, "also time each jaxsae step with train.lazy_optimizer")
 _PEERS = flags.DEFINE_list("peers", ["saelens", "sparsify"],
                           "PyTorch peers to time beside jaxsae: saelens, sparsify ('' none)")
 _PEER_DEVICE = flags.DEFINE_string("peer_device", "auto", "auto | cpu | cuda")
@@ -170,17 +171,20 @@ def main(_):
     params = {**state.params, "b_enc": jnp.where(dead, -1e4, state.params["b_enc"])}
     return state.replace(params=params, since_fired=jnp.where(dead, spec.dead_tokens, 0)), shardings
 
-  def jaxsae_variant(kern, dead_frac):
-    c.kernels = kern
+  def jaxsae_variant(kern, dead_frac, lazy=False):
+    c.kernels, c.train.lazy_optimizer = kern, lazy
     state, shardings = fresh_state(dead_frac)
     return JaxVariant(step_lib.StepFns(c, spec, specs, tx, shardings).train, state, xs)
 
   xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, specs.batch))
   for kern in _KERNELS.value:
-    suffix = "" if kern == "xla" else f" [{kern}{' interpret' if on_cpu else ''}]"
-    add(f"jaxsae sparse step, no dead latents{suffix}", lambda: jaxsae_variant(kern, 0.0))
-    add(f"jaxsae sparse step, AuxK active (k_aux={spec.k_aux}){suffix}",
-        lambda: jaxsae_variant(kern, 0.1))
+    for lazy in (False, True) if _LAZY.value else (False,):
+      tags = ([] if kern == "xla" else [f"{kern}{' interpret' if on_cpu else ''}"]) + (
+          ["lazy Adam"] if lazy else [])
+      suffix = f" [{', '.join(tags)}]" if tags else ""
+      add(f"jaxsae sparse step, no dead latents{suffix}", lambda: jaxsae_variant(kern, 0.0, lazy))
+      add(f"jaxsae sparse step, AuxK active (k_aux={spec.k_aux}){suffix}",
+          lambda: jaxsae_variant(kern, 0.1, lazy))
 
   # (d) the same loss by dense autodiff through a [B, n] code.
   if _DENSE.value:

@@ -32,6 +32,11 @@ def get_config():
   c.train.eps = 6.25e-10
   c.train.opt_state_dtype = "float32"  # Adam moments: "float32" | "bfloat16" (stochastically
                                        # rounded; halves the optimizer state, optim.py)
+  c.train.lazy_optimizer = False  # Adam on the selected latents' rows only (top-k + AuxK picks):
+                                  # the others keep params and moments (no decay, no momentum
+                                  # step), like TF's LazyAdam; far less optimizer traffic when few
+                                  # latents fire per step; trains slightly differently (README);
+                                  # needs opt_state_dtype="float32"
   c.train.dense_op_ratio = 16    # xla path: sparse ops over K latents run as dense GEMMs when
                                  # n_local <= ratio * K (AuxK on small dictionaries); 0: never
   c.train.auxk_buckets = True    # run AuxK only as wide as the dead latents need (same result)
@@ -59,6 +64,7 @@ def get_config():
   c.data.num_threads = 2         # grain reader threads
   c.data.prefetch = 2            # chunk groups read ahead; memory ~ (2 prefetch + threads) groups
   c.data.retain_freed_memory = True  # glibc keeps freed buffers for reuse (loader ~1.5x faster)
+  c.data.direct_read = True      # local uncompressed stores: pread + crc32c, not TensorStore (~4x)
   c.data.allow_incomplete = False  # read a store whose dump has not finished
   c.data.missing_hint = ""       # printed when data.path holds no store: the command that makes it
   c.data.synthetic = ml_collections.ConfigDict()

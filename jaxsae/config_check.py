@@ -50,6 +50,10 @@ def _problems(c):
     yield f"compute_dtype={c.compute_dtype!r}: expected one of {COMPUTE_DTYPES}"
   if t.opt_state_dtype not in ("float32", "bfloat16"):
     yield f"train.opt_state_dtype={t.opt_state_dtype!r}: expected 'float32' or 'bfloat16'"
+  if t.lazy_optimizer and t.opt_state_dtype != "float32":
+    yield (f"train.lazy_optimizer=True needs train.opt_state_dtype='float32' (got "
+           f"{t.opt_state_dtype!r}): the lazy sweep reads and writes fp32 moments; stochastically "
+           f"rounded bf16 moments are not implemented for it")
   if c.encoder_tile < 0:
     yield f"encoder_tile={c.encoder_tile} must be >= 0 (0: no tiling)"
   if c.checkpoint.every_steps < 0 or c.checkpoint.max_to_keep < 1:

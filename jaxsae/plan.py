@@ -2,6 +2,7 @@
 
   python -m jaxsae.plan --d=4096 --n=16777216 --k=64 --batch=8192 --devices=64 \
       --device-memory=95GiB [--optimizer-state=bf16] [--mesh=1x64] [--encoder-tile=65536]
+      [--lazy-optimizer]
 
 prints what each device holds (params, optimizer state, gradients, activations) and a verdict: fits,
 or the smallest (data, model) mesh that would; exit status 0 when it fits, 1 when it does not. The
@@ -11,14 +12,18 @@ dying of out-of-memory at step 0.
 The model (per device; n_l = n / model, B_l = batch / data, P = one f32 [n_l, d] weight shard):
   state       params (W_enc, W_dec, b_enc, b_pre) + Adam's two moments + dead-latent counters
   gradients   dense f32 gradients of the params
-  then the larger of two phases, which are never live together:
-  update      the optimizer pass's f32 temporaries: 5 P
+  then the largest of three phases, which are never live together:
+  update      the optimizer pass's f32 temporaries: 5 P; with train.lazy_optimizer, 5 buffers of
+              the rows it gathers per pass ([chunk, d], optim.lazy_chunk_rows)
   activations the larger of selection: pre [B_l, n_l] (or a [B_l, tile] tile of the blocked
               encoder, double-buffered), twice when AuxK masks a copy, plus the gathered top-k
               candidates; and the sparse ops: 3 gathered-row buffers [B_l, c, d] (c: the chunk
               of pallas_kernels/sparse_ops.py)
-The two constants (5 P, 3 buffers) come from XLA:CPU's compiled buffer assignment of the real step
-(tests/test_plan.py holds the planner to the compiled figure); other backends may pack tighter.
+  reduction   the gradients once more: their psum over the batch axes writes new buffers (on XLA:CPU
+              even over one device). Under the dense update it never sets the peak; under the
+              lazy one it usually does.
+The constants (5 P, 5 chunks, 3 buffers) come from XLA:CPU's compiled buffer assignment of the real
+step (tests/test_plan.py holds the planner to the compiled figure); other backends may pack tighter.
 """
 import argparse
 import dataclasses
@@ -28,9 +33,10 @@ import re
 import sys
 
 from jaxsae import mesh as mesh_lib
-from jaxsae import model
+from jaxsae import model, optim
 
 UPDATE_TEMPS = 5       # f32 [n_l, d] buffers the optimizer pass holds besides the gradients
+LAZY_TEMPS = 5         # f32 [chunk, d] buffers of the lazy optimizer's gathered rows
 SPARSE_BUFFERS = 3     # gathered-row buffers live at once in the sparse ops
 GATHER_ELEMS = 1 << 25  # = pallas_kernels.sparse_ops.MAX_GATHER_ELEMS (tests check), the bound on
                         # one gathered-row buffer (not imported: the planner should not load Pallas)
@@ -71,6 +77,7 @@ class Problem:
   opt_state: str = "float32"  # Adam moment dtype
   encoder_tile: int = 0
   dense_op_ratio: int = 0     # model.SaeSpec.ops_for: dense [B, n_local] codes for wide ops
+  lazy_optimizer: bool = False  # train.lazy_optimizer: the update gathers chunks of rows
 
   @classmethod
   def from_config(cls, config):
@@ -78,7 +85,8 @@ class Problem:
     ratio = spec.dense_op_ratio if config.kernels == "xla" else 0
     return cls(d=spec.d, n=spec.n, k=spec.k, batch=config.train.batch_size, k_aux=spec.k_aux,
                multi_topk=spec.multi_topk, opt_state=config.train.opt_state_dtype,
-               encoder_tile=config.encoder_tile, dense_op_ratio=ratio)
+               encoder_tile=config.encoder_tile, dense_op_ratio=ratio,
+               lazy_optimizer=bool(config.train.lazy_optimizer))
 
 
 @dataclasses.dataclass
@@ -106,17 +114,20 @@ def estimate(p: Problem, data: int, model_size: int) -> Plan:
   widest = max(k_sel, p.k_aux)
   # Dense-path ops (SaeSpec.ops_for) hold the [B, n_local] codes, a GEMM result and their gradient.
   dense_ops = 3 * b_l * n_l * 4 if p.dense_op_ratio and n_l <= p.dense_op_ratio * widest else 0
+  update_rows = optim.lazy_chunk_rows(n_l, p.batch, k_sel, model_size) if p.lazy_optimizer else 0
   rows = {
       "params": weights * 4,
       "optimizer state": 2 * weights * OPT_BYTES[p.opt_state],
       "dead-latent counters": n_l * 4,
       "gradients": weights * 4,
-      "update temporaries": UPDATE_TEMPS * n_l * p.d * 4,
+      "update temporaries": (LAZY_TEMPS * update_rows if update_rows else UPDATE_TEMPS * n_l)
+                            * p.d * 4,
       "activations": max(pre_copies * b_l * cols * 4 + candidates,
                          SPARSE_BUFFERS * b_l * _chunk(b_l, widest, p.d) * p.d * 4, dense_ops),
   }
   state = rows["params"] + rows["optimizer state"] + rows["dead-latent counters"]
-  peak = state + rows["gradients"] + max(rows["update temporaries"], rows["activations"])
+  peak = state + rows["gradients"] + max(rows["update temporaries"], rows["activations"],
+                                         rows["gradients"])
   return Plan(p, data, model_size, rows, peak)
 
 
@@ -150,12 +161,13 @@ def smallest_fitting(p: Problem, memory: int) -> Plan | None:
 def table(plan: Plan, memory: int) -> str:
   p = plan.problem
   lines = [f"d={p.d} n={p.n} k={p.k} k_aux={p.k_aux} batch={p.batch} "
-           f"optimizer state {p.opt_state} encoder_tile={p.encoder_tile or 'off'}",
+           f"optimizer state {p.opt_state}{' (lazy)' if p.lazy_optimizer else ''} "
+           f"encoder_tile={p.encoder_tile or 'off'}",
            f"per device on mesh (data={plan.data}, model={plan.model}), {plan.devices} devices:"]
   for name, b in plan.rows.items():
     lines.append(f"  {name:<22}{fmt_bytes(b):>12}")
-  lines.append(f"  {'peak':<22}{fmt_bytes(plan.peak):>12}   (state + gradients + the larger "
-               "of update temporaries and activations)")
+  lines.append(f"  {'peak':<22}{fmt_bytes(plan.peak):>12}   (state + gradients + the largest "
+               "of update temporaries, activations and gradients again)")
   lines.append(f"  {'device memory':<22}{fmt_bytes(memory):>12}")
   return "\n".join(lines)
 
@@ -269,6 +281,8 @@ def main(argv=None) -> int:
                   help="AuxK latents (-1: power of two nearest d/2, 0: no AuxK)")
   ap.add_argument("--multi-topk", action="store_true")
   ap.add_argument("--encoder-tile", type=int, default=0, help="blocked encoder tile (0: off)")
+  ap.add_argument("--lazy-optimizer", action="store_true",
+                  help="train.lazy_optimizer: Adam on the selected rows only")
   ap.add_argument("--mesh", default="", help="DATAxMODEL, e.g. 1x64 (default: the best split)")
   a = ap.parse_args(argv)
   try:
@@ -279,7 +293,8 @@ def main(argv=None) -> int:
     if getattr(a, name) <= 0:
       ap.error(f"--{name} must be positive")
   p = Problem(d=a.d, n=a.n, k=a.k, batch=a.batch, k_aux=model.resolve_k_aux(a.k_aux, a.d, a.n),
-              multi_topk=a.multi_topk, opt_state=a.optimizer_state, encoder_tile=a.encoder_tile)
+              multi_topk=a.multi_topk, opt_state=a.optimizer_state, encoder_tile=a.encoder_tile,
+              lazy_optimizer=a.lazy_optimizer)
   if a.mesh:
     try:
       data, model_size = (int(s) for s in a.mesh.lower().split("x"))

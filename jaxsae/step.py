@@ -3,7 +3,8 @@
 The per-device work runs in shard_map: each device holds a slice of the batch and a slice of the
 latents; selection, the sparse ops and their backward do their own collectives over the latent
 axis (topk.py, sparse.py), and gradients are summed over the batch axes here. The optimizer update
-is elementwise or row-local and runs outside shard_map on the sharded arrays. check_vma=False
+is elementwise or row-local: optax's runs outside shard_map on the sharded arrays, the fused and
+lazy sweeps (optim.fused_update) inside it, each device on its own rows. check_vma=False
 because Pallas kernels inside shard_map need it; correctness does not rest on it, since no psum is
 differentiated by autodiff (the custom VJPs do their own).
 """
@@ -48,14 +49,20 @@ class StepFns:
     self.axis = specs.latent_axis if specs.model_size > 1 else None
     self.batch_size = config.train.batch_size
     self.aux_sizes = aux_sizes(spec.k_aux, config.train.auxk_buckets)
+    self.lazy = bool(config.train.lazy_optimizer)   # optim.py: only the selected latent rows
     self.fused_optimizer = None
-    if config.kernels == "pallas" and config.train.opt_state_dtype == "float32":
-      # Pallas calls are not partitioned by XLA: each device sweeps its own rows in shard_map.
+    if self.lazy or (config.kernels == "pallas" and config.train.opt_state_dtype == "float32"):
+      # Pallas calls are not partitioned by XLA, and the lazy update works on each shard's own
+      # touched rows: each device sweeps its own rows in shard_map.
       specs_of = lambda tree: jax.tree.map(lambda s: s.spec, tree)
-      fused = functools.partial(optim.fused_update, config.train, spec.n)
+      n_local = spec.n // specs.model_size
+      fused = functools.partial(optim.fused_update, config.train, spec.n, kernels=config.kernels,
+                                chunk=optim.lazy_chunk_rows(n_local, self.batch_size,
+                                                            spec.k_select, specs.model_size))
+      opt_specs = specs_of(state_shardings.opt_state)
       self.fused_optimizer = self._shard_map(
-          fused, (specs.params, specs.params, specs_of(state_shardings.opt_state)),
-          (specs.params, specs_of(state_shardings.opt_state)))
+          fused, (specs.params, specs.params, opt_specs) + ((specs.latent,) if self.lazy else ()),
+          (specs.params, opt_specs))
     batch_sharding = NamedSharding(specs.mesh, specs.batch)
     replicated = NamedSharding(specs.mesh, P())
     self.train = jax.jit(self._train_step, in_shardings=(state_shardings, batch_sharding),
@@ -69,11 +76,11 @@ class StepFns:
   def _psum_batch(self, tree):
     return jax.lax.psum(tree, self.specs.batch_axes)
 
-  def _fired(self, idx, z, n_local):
-    """Local [n_local] bool: latents this shard owns that were nonzero for some token."""
+  def _marked(self, idx, ok, n_local):
+    """Local [n_local] int32, 1 for the latents this shard owns that idx selects where ok."""
     local, own = localize(idx, n_local, self.axis)
     return jnp.zeros((n_local,), jnp.int32).at[local.reshape(-1)].max(
-        (own & (z > 0)).reshape(-1).astype(jnp.int32))
+        (own & ok).reshape(-1).astype(jnp.int32))
 
   def _local_grads(self, params, x, since_fired):
     spec, axis = self.spec, self.axis
@@ -95,20 +102,27 @@ class StepFns:
       z = aux["z"]
       sums = {"sq": aux["sq"], "auxk_sq": aux["auxk_sq"],
               "l0": jnp.sum(z > 0).astype(jnp.float32)}
-      return grads, sums, self._fired(idx[:, :spec.k], z, since_fired.shape[0])
+      n_local = since_fired.shape[0]
+      latents = {"fired": self._marked(idx[:, :spec.k], z > 0, n_local)}
+      if self.lazy:   # the rows the lazy optimizer updates: every selection, main and AuxK
+        touched = self._marked(idx, True, n_local)
+        if aux_idx is not None:
+          touched = jnp.maximum(touched, self._marked(aux_idx, aux_ok, n_local))
+        latents["touched"] = touched
+      return grads, sums, latents
 
     if spec.k_aux:  # AuxK's second top-k costs as much as the first: run it only when needed,
       # and only as wide as the dead latents need (aux_sizes).
       sizes = self.aux_sizes
       branch = jnp.where(num_dead == 0, 0,
                          1 + jnp.searchsorted(jnp.asarray(sizes[:-1], jnp.int32), num_dead))
-      grads, sums, fired = jax.lax.switch(
+      grads, sums, latents = jax.lax.switch(
           branch, [functools.partial(run, w) for w in (0,) + sizes])
     else:
-      grads, sums, fired = run(0)
-    grads, sums, fired = self._psum_batch((grads, sums, fired))
+      grads, sums, latents = run(0)
+    grads, sums, latents = self._psum_batch((grads, sums, latents))
     sums["total_var"] = total_var
-    return grads, sums, fired > 0
+    return grads, sums, {name: count > 0 for name, count in latents.items()}
 
   def _local_eval(self, params, x):
     total_var, _ = model.centred_sq_sum(x, self.specs.batch_axes)
@@ -135,7 +149,7 @@ class StepFns:
     specs, spec = self.specs, self.spec
     finite_rows = jnp.all(jnp.isfinite(batch), axis=1)
     x = jnp.where(finite_rows[:, None], batch.astype(jnp.float32), 0.0) * state.input_scale
-    grads, sums, fired = self._shard_map(
+    grads, sums, latents = self._shard_map(
         self._local_grads, (specs.params, specs.batch, specs.latent),
         (specs.params, P(), specs.latent))(state.params, x, state.since_fired)
     nonfinite_rows = jnp.sum(~finite_rows)
@@ -143,13 +157,14 @@ class StepFns:
 
     def update(state):
       if self.fused_optimizer is not None:
-        params, opt_state = self.fused_optimizer(state.params, grads, state.opt_state)
+        touched = (latents["touched"],) if self.lazy else ()
+        params, opt_state = self.fused_optimizer(state.params, grads, state.opt_state, *touched)
       else:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optim.renormalize_decoder(optax.apply_updates(state.params, updates))
       since = jnp.minimum(state.since_fired + self.batch_size, spec.dead_tokens)
       return state.replace(params=params, opt_state=opt_state,
-                           since_fired=jnp.where(fired, 0, since))
+                           since_fired=jnp.where(latents["fired"], 0, since))
 
     new = jax.lax.cond(ok, update, lambda s: s, state)
     tv = sums["total_var"]
@@ -160,6 +175,8 @@ class StepFns:
         "losses/auxk": sums["auxk_sq"] / tv,
         "sparsity/dead_frac": jnp.mean(new.since_fired >= spec.dead_tokens),
     }
+    if self.lazy:
+      metrics["sparsity/touched_frac"] = jnp.mean(latents["touched"])
     guard = {"nonfinite_rows": nonfinite_rows, "skipped": ~ok}
     return new.replace(step=state.step + 1), metrics, guard
 

@@ -132,11 +132,16 @@ def test_fused_adam_bf16_moments():
 
 
 def test_fused_adam_lowers_for_cuda(cuda_lowering):
+  """The dense sweep and the lazy one (train.lazy_optimizer; tests/test_lazy_optimizer.py runs it
+  in interpret mode)."""
   h = fused_adam_gpu.hyper(1e-3, 0.9, 0.999, 1e-8, 1)
   for shape in ((50, 72), (131072, 768)):
     w = jax.ShapeDtypeStruct(shape, jnp.float32)
-    _lowers_for_cuda(functools.partial(fused_adam_gpu.adam_rows, project=True, renorm=True),
-                     w, w, w, w, h)
+    flags = dict(project=True, renorm=True)
+    _lowers_for_cuda(functools.partial(fused_adam_gpu.adam_rows, **flags), w, w, w, w, h)
+    ids = jax.ShapeDtypeStruct((shape[0] // 8,), jnp.int32)
+    _lowers_for_cuda(functools.partial(fused_adam_gpu.adam_rows_lazy, **flags), w, w, w, w, h,
+                     ids)
 
 
 # ---- top-k encoder ---------------------------------------------------------------------------
@@ -290,18 +295,27 @@ def test_gpu_sparse_kernels_at_benchmark_shapes(dtype):
 
 
 @on_gpu
-def test_gpu_fused_adam_at_benchmark_shapes():
-  ks = jax.random.split(jax.random.PRNGKey(7), 4)
+@pytest.mark.parametrize("lazy", [False, True])
+def test_gpu_fused_adam_at_benchmark_shapes(lazy):
+  """The dense sweep; the lazy one over ~1/10 of the rows, where the others keep their bits."""
+  ks = jax.random.split(jax.random.PRNGKey(7), 5)
   shape = (BENCH["n"], BENCH["d"])
   w = model.unit_rows(jax.random.normal(ks[0], shape))
   g = jax.random.normal(ks[1], shape)
   mu, nu = 0.1 * jax.random.normal(ks[2], shape), jnp.abs(jax.random.normal(ks[3], shape))
-  h = fused_adam_gpu.hyper(1e-4, 0.9, 0.999, 6.25e-10, 5)
-  ref = jax.jit(functools.partial(fused_adam_gpu.adam_rows_reference, project=True,
-                                  renorm=True))(w, g, mu, nu, h)
-  out = jax.jit(functools.partial(fused_adam_gpu.adam_rows, project=True, renorm=True))(
-      w, g, mu, nu, h)
-  for a, b in zip(out, ref):
+  args = [w, g, mu, nu, fused_adam_gpu.hyper(1e-4, 0.9, 0.999, 6.25e-10, 5)]
+  kernel, reference = fused_adam_gpu.adam_rows, fused_adam_gpu.adam_rows_reference
+  keep = np.zeros(shape[0], bool)
+  if lazy:
+    touched = jax.random.uniform(ks[4], (shape[0],)) < 0.1
+    keep = ~np.asarray(touched)
+    args.append(jnp.nonzero(touched, size=shape[0] // 8, fill_value=shape[0])[0].astype(jnp.int32))
+    kernel, reference = fused_adam_gpu.adam_rows_lazy, fused_adam_gpu.adam_rows_lazy_reference
+  flags = dict(project=True, renorm=True)
+  ref = jax.jit(functools.partial(reference, **flags))(*args)
+  out = jax.jit(functools.partial(kernel, **flags))(*args)
+  for a, b, old in zip(out, ref, (w, mu, nu)):
+    np.testing.assert_array_equal(np.asarray(a)[keep], np.asarray(old)[keep])
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 

@@ -7,6 +7,8 @@
 #   tp4096   python3 bench/throughput.py --n=131072 --batch=4096  --compute_dtype=bfloat16 \
 #                --kernels=xla,pallas --peers=saelens,sparsify
 #   tp16384  the same at --batch=16384 (and --dense=false)
+#   tplazy   (not in the default list) B=16384 with --lazy: each jaxsae step also under
+#            train.lazy_optimizer, no peers
 # The benchmarks append to bench/RESULTS.md, which is then copied to $OUT (with the new rows alone
 # in $OUT/new_rows.md).
 #
@@ -142,8 +144,12 @@ for s in "${STEPS[@]}"; do
       # jax's memory pool and leave too little of an 80 GB H100 for the peers.
       run tp16384 200 "$PY" bench/throughput.py "${SHAPE[@]}" --batch=$B2 --dense=false \
           "${TP_COMMON[@]}" ;;
+    tplazy)
+      run tplazy 200 "$PY" bench/throughput.py "${SHAPE[@]}" --batch=$B2 --dense=false --lazy \
+          --compute_dtype=bfloat16 --kernels=xla,pallas --peers= --steps=10 --rounds=3 \
+          --wait_quiet=30 --max_load=8 --results="$RESULTS" ;;
     *)
-      say "unknown step $s (tests kernels tp4096 tp16384)" ;;
+      say "unknown step $s (tests kernels tp4096 tp16384 tplazy)" ;;
   esac
 done
 
