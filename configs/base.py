@@ -64,7 +64,7 @@ def get_config():
   c.data.num_threads = 2         # grain reader threads
   c.data.prefetch = 2            # chunk groups read ahead; memory ~ (2 prefetch + threads) groups
   c.data.retain_freed_memory = True  # glibc keeps freed buffers for reuse (loader ~1.5x faster)
-  c.data.direct_read = True      # local uncompressed stores: pread + crc32c, not TensorStore (~4x)
+  c.data.direct_read = True      # local uncompressed stores: pread + crc32c, not TensorStore
   c.data.allow_incomplete = False  # read a store whose dump has not finished
   c.data.missing_hint = ""       # printed when data.path holds no store: the command that makes it
   c.data.synthetic = ml_collections.ConfigDict()
