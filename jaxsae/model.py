@@ -27,7 +27,7 @@ class SaeSpec:
   dead_tokens: int
   multi_topk: bool
   dense_op_ratio: int = 0   # see ops_for; 0: the xla path always gathers
-  auxk_relu: bool = True    # AuxK values through ReLU (the paper); False: see loss_terms
+  auxk_relu: bool = False   # AuxK values through ReLU (the paper) if True; see loss_terms
 
   @classmethod
   def from_config(cls, config):
