@@ -2,6 +2,8 @@
 
   saelens   bench/saelens_peer.py   SAELens's TopKTrainingSAE + SAETrainer (`pip install sae-lens`)
   sparsify  bench/sparsify_peer.py  EleutherAI sparsify's SparseCoder + Trainer (`eai-sparsify`)
+  dictlearn bench/dictlearn_peer.py dictionary_learning's AutoEncoderTopK + TopKTrainer
+                                    (`dictionary-learning`, installed --no-deps: BUILD.md)
 
 Every peer module has `versions() -> dict`, `LABEL` (its name in tables) and a `Peer` class with
 `step(batch)` (a numpy array or a torch tensor already on the peer's device), `to_device(array)`,
@@ -13,9 +15,13 @@ Scripts reach this module as `bench.peers` with the repository root on sys.path 
 """
 import importlib
 
-MODULES = {"saelens": "bench.saelens_peer", "sparsify": "bench.sparsify_peer"}
+import numpy as np
+
+MODULES = {"saelens": "bench.saelens_peer", "sparsify": "bench.sparsify_peer",
+           "dictlearn": "bench.dictlearn_peer"}
 INSTALL = {"saelens": "pip install 'sae-lens>=6,<7'",
-           "sparsify": "pip install eai-sparsify==1.3.3"}
+           "sparsify": "pip install eai-sparsify==1.3.3",
+           "dictlearn": "pip install --no-deps dictionary-learning==0.1.0 einops"}
 
 
 def load(name: str):
@@ -26,6 +32,40 @@ def load(name: str):
     module = importlib.import_module(MODULES[name])
     module.versions()   # imports the library itself
   except ImportError as e:
+    extra = "" if name == "dictlearn" else " or pip install -e '.[bench]'"
     raise ImportError(f"peer {name!r} unavailable ({e}); install torch first (BUILD.md), then "
-                      f"{INSTALL[name]} or pip install -e '.[bench]'") from e
+                      f"{INSTALL[name]}{extra}") from e
   return module
+
+
+class TorchPeer:
+  """What a peer shares with the others (bench/dictlearn_peer.py uses it): batches to its
+  `device`, CUDA synchronization, and `reconstruct` in batches through its `encode_decode(x)`,
+  which returns (x_hat, l0 per row) as tensors."""
+  device = "cpu"
+
+  def to_device(self, batch: np.ndarray):
+    import torch
+    # np.array copies: torch wants a writable array, and arrays from jax are read-only.
+    return torch.from_numpy(np.array(batch, dtype=np.float32)).to(self.device)
+
+  def as_tensor(self, batch):
+    """A numpy batch on the device; a tensor (already there, from `to_device`) as it is."""
+    import torch
+    return batch if isinstance(batch, torch.Tensor) else self.to_device(batch)
+
+  def sync(self):
+    if str(self.device).startswith("cuda"):
+      import torch
+      torch.cuda.synchronize()
+
+  def reconstruct(self, x: np.ndarray, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(x_hat, l0 per row) of raw rows (after `finish`), `batch` rows at a time."""
+    import torch
+    outs, l0s = [], []
+    with torch.no_grad():
+      for i in range(0, len(x), batch):
+        x_hat, l0 = self.encode_decode(self.to_device(x[i:i + batch]))
+        outs.append(x_hat.float().cpu().numpy())
+        l0s.append(l0.cpu().numpy())
+    return np.concatenate(outs), np.concatenate(l0s)

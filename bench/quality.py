@@ -1,4 +1,5 @@
-r"""Quality at equal tokens: jaxsae (full recipe) against SAELens's and sparsify's top-k SAEs.
+r"""Quality at equal tokens: jaxsae (full recipe) against SAELens's, sparsify's and
+dictionary_learning's top-k SAEs.
 
   python bench/quality.py                                   # fixture + synthetic, LR sweep
   python bench/quality.py --datasets=fixture,store,synthetic --store=STORE
@@ -19,6 +20,12 @@ and dead-latent rule. Trainers (bench/peers.py):
   sparsify_signum  the same with sparsify's default optimizer, `signum` (SignSGD + schedule-free,
                    momentum 0.95), at --signum_lrs (default "auto": sparsify's own
                    5e-3 * sqrt(2^14 / n)); it runs alone, not in lockstep, since its LR differs
+  dictlearn        dictionary_learning's AutoEncoderTopK + TopKTrainer.update as its trainSAE calls
+                   it: its Adam, geometric-median b_dec, AuxK (alpha 1/32) and grad clip; jaxsae's
+                   warmup and final decay; inputs at its unit mean squared norm where jaxsae
+                   normalizes (by jaxsae's estimate), raw where jaxsae does not
+                   (bench/dictlearn_peer.py). Its own default LR, 2e-4 * sqrt(2^14 / n), is not
+                   in the default sweep: pass it in --lrs / --synthetic_lrs
 
 Reported per run: held-out FVU (sum ||x - x_hat||^2 / sum ||x - mean||^2 over all held-out rows,
 in raw units, the same numpy code for both), held-out L0, dead fraction (latents that did not fire
@@ -39,6 +46,7 @@ Datasets:
   synthetic  configs/quickstart.py's ground-truth data (d=128, 1024 true features)
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -54,7 +62,7 @@ _DATASETS = flags.DEFINE_list("datasets", ["fixture", "synthetic"],
 _LRS = flags.DEFINE_list("lrs", ["2e-4", "6e-4", "2e-3"], "learning rates (real data)")
 _SYN_LRS = flags.DEFINE_list("synthetic_lrs", ["1e-3", "3e-3"], "learning rates (synthetic)")
 _TRAINERS = flags.DEFINE_list("trainers", ["jaxsae", "saelens", "sparsify"],
-                              "jaxsae | saelens | sparsify | sparsify_signum")
+                              "jaxsae | saelens | sparsify | sparsify_signum | dictlearn")
 _SIGNUM_LRS = flags.DEFINE_list("signum_lrs", ["auto"],
                                 "learning rates of sparsify_signum ('auto': sparsify's default)")
 _STEPS = flags.DEFINE_integer("steps", 150, "steps on real data (150 x 4096 = 614k tokens)")
@@ -104,7 +112,8 @@ def ensure_fixture_store(path: str):
 
 # ---- peers -----------------------------------------------------------------------------------
 
-PEER_OF = {"saelens": "saelens", "sparsify": "sparsify", "sparsify_signum": "sparsify"}
+PEER_OF = {"saelens": "saelens", "sparsify": "sparsify", "sparsify_signum": "sparsify",
+           "dictlearn": "dictlearn"}
 
 
 def make_peer(trainer: str, run, config, spec, window: int):
@@ -115,6 +124,14 @@ def make_peer(trainer: str, run, config, spec, window: int):
   if trainer == "saelens":
     scale = run.input_scale if config.data.normalize != "none" else None
     return mod.Peer(spec.d, spec.n, spec.k, lr, B, steps, window, input_scale=scale,
+                    decay_steps=int(steps * config.train.decay_frac), seed=config.train.seed)
+  if trainer == "dictlearn":
+    # Its normalize_activations target is mean squared norm 1; jaxsae's scale s gives s * x mean
+    # squared norm d ("d") or 1 ("unit"), so the mean squared norm it estimated is target / s^2.
+    target = {"d": spec.d, "unit": 1.0}.get(config.data.normalize)
+    norm = math.sqrt(target) / run.input_scale if target else None
+    return mod.Peer(spec.d, spec.n, spec.k, lr, B, steps, spec.dead_tokens, norm_factor=norm,
+                    warmup_steps=config.train.warmup_steps,
                     decay_steps=int(steps * config.train.decay_frac), seed=config.train.seed)
   return mod.Peer(spec.d, spec.n, spec.k, lr, B, steps, spec.dead_tokens,
                   optimizer="adam" if trainer == "sparsify" else "signum",

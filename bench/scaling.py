@@ -4,7 +4,7 @@ r"""Scaling sweep: train-step tokens/s and peak memory as n grows and as k grows
   python bench/scaling.py --trainers=jaxsae --ns=4096,65536 --ks=32
   python bench/scaling.py --trainers=sparsify  # add EleutherAI sparsify (adam) to the same table
 
-Trainers: jaxsae, saelens, sparsify (the peers of bench/peers.py, stepped as there).
+Trainers: jaxsae, saelens, sparsify, dictlearn (the peers of bench/peers.py, stepped as there).
 
 Every point runs in its own process (`--worker`), so its peak resident memory (ru_maxrss from
 wait4, which includes the interpreter and the imported framework, ~0.3-0.6 GB) is its own. jaxsae
@@ -34,12 +34,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _WORKER = flags.DEFINE_bool("worker", False, "internal: time one point and print JSON")
 _TRAINER = flags.DEFINE_string("trainer", "jaxsae",
-                               "internal (worker): jaxsae | saelens | sparsify")
+                               "internal (worker): jaxsae | saelens | sparsify | dictlearn")
 _N = flags.DEFINE_integer("n", 32768, "internal (worker)")
 _K = flags.DEFINE_integer("k", 32, "internal (worker)")
 _TILE_USED = flags.DEFINE_integer("encoder_tile", 0, "internal (worker)")
 
-_TRAINERS = flags.DEFINE_list("trainers", ["jaxsae", "saelens"], "jaxsae | saelens | sparsify")
+_TRAINERS = flags.DEFINE_list("trainers", ["jaxsae", "saelens"],
+                              "jaxsae | saelens | sparsify | dictlearn")
 _NS = flags.DEFINE_list("ns", [str(1 << p) for p in range(12, 21)], "n sweep (at --k_for_n)")
 _KS = flags.DEFINE_list("ks", ["8", "16", "32", "64", "128", "256"], "k sweep (at --n_for_k)")
 _K_FOR_N = flags.DEFINE_integer("k_for_n", 32, "k of the n sweep")
@@ -97,6 +98,9 @@ def worker_peer(name, d, n, k, b, steps) -> dict:
   x = (np.random.default_rng(0).standard_normal((b, d)) + 0.5).astype(np.float32)
   if name == "saelens":
     peer = mod.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 6)
+  elif name == "dictlearn":   # dense [B, n] codes like SAELens: expected_bytes' default branch
+    norm_factor = float(np.sqrt(np.mean(np.sum(np.square(x, dtype=np.float64), axis=1))))
+    peer = mod.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 12, norm_factor=norm_factor)
   else:
     peer = mod.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 12, optimizer="adam", auxk_alpha=1 / 32)
   xb = peer.to_device(x)
@@ -192,8 +196,10 @@ def plot(records, path, d, b):
   fig, axes = plt.subplots(2, 2, figsize=(11, 8))
   style = {"jaxsae": dict(color="tab:blue", marker="o"),
            "saelens": dict(color="tab:red", marker="s"),
-           "sparsify": dict(color="tab:green", marker="^")}
-  names = {"jaxsae": "jaxsae (xla)", "saelens": "SAELens", "sparsify": "sparsify (adam)"}
+           "sparsify": dict(color="tab:green", marker="^"),
+           "dictlearn": dict(color="tab:purple", marker="v")}
+  names = {"jaxsae": "jaxsae (xla)", "saelens": "SAELens", "sparsify": "sparsify (adam)",
+           "dictlearn": "dictionary_learning"}
   for col, (sweep, key, label) in enumerate((("n", "n", "n (latents)"), ("k", "k", "k"))):
     for trainer in style:
       pts = sorted((r for r in records if r["sweep"] == sweep and r["trainer"] == trainer

@@ -8,17 +8,21 @@ Prints tokens/s of (a) the encoder GEMM alone, the ceiling: no step can beat its
 matmul; (b) jaxsae's sparse train step with no dead latents, and (c) with AuxK active
 (10% of latents dead, their b_enc at -1e4 so they stay dead and AuxK runs on every timed step),
 once per --kernels path (with --lazy also under train.lazy_optimizer); (d) the same loss by dense
-autodiff; and (e) each of --peers (bench/peers.py; default both, each skipped with a note when its
-library is not installed) on the same batch, with no dead latents and with 10% dead (its AuxK), on
---peer_device (auto: CUDA when torch sees a GPU):
+autodiff; and (e) each of --peers (bench/peers.py; default all three, each skipped with a note
+when its library is not installed) on the same batch, with no dead latents and with 10% dead (its
+AuxK), on --peer_device (auto: CUDA when torch sees a GPU):
   saelens   SAELens's TopKTrainingSAE + SAETrainer.step (bench/saelens_peer.py)
   sparsify  EleutherAI sparsify's SparseCoder + its Trainer's step, optimizer --sparsify_optimizer
             (adam: the same optimizer as jaxsae), AuxK alpha 1/32 (bench/sparsify_peer.py)
+  dictlearn dictionary_learning's AutoEncoderTopK + TopKTrainer.update as its trainSAE calls it,
+            inputs normalized to unit mean squared norm (bench/dictlearn_peer.py)
 Ratios jaxsae / peer compare like with like (no dead with no dead, AuxK with AuxK).
 
 Precision on a GPU: --compute_dtype=bfloat16 runs jaxsae's encoder GEMM in bf16 (weights f32);
 SAELens then runs under its own bf16 autocast option (--peer_autocast, default: on exactly when
---compute_dtype=bfloat16 and the peer is on CUDA); sparsify's forward always autocasts to bf16 on
+--compute_dtype=bfloat16 and the peer is on CUDA), and so does dictionary_learning (its trainSAE's
+autocast_dtype=bfloat16: batch cast to bf16, update under CUDA autocast, as its demo trains);
+sparsify's forward always autocasts to bf16 on
 CUDA (its own decorator; its fp32 matmuls outside autocast run as TF32, as its fit() sets), whatever
 --compute_dtype says. On CPU every peer runs in float32. Peers get the batch already on their
 device, as jaxsae does. A variant that fails (out of memory, a kernel path that is not built for
@@ -51,12 +55,13 @@ _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], 
 _KERNELS = flags.DEFINE_list("kernels", ["xla"], "sparse op paths to time: xla, pallas")
 _DENSE = flags.DEFINE_bool("dense", True, "also time the dense-autodiff step")
 _LAZY = flags.DEFINE_bool("lazy", False, "also time each jaxsae step with train.lazy_optimizer")
-_PEERS = flags.DEFINE_list("peers", ["saelens", "sparsify"],
-                          "PyTorch peers to time beside jaxsae: saelens, sparsify ('' none)")
+_PEERS = flags.DEFINE_list("peers", ["saelens", "sparsify", "dictlearn"],
+                          "PyTorch peers to time beside jaxsae: saelens, sparsify, dictlearn "
+                          "('' none)")
 _PEER_DEVICE = flags.DEFINE_string("peer_device", "auto", "auto | cpu | cuda")
 _PEER_AUTOCAST = flags.DEFINE_bool(
-    "peer_autocast", None, "SAELens with its bf16 autocast option (default: on when "
-    "--compute_dtype=bfloat16 and the peer is on CUDA)")
+    "peer_autocast", None, "SAELens and dictionary_learning with their bf16 autocast options "
+    "(default: on when --compute_dtype=bfloat16 and the peer is on CUDA)")
 _SPARSIFY_OPT = flags.DEFINE_enum("sparsify_optimizer", "adam", ["adam", "signum"],
                                   "sparsify's optimizer (its default is signum)")
 flags.DEFINE_alias("saelens_device", "peer_device")
@@ -222,12 +227,19 @@ def main(_):
     on_cuda = dev.startswith("cuda")
     hw = (torch.cuda.get_device_name(torch.device(dev)) if on_cuda
           else f"cpu, {v['torch_threads']} threads")
+    autocast = _PEER_AUTOCAST.value
+    if autocast is None:
+      autocast = on_cuda and _DTYPE.value == "bfloat16"
     if pname == "saelens":
-      autocast = _PEER_AUTOCAST.value
-      if autocast is None:
-        autocast = on_cuda and _DTYPE.value == "bfloat16"
-      info = (f"sae-lens {v['sae_lens']} ({'bf16 autocast' if autocast else 'fp32'})")
+      info = f"sae-lens {v['sae_lens']} ({'bf16 autocast' if autocast else 'fp32'})"
       make = lambda: mod.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 6, device=dev, autocast=autocast)
+    elif pname == "dictlearn":
+      # trainSAE autocasts on CUDA only; the peer runs fp32 on CPU whatever --peer_autocast says.
+      info = (f"dictionary_learning {v['dictionary_learning']} "
+              f"({'bf16 autocast' if autocast and on_cuda else 'fp32'})")
+      norm_factor = float(np.sqrt(np.mean(np.sum(np.square(xb, dtype=np.float64), axis=1))))
+      make = lambda: mod.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 12, norm_factor=norm_factor,
+                              device=dev, autocast=autocast)
     else:
       info = (f"sparsify {v['sparsify']} ({_SPARSIFY_OPT.value}, decoder "
               f"{v['sparsify_decoder']}, {'its bf16 autocast' if on_cuda else 'fp32'})")

@@ -1,12 +1,16 @@
-"""bench/sparsify_peer.py steps exactly as sparsify's own Trainer.fit() does (needs eai-sparsify,
-from the [bench] extra; skipped without it)."""
+"""The PyTorch peers step exactly as their libraries do: bench/sparsify_peer.py as sparsify's own
+Trainer.fit() (needs eai-sparsify, from the [bench] extra), bench/dictlearn_peer.py as
+dictionary_learning's own trainSAE (needs dictionary-learning 0.1.0, installed --no-deps as BUILD.md
+says); each test is skipped without its library."""
+import importlib
+import importlib.util
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
 
-sparsify = pytest.importorskip("sparsify")
 torch = pytest.importorskip("torch")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -14,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def _fit_reference(table, d, n, k, batch, steps, optimizer, alpha, dead_tokens, tmp_path):
   """sparsify's Trainer.fit() on a stand-in LM whose hooked layer emits the table's rows."""
+  import sparsify
   from torch import nn
   from transformers import PretrainedConfig, PreTrainedModel
 
@@ -50,6 +55,7 @@ def _fit_reference(table, d, n, k, batch, steps, optimizer, alpha, dead_tokens, 
     ("signum", 0.0, 10 ** 9),       # sparsify's default optimizer, AuxK off
 ])
 def test_sparsify_peer_matches_fit(optimizer, alpha, dead_tokens, tmp_path):
+  pytest.importorskip("sparsify")
   from bench import sparsify_peer
   d, n, k, batch, steps = 32, 256, 8, 128, 10
   rng = np.random.default_rng(0)
@@ -69,4 +75,67 @@ def test_sparsify_peer_matches_fit(optimizer, alpha, dead_tokens, tmp_path):
   np.testing.assert_array_equal(peer.trainer.num_tokens_since_fired["layers.0"].numpy(),
                                 ref.num_tokens_since_fired["layers.0"].numpy())
   if optimizer == "adam":
+    assert dead_seen > 0   # some latents were dead, so the AuxK branch ran
+
+
+def _train_sae_reference(batches, steps, normalize, dead_tokens, monkeypatch, **trainer_kwargs):
+  """dictionary_learning's own trainSAE over `batches`; its TopKTrainer (its dead-latent threshold
+  is a hard-coded attribute, set here after its __init__ as the peer sets it) and norm factor."""
+  from bench import dictlearn_peer
+  top_k = dictlearn_peer._library()
+  # training.py imports wandb and, through .evaluation and .buffer, nnsight; trainSAE uses neither
+  # without wandb logging, so a bare stand-in is enough where they are not installed.
+  for name in ("nnsight", "wandb"):
+    if importlib.util.find_spec(name) is None:
+      monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(LanguageModel=object))
+  training = importlib.import_module("dictionary_learning.training")
+
+  class Trainer(top_k.TopKTrainer):
+    made = []
+
+    def __init__(self, dead_feature_threshold, **kwargs):
+      super().__init__(**kwargs)
+      self.dead_feature_threshold = dead_feature_threshold
+      Trainer.made.append(self)
+
+  data = [torch.from_numpy(b.copy()) for b in batches]
+  norm_factor = training.get_norm_factor(data, steps=100) if normalize else None
+  training.trainSAE(
+      data, [dict(trainer=Trainer, dead_feature_threshold=dead_tokens, steps=steps, layer=0,
+                  lm_name="rows", device="cpu", **trainer_kwargs)],
+      steps=steps, normalize_activations=normalize, device="cpu")
+  return Trainer.made[0], norm_factor
+
+
+@pytest.mark.parametrize("normalize,dead_tokens,warmup,decay", [
+    (True, 2 * 128, 2, 4),     # unit-normalized inputs, AuxK running, warmup and final decay
+    (False, 10 ** 9, 0, 0),    # raw inputs, no latent dead, constant LR
+])
+def test_dictlearn_peer_matches_train_sae(normalize, dead_tokens, warmup, decay, monkeypatch):
+  if importlib.util.find_spec("dictionary_learning") is None:
+    pytest.skip("dictionary_learning is not installed (pip install --no-deps "
+                "dictionary-learning==0.1.0)")
+  pytest.importorskip("einops")
+  from bench import dictlearn_peer
+  d, n, k, batch, steps, lr = 32, 1024, 8, 128, 10, 3e-3   # n > batch x k: some latents idle
+  rng = np.random.default_rng(0)
+  table = (rng.standard_normal((batch * steps, d)) * 3 + 1).astype(np.float32)
+  batches = [table[i * batch:(i + 1) * batch] for i in range(steps)]
+  ref, norm_factor = _train_sae_reference(
+      batches, steps, normalize, dead_tokens, monkeypatch, activation_dim=d, dict_size=n, k=k,
+      lr=lr, warmup_steps=warmup, decay_start=steps - decay if decay else None, seed=0)
+  peer = dictlearn_peer.Peer(d, n, k, lr, batch, steps, dead_tokens, norm_factor=norm_factor,
+                             warmup_steps=warmup, decay_steps=decay)
+  dead_seen = 0.0
+  for b in batches:
+    peer.step(b)
+    dead_seen = max(dead_seen, peer.dead_frac())
+  peer.finish()   # trainSAE ends by folding the norm factor into the biases
+  want = ref.ae.state_dict()
+  for name, value in peer.ae.state_dict().items():
+    np.testing.assert_array_equal(value.numpy(), want[name].numpy(), err_msg=name)
+  np.testing.assert_array_equal(peer.trainer.num_tokens_since_fired.numpy(),
+                                ref.num_tokens_since_fired.numpy())
+  assert peer.trainer.scheduler.get_last_lr() == ref.scheduler.get_last_lr()
+  if dead_tokens < batch * steps:
     assert dead_seen > 0   # some latents were dead, so the AuxK branch ran

@@ -5,7 +5,7 @@
 #   tests    JAX_PLATFORMS=cuda python3 -m pytest -q tests/test_pallas_gpu.py
 #   kernels  python3 bench/kernels.py                          (its GPU defaults)
 #   tp4096   python3 bench/throughput.py --n=131072 --batch=4096  --compute_dtype=bfloat16 \
-#                --kernels=xla,pallas --peers=saelens,sparsify
+#                --kernels=xla,pallas --peers=saelens,sparsify,dictlearn
 #   tp16384  the same at --batch=16384 (and --dense=false)
 #   tplazy   (not in the default list) B=16384 with --lazy: each jaxsae step also under
 #            train.lazy_optimizer, no peers
@@ -99,7 +99,7 @@ import importlib, importlib.metadata as md, sys
 print("python", sys.version.split()[0])
 for dist in ("jax", "jaxlib", "jax-cuda13-plugin", "flax", "optax", "grain", "ml-collections",
              "torch", "triton", "transformers", "sae-lens", "transformer-lens", "eai-sparsify",
-             "jaxsae"):
+             "dictionary-learning", "einops", "jaxsae"):
   try:
     print(f"{dist} {md.version(dist)}")
   except md.PackageNotFoundError:
@@ -124,8 +124,8 @@ EOF
 STEPS=("$@")
 ((${#STEPS[@]} == 0)) && STEPS=(tests kernels tp4096 tp16384)
 KERNELS_BENCH=${KERNELS_BENCH:-bench/kernels.py}
-TP_COMMON=(--compute_dtype=bfloat16 --kernels=xla,pallas --peers=saelens,sparsify --steps=10
-           --rounds=3 --wait_quiet=30 --max_load=8 --results="$RESULTS")
+TP_COMMON=(--compute_dtype=bfloat16 --kernels=xla,pallas --peers=saelens,sparsify,dictlearn
+           --steps=10 --rounds=3 --wait_quiet=30 --max_load=8 --results="$RESULTS")
 for s in "${STEPS[@]}"; do
   case $s in
     tests)

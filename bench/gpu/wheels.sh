@@ -8,7 +8,7 @@
 # huggingface-hub 1.33, safetensors, accelerate, absl-py, etils, einops, jaxtyping, numpy, pandas,
 # pyarrow, xxhash, fsspec, requests, pyyaml, protobuf, tqdm, rich, pytest. What is missing is
 # listed below, each pinned to the version the CPU runs in bench/RESULTS.md used, and each fetched
-# with --no-deps: the list is closed by hand over what jaxsae, its tests and the two peers import at
+# with --no-deps: the list is closed by hand over what jaxsae, its tests and the peers import at
 # run time. Checked (2026-11-21) by installing exactly these wheels into a fresh environment holding
 # only packages of the image's list (transformers 5.17.0, huggingface-hub 1.33.0, accelerate 1.15.0;
 # but Python 3.11, jax 0.10.2 and torch 2.13 CPU, the newest reachable here) and running
@@ -17,7 +17,10 @@
 # pydantic and opentelemetry packages. Requirements that are declared but never imported on these
 # paths (sae-lens's plotly, nltk, babe, python-dotenv, tenacity; transformer-lens's beartype,
 # typeguard, fancy-einsum, transformers-stream-generator) are left out to keep the carried folder
-# small; pip install --no-deps does not check them.
+# small; pip install --no-deps does not check them. dictionary-learning's trainers import only torch
+# and einops (both in the image); its declared nnsight, circuitsvis, umap-learn, plotly, datasets,
+# wandb, zstandard and llvmlite are never imported by bench/dictlearn_peer.py (it skips the
+# package's __init__, which imports nnsight).
 set -euo pipefail
 cd "$(dirname "$0")"
 DEST=wheels
@@ -39,6 +42,8 @@ PKGS=(
   simple-parsing==0.1.9 docstring-parser==0.18.0
   # sparsify peer
   eai-sparsify==1.3.3 natsort==8.4.0 schedulefree==1.4.1
+  # dictionary_learning peer (a py3-none-any wheel; its trainers need only torch and einops)
+  dictionary-learning==0.1.0
 )
 
 mkdir -p "$DEST"
