@@ -82,14 +82,9 @@ def versions() -> dict:
           "torch_threads": torch.get_num_threads()}
 
 
-def default_lr(n: int) -> float:
-  """What TopKTrainer picks when lr is None: 2e-4 / sqrt(n / 2^14)."""
-  return 2e-4 / (n / 2 ** 14) ** 0.5
-
-
 class Peer(peers.TorchPeer):
   """One dictionary_learning AutoEncoderTopK and its TopKTrainer; `step(batch)` trains on a raw
-  batch through `TopKTrainer.update`."""
+  batch through `TopKTrainer.update`. lr None: its own default, 2e-4 * sqrt(2^14 / n)."""
 
   def __init__(self, d: int, n: int, k: int, lr: float | None, batch: int, steps: int,
                dead_tokens: int, *, norm_factor: float | None = None, warmup_steps: int = 0,
