@@ -93,6 +93,8 @@ class GroupReader:
     self._started = {}   # group -> (chunk ids, futures); at most read_ahead + a few entries
     self._lock = threading.Lock()
     self._buffers = threading.local()
+    self._dtype = numpy_dtype(store.dtype)
+    self._row = np.dtype((np.void, store.d * self._dtype.itemsize))   # one row as opaque bytes
 
   def _start(self, g: int):
     ids = self.plan.group(g)
@@ -126,7 +128,6 @@ class GroupReader:
         for first, rows in self.store.read_chunk_blocks(int(ids[k]), buf):
           yield k, first, rows
       return
-    row = np.dtype((np.void, self.store.d * numpy_dtype(self.store.dtype).itemsize))
     # All reads of a group are in flight at once: on gs:// (or a cold disk) latency, not
     # bandwidth, is what limits one reader.
     for k, (i, f) in enumerate(zip(ids, futures)):
@@ -134,7 +135,7 @@ class GroupReader:
         chunk = f.result()
       except Exception:   # read it again alone, to raise the DataError naming file and rows
         chunk = self.store.read(*self.store.chunk(int(i)))
-      yield k, 0, chunk.view(row).reshape(-1)
+      yield k, 0, chunk.view(self._row).reshape(-1)
 
   def __call__(self, g: int, _=None):
     plan, C, d = self.plan, self.plan.C, self.store.d
@@ -150,11 +151,10 @@ class GroupReader:
     dest = np.empty(n, np.intp)
     for a, b in zip(cuts[:-1], cuts[1:]):
       dest[np.sort(perm[a:b])] = np.arange(a, b)
-    out = np.empty(n, np.dtype((np.void, d * numpy_dtype(self.store.dtype).itemsize)))
+    out = np.empty(n, self._row)
     for k, first, rows in self._blocks(ids, futures):
       out[dest[k * C + first:k * C + first + len(rows)]] = rows
-    dtype = numpy_dtype(self.store.dtype)
-    return g, [out[a:b].view(dtype).reshape(b - a, d) for a, b in zip(cuts[:-1], cuts[1:])]
+    return g, [out[a:b].view(self._dtype).reshape(b - a, d) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 class StoreBatches(BatchIterator):
