@@ -66,9 +66,15 @@ def _close(out, ref, dtype):
 
 
 def _lowers_for_cuda(fn, *args):
-  exp = jax.export.export(
-      jax.jit(fn), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+  # The Triton lowering asks the device for its compute capability; from a CPU host (jax >= 0.11
+  # refuses to guess) an abstract H100 answers.
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="cuda")
+  with jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=h100)):
+    exp = jax.export.export(
+        jax.jit(fn), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+            *args)
   assert "__gpu$xla.gpu.triton" in exp.mlir_module()
 
 
