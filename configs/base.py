@@ -22,6 +22,9 @@ def get_config():
   c.sae.auxk_relu = False        # AuxK values without the paper's ReLU: dead latents whose
                                  # pre-activations are all negative still train (4-10x fewer stay
                                  # dead, same FVU: bench/RESULTS.md); True: the paper's AuxK
+  c.sae.auxk_norm = "input"      # AuxK's squared error over the variance of the "input" (as
+                                 # sparsify) or of the "residual" it rebuilds (OpenAI's train.py:
+                                 # 1/FVU times stronger; model.loss_terms)
   c.sae.multi_topk = False       # add L(4k)/8 to the loss (Multi-TopK)
 
   c.train = ml_collections.ConfigDict()

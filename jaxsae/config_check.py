@@ -24,6 +24,8 @@ def _problems(c):
     yield f"sae.k_aux={s.k_aux} must be -1 (auto) or within 0..sae.n={s.n}"
   if s.auxk_coef < 0:
     yield f"sae.auxk_coef={s.auxk_coef} must be >= 0"
+  if s.auxk_norm not in ("input", "residual"):
+    yield f"sae.auxk_norm={s.auxk_norm!r}: expected 'input' or 'residual'"
   if s.dead_tokens <= 0:
     yield f"sae.dead_tokens={s.dead_tokens} must be positive"
   if t.steps <= 0:

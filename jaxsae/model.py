@@ -28,6 +28,7 @@ class SaeSpec:
   multi_topk: bool
   dense_op_ratio: int = 0   # see ops_for; 0: the xla path always gathers
   auxk_relu: bool = False   # AuxK values through ReLU (the paper) if True; see loss_terms
+  auxk_norm: str = "input"  # AuxK divided by the input's or the residual's variance; loss_terms
 
   @classmethod
   def from_config(cls, config):
@@ -35,7 +36,8 @@ class SaeSpec:
     k_aux = resolve_k_aux(sae.k_aux, sae.d, sae.n) if sae.auxk_coef > 0 else 0
     return cls(d=sae.d, n=sae.n, k=sae.k, k_aux=k_aux, auxk_coef=float(sae.auxk_coef),
                dead_tokens=int(sae.dead_tokens), multi_topk=bool(sae.multi_topk),
-               dense_op_ratio=int(config.train.dense_op_ratio), auxk_relu=bool(sae.auxk_relu))
+               dense_op_ratio=int(config.train.dense_op_ratio), auxk_relu=bool(sae.auxk_relu),
+               auxk_norm=str(sae.auxk_norm))
 
   def ops_for(self, kernels: str, k: int, n_local: int) -> str:
     """Which primitives the sparse ops over k latents per token run: on the xla path, dense GEMMs
@@ -85,13 +87,17 @@ def decode(params, z, idx):
 
 
 def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeSpec,
-               axis=None, kernels="xla"):
+               axis=None, kernels="xla", batch_axes=None):
   """Loss of one (local) batch given the selected latents, and its metrics.
 
   total_var is the summed squared deviation of the *global* batch from its mean, so the losses of
   all data shards add up to the global normalized MSE (FVU). AuxK rebuilds the residual x - x_hat
-  (held fixed) from the selected dead latents only; aux_scale = min(dead / k_aux, 1).
-  Returns (loss, aux) with aux holding per-batch sums, z and the residual.
+  (held fixed) from the selected dead latents only; aux_scale = min(dead / k_aux, 1). Its squared
+  error is divided by total_var (spec.auxk_norm="input", as EleutherAI's sparsify), or by the
+  residual's own centred variance over the global batch ("residual", as OpenAI's reference
+  train.py): that makes AuxK 1/FVU times stronger, and keeps it so as the FVU falls. batch_axes:
+  the mesh axes the batch is split over, for that variance.
+  Returns (loss, aux) with aux holding per-batch sums and z.
   """
   n_local = params["W_enc"].shape[0]
   ops = lambda width: spec.ops_for(kernels, width, n_local)
@@ -117,7 +123,8 @@ def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeS
     z_aux = jnp.where(aux_ok, jax.nn.relu(aux_vals) if spec.auxk_relu else aux_vals, 0.0)
     e_hat = sparse.decode(z_aux, aux_idx, params["W_dec"], axis, aux_ops)
     auxk_sq = jnp.sum(jnp.square(e_hat - resid))
-    loss = loss + spec.auxk_coef * aux_scale * auxk_sq / total_var
+    aux_var = centred_sq_sum(resid, batch_axes)[0] if spec.auxk_norm == "residual" else total_var
+    loss = loss + spec.auxk_coef * aux_scale * auxk_sq / aux_var
   return loss, {"sq": sq, "auxk_sq": auxk_sq, "z": z[:, :k]}
 
 
@@ -144,7 +151,8 @@ def dense_loss(params, x, dead, total_var, spec: SaeSpec):
     v_aux = jax.nn.relu(v) if spec.auxk_relu else v
     z_aux = jnp.zeros_like(pre).at[rows, i].add(jnp.where(jnp.isfinite(v), v_aux, 0.0))
     resid = jax.lax.stop_gradient(x - x_hat)
-    auxk = jnp.sum(jnp.square(z_aux @ params["W_dec"] - resid)) / total_var
+    aux_var = centred_sq_sum(resid)[0] if spec.auxk_norm == "residual" else total_var
+    auxk = jnp.sum(jnp.square(z_aux @ params["W_dec"] - resid)) / aux_var
     scale = jnp.minimum(num_dead / spec.k_aux, 1.0)
     loss += jnp.where(num_dead > 0, spec.auxk_coef * scale * auxk, 0.0)
   return loss

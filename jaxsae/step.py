@@ -98,7 +98,8 @@ class StepFns:
           tile=self.encoder_tile, kernels=self.kernels)
       aux_scale = jnp.minimum(num_dead / max(spec.k_aux, 1), 1.0)
       (_, aux), grads = jax.value_and_grad(model.loss_terms, has_aux=True)(
-          params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec, axis, self.kernels)
+          params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec, axis, self.kernels,
+          self.specs.batch_axes)
       z = aux["z"]
       sums = {"sq": aux["sq"], "auxk_sq": aux["auxk_sq"],
               "l0": jnp.sum(z > 0).astype(jnp.float32)}

@@ -62,6 +62,25 @@ def _close(a, b, name):
                              err_msg=name)
 
 
+def _assert_same_run(state, got, ref_state, ref):
+  assert any(r["aux_ok"].any() for r in ref), "no dead latents: AuxK was not exercised"
+  for step, (g, r) in enumerate(zip(got, ref)):
+    np.testing.assert_array_equal(g["idx"], r["idx"], err_msg=f"top-k indices, step {step}")
+    np.testing.assert_array_equal(g["aux_ok"], r["aux_ok"], err_msg=f"AuxK picks, step {step}")
+    np.testing.assert_array_equal(np.where(r["aux_ok"], g["aux_idx"], -1),
+                                  np.where(r["aux_ok"], r["aux_idx"], -1),
+                                  err_msg=f"AuxK indices, step {step}")
+    for key in ("train/fvu", "losses/auxk", "losses/mse", "train/l0", "sparsity/dead_frac"):
+      _close(g["metrics"][key], r["metrics"][key], f"{key}, step {step}")
+    for pname, grad in r["grads"].items():
+      assert np.any(grad != 0), pname
+      _close(g["grads"][pname], grad, f"gradient of {pname}, step {step}")
+  for pname in ref_state.params:
+    _close(state.params[pname], ref_state.params[pname], f"{pname} after {STEPS} steps")
+  np.testing.assert_array_equal(state.since_fired, ref_state.since_fired)
+  _close(state.opt_state[1][0].nu["W_enc"], ref_state.opt_state[1][0].nu["W_enc"], "Adam nu")
+
+
 MESHES = {
     "1x8": dict(shape=(1, 8)),
     "2x4": dict(shape=(2, 4)),
@@ -91,31 +110,25 @@ def config(tiny_config):
 
 @pytest.mark.parametrize("name", list(MESHES))
 def test_mesh_matches_single_device(config, name):
-  ref_state, ref = _reference(config)
+  ref_state_and_ref = _reference(config)
   m = MESHES[name]
   config.mesh.shape = m["shape"]
   config.mesh.axes = m.get("axes", config.mesh.axes)
   config.mesh.batch_axes = m.get("batch_axes", config.mesh.batch_axes)
   config.encoder_tile = m.get("tile", 0)
   config.train.dense_op_ratio = m.get("dense_op_ratio", config.train.dense_op_ratio)
-  state, got = _trace(config)
+  _assert_same_run(*_trace(config), *ref_state_and_ref)
 
-  assert any(r["aux_ok"].any() for r in ref), "no dead latents: AuxK was not exercised"
-  for step, (g, r) in enumerate(zip(got, ref)):
-    np.testing.assert_array_equal(g["idx"], r["idx"], err_msg=f"top-k indices, step {step}")
-    np.testing.assert_array_equal(g["aux_ok"], r["aux_ok"], err_msg=f"AuxK picks, step {step}")
-    np.testing.assert_array_equal(np.where(r["aux_ok"], g["aux_idx"], -1),
-                                  np.where(r["aux_ok"], r["aux_idx"], -1),
-                                  err_msg=f"AuxK indices, step {step}")
-    for key in ("train/fvu", "losses/auxk", "losses/mse", "train/l0", "sparsity/dead_frac"):
-      _close(g["metrics"][key], r["metrics"][key], f"{key}, step {step}")
-    for pname, grad in r["grads"].items():
-      assert np.any(grad != 0), pname
-      _close(g["grads"][pname], grad, f"gradient of {pname}, step {step}")
-  for pname in ref_state.params:
-    _close(state.params[pname], ref_state.params[pname], f"{pname} after {STEPS} steps")
-  np.testing.assert_array_equal(state.since_fired, ref_state.since_fired)
-  _close(state.opt_state[1][0].nu["W_enc"], ref_state.opt_state[1][0].nu["W_enc"], "Adam nu")
+
+def test_residual_auxk_norm_matches_single_device(config):
+  """sae.auxk_norm="residual" divides AuxK by the residual's variance over the *global* batch, a
+  psum over both batch axes: the batch split over two axes must give the single-device run."""
+  config.sae.auxk_norm = "residual"
+  ref = config.copy_and_resolve_references()
+  ref.mesh.shape = (1, 1)
+  config.mesh.shape, config.mesh.axes = (2, 2, 2), ("slice", "data", "model")
+  config.mesh.batch_axes = ("slice", "data")
+  _assert_same_run(*_trace(config), *_trace(ref))
 
 
 @pytest.mark.parametrize("opt_dtype", ["float32", "bfloat16"])

@@ -123,3 +123,26 @@ def test_auxk_without_relu_reaches_dead_latents_with_negative_pre_activations():
     moved[relu] = np.abs(np.asarray(grads["W_enc"])[np.asarray(dead)]).sum(axis=1) > 0
   assert not moved[True].any()
   assert moved[False].sum() >= 32   # every AuxK pick is a dead latent and trains
+
+
+def test_residual_auxk_norm():
+  """auxk_norm="residual" (OpenAI's train.py): the AuxK term is the "input" one times
+  total_var / (the residual's centred variance), and sparse == dense autodiff for it too."""
+  params, x, dead = _problem(6)
+  terms = {}
+  for norm in ("input", "residual"):
+    spec = model.SaeSpec(d=24, n=160, k=6, k_aux=32, auxk_coef=1 / 32, dead_tokens=1,
+                         multi_topk=False, auxk_norm=norm)
+    (loss, grads), total_var = _sparse_loss_and_grads(params, x, dead, spec)
+    dense, dgrads = jax.value_and_grad(model.dense_loss)(params, x, dead, total_var, spec)
+    assert abs(float(loss) - float(dense)) <= 1e-5 * abs(float(dense)), norm
+    for name in params:
+      assert _rel(grads[name], dgrads[name]) < 1e-5, (norm, name)
+    plain = model.SaeSpec(**{**spec.__dict__, "k_aux": 0, "auxk_coef": 0.0})
+    (main, _), _ = _sparse_loss_and_grads(params, x, dead, plain)
+    terms[norm] = float(loss) - float(main)
+  z, idx = model.encode(params, x, 6)
+  resid_var = model.centred_sq_sum(x - model.decode(params, z, idx))[0]
+  assert terms["input"] > 0
+  np.testing.assert_allclose(terms["residual"], terms["input"] * float(total_var / resid_var),
+                             rtol=1e-4)
