@@ -76,6 +76,10 @@ _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "bench", "quality.jsonl"),
                            "JSON lines of results; runs already there are skipped")
 _TABLE = flags.DEFINE_string("table", os.path.join(ROOT, "bench", "quality.md"),
                              "markdown table of everything in --out ('' to skip)")
+_SET = flags.DEFINE_list("set", [],
+                         "config overrides for these runs, e.g. sae.auxk_coef=1.0: recorded as "
+                         "the runs' `variant` and shown as trainer[variant]; peers that read the "
+                         "field (n, k, batch, lr, AuxK alpha) follow it")
 
 
 # ---- configs ----------------------------------------------------------------------------------
@@ -96,6 +100,29 @@ def synthetic_config(lr: float):
   c.train.steps, c.train.lr = _SYN_STEPS.value, lr
   c.mesh.shape = (1, 1)
   return c
+
+
+def apply_overrides(config, overrides: list[str]):
+  """`section.field=value` items onto `config`, each value parsed as a Python literal and
+  checked against the field's type; an unknown field or a bad value is a UsageError."""
+  import ast
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    section, _, field = key.strip().partition(".")
+    if not sep or section not in config or field not in config[section]:
+      raise app.UsageError(f"--set {item!r}: not section.field=value of a known field")
+    try:
+      value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      value = text.strip()
+    try:
+      config[section][field] = value
+    except TypeError as e:
+      raise app.UsageError(f"--set {item!r}: {e}") from None
+
+
+def label(r: dict) -> str:
+  return f"{r['trainer']}[{r['variant']}]" if r.get("variant") else r["trainer"]
 
 
 def ensure_fixture_store(path: str):
@@ -236,7 +263,8 @@ def run_pair(dataset: str, config, trainers) -> list[dict]:
       params = jax.device_get(state.params)
       rec["dead_frac"] = float(np.mean(np.asarray(state.since_fired) >= spec.dead_tokens))
       rec["recipe"] = (f"tied init, geometric-median b_pre, AuxK k_aux={spec.k_aux} "
-                       f"alpha={spec.auxk_coef:g}, projected unit decoder, Adam eps "
+                       f"alpha={spec.auxk_coef:g} relu={spec.auxk_relu}, projected unit "
+                       f"decoder, lr decay over the last {config.train.decay_frac:g}, Adam eps "
                        f"{config.train.eps:g}")
       w_unit = params["W_dec"] / np.linalg.norm(params["W_dec"], axis=1, keepdims=True)
       if held is not None:
@@ -265,15 +293,15 @@ def table(records: list[dict]) -> str:
            "setup s | train s | tok/s (median step) | load |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   f = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"
-  for r in sorted(records, key=lambda r: (r["dataset"], r["lr"], r["trainer"])):
+  for r in sorted(records, key=lambda r: (r["dataset"], r["lr"], label(r))):
     lines.append(
-        f"| {r['dataset']} | {r['trainer']} | {r['lr']:g} | {r['tokens']:,} | "
+        f"| {r['dataset']} | {label(r)} | {r['lr']:g} | {r['tokens']:,} | "
         f"{f(r, 'eval_fvu', '.4f')} | {f(r, 'eval_l0', '.1f')} | {100 * r['dead_frac']:.1f}% | "
         f"{f(r, 'gt_mmcs', '.3f')} | {f(r, 'gt_recovered_frac', '.1%')} | {r['setup_s']:.1f} | "
         f"{r['train_s']:.0f} | {r['tokens_per_s']:,.0f} | {r['load_start']:.1f}-{r['load_end']:.1f} |")
   best = {}
   for r in records:
-    key = (r["dataset"], r["trainer"])
+    key = (r["dataset"], label(r))
     metric = r.get("eval_fvu", -r.get("gt_mmcs", 0.0))
     if key not in best or metric < best[key][0]:
       best[key] = (metric, r)
@@ -292,7 +320,8 @@ def main(_):
   if os.path.exists(_OUT.value):
     with open(_OUT.value) as f:
       done = [json.loads(line) for line in f if line.strip()]
-  have = {(r["dataset"], r["lr"], r["trainer"], r["steps"]) for r in done}
+  variant = ",".join(_SET.value)
+  have = {(r["dataset"], r["lr"], r["trainer"], r["steps"], r.get("variant", "")) for r in done}
   unknown = set(_TRAINERS.value) - {"jaxsae", *PEER_OF}
   if unknown:
     raise app.UsageError(f"--trainers: unknown {sorted(unknown)}")
@@ -323,8 +352,9 @@ def main(_):
     if lr == "auto":   # sparsify's own default for its signum optimizer
       from bench import sparsify_peer
       lr = sparsify_peer.default_lr(config.sae.n, "signum")
+    apply_overrides(config, _SET.value)
     config.train.lr = lr = float(lr)
-    todo = [t for t in trainers if (ds, lr, t, steps) not in have]
+    todo = [t for t in trainers if (ds, lr, t, steps, variant) not in have]
     if not todo:
       continue
     if ds == "fixture":
@@ -332,6 +362,8 @@ def main(_):
     print(f"{ds} lr={lr:g}: {', '.join(todo)}", flush=True)
     for rec in run_pair(ds, config, todo):
       rec.update(jax=jax.__version__, **trainer_versions(rec["trainer"]))
+      if variant:
+        rec["variant"] = variant
       print(json.dumps(rec), flush=True)
       with open(_OUT.value, "a") as f:
         f.write(json.dumps(rec) + "\n")
