@@ -1,0 +1,29 @@
+"""bench/quality.py's run variants: --set overrides onto the config, and their labels in the tables."""
+import pytest
+from absl import app
+
+from bench import quality
+from configs import quickstart
+
+
+def test_set_overrides_fields_with_typed_values():
+  c = quickstart.get_config()
+  quality.apply_overrides(c, ["sae.auxk_coef=1.0", "sae.auxk_norm=residual", "train.steps=7"])
+  assert (c.sae.auxk_coef, c.sae.auxk_norm, c.train.steps) == (1.0, "residual", 7)
+
+
+@pytest.mark.parametrize("item", ["sae.nope=1", "auxk_coef=1.0", "sae.auxk_coef", "sae.k=1.5"])
+def test_set_refuses_unknown_fields_and_bad_values(item):
+  with pytest.raises(app.UsageError, match="--set"):
+    quality.apply_overrides(quickstart.get_config(), [item])
+
+
+def test_variants_are_their_own_rows_and_best_entries():
+  base = dict(dataset="fixture", lr=1e-3, tokens=1, eval_l0=32.0, setup_s=0.0, train_s=1.0,
+              tokens_per_s=1.0, load_start=0.0, load_end=0.0, trainer="jaxsae")
+  rows = [dict(base, eval_fvu=0.3, dead_frac=0.0),
+          dict(base, eval_fvu=0.2, dead_frac=0.5, variant="sae.auxk_coef=1.0")]
+  text = quality.table(rows)
+  best = text.split("Best learning rate")[1]
+  assert "| fixture | jaxsae | 0.001 | 0.3000 |" in best
+  assert "| fixture | jaxsae[sae.auxk_coef=1.0] | 0.001 | 0.2000 |" in best
