@@ -7,7 +7,8 @@
 Prints tokens/s of (a) the encoder GEMM alone, the ceiling: no step can beat its one dense
 matmul; (b) jaxsae's sparse train step with no dead latents, and (c) with AuxK active
 (10% of latents dead, their b_enc at -1e4 so they stay dead and AuxK runs on every timed step),
-once per --kernels path (with --lazy also under train.lazy_optimizer); (d) the same loss by dense
+once per --kernels path (with --lazy also under train.lazy_optimizer, with --aux_all also with
+AuxK's top-k over all n instead of the dead list, train.auxk_compact=False); (d) the same loss by dense
 autodiff; and (e) each of --peers (bench/peers.py; default all three, each skipped with a note
 when its library is not installed) on the same batch, with no dead latents and with 10% dead (its
 AuxK), on --peer_device (auto: CUDA when torch sees a GPU):
@@ -55,6 +56,8 @@ _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], 
 _KERNELS = flags.DEFINE_list("kernels", ["xla"], "sparse op paths to time: xla, pallas")
 _DENSE = flags.DEFINE_bool("dense", True, "also time the dense-autodiff step")
 _LAZY = flags.DEFINE_bool("lazy", False, "also time each jaxsae step with train.lazy_optimizer")
+_AUX_ALL = flags.DEFINE_bool("aux_all", False, "also time the AuxK step with "
+                             "train.auxk_compact=False (its top-k over all n latents)")
 _PEERS = flags.DEFINE_list("peers", ["saelens", "sparsify", "dictlearn"],
                           "PyTorch peers to time beside jaxsae: saelens, sparsify, dictlearn "
                           "('' none)")
@@ -176,8 +179,8 @@ def main(_):
     params = {**state.params, "b_enc": jnp.where(dead, -1e4, state.params["b_enc"])}
     return state.replace(params=params, since_fired=jnp.where(dead, spec.dead_tokens, 0)), shardings
 
-  def jaxsae_variant(kern, dead_frac, lazy=False):
-    c.kernels, c.train.lazy_optimizer = kern, lazy
+  def jaxsae_variant(kern, dead_frac, lazy=False, compact=True):
+    c.kernels, c.train.lazy_optimizer, c.train.auxk_compact = kern, lazy, compact
     state, shardings = fresh_state(dead_frac)
     return JaxVariant(step_lib.StepFns(c, spec, specs, tx, shardings).train, state, xs)
 
@@ -190,6 +193,10 @@ def main(_):
       add(f"jaxsae sparse step, no dead latents{suffix}", lambda: jaxsae_variant(kern, 0.0, lazy))
       add(f"jaxsae sparse step, AuxK active (k_aux={spec.k_aux}){suffix}",
           lambda: jaxsae_variant(kern, 0.1, lazy))
+      if _AUX_ALL.value:
+        all_suffix = f" [{', '.join(tags + ['AuxK over all n'])}]"
+        add(f"jaxsae sparse step, AuxK active (k_aux={spec.k_aux}){all_suffix}",
+            lambda: jaxsae_variant(kern, 0.1, lazy, compact=False))
 
   # (d) the same loss by dense autodiff through a [B, n] code.
   if _DENSE.value:

@@ -49,6 +49,7 @@ class StepFns:
     self.axis = specs.latent_axis if specs.model_size > 1 else None
     self.batch_size = config.train.batch_size
     self.aux_sizes = aux_sizes(spec.k_aux, config.train.auxk_buckets)
+    self.aux_compact = bool(config.train.auxk_compact)
     self.lazy = bool(config.train.lazy_optimizer)   # optim.py: only the selected latent rows
     self.fused_optimizer = None
     if self.lazy or (config.kernels == "pallas" and config.train.opt_state_dtype == "float32"):
@@ -95,7 +96,7 @@ class StepFns:
       idx, aux_idx, aux_ok = topk.select(
           xc, params["W_enc"], params["b_enc"], spec.k_select, dead=dead,
           k_aux=k_aux, axis=axis, compute_dtype=self.compute_dtype,
-          tile=self.encoder_tile, kernels=self.kernels)
+          tile=self.encoder_tile, kernels=self.kernels, compact=self.aux_compact)
       aux_scale = jnp.minimum(num_dead / max(spec.k_aux, 1), 1.0)
       (_, aux), grads = jax.value_and_grad(model.loss_terms, has_aux=True)(
           params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec, axis, self.kernels,

@@ -57,9 +57,61 @@ def _pallas_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype):
   return main, topk_encoder.topk(xc, w_enc, aux_bias, k_aux, compute_dtype=compute_dtype)
 
 
-def _local_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype, tile, kernels="xla"):
-  """Top-k (and dead top-k_aux) over this shard's latents; indices local to the shard."""
+def compact_sizes(n_local: int, k_aux: int) -> tuple[int, ...]:
+  """The dead-list lengths AuxK may run over instead of all n_local latents: powers of two near
+  n_local/64 and n_local/8 that hold at least k_aux (a step takes the smallest that holds every
+  dead latent of the shard, or all latents when more are dead)."""
+  sizes = []
+  for frac in (64, 8):
+    size = 1 << max(n_local // frac, 1).bit_length() - 1
+    if k_aux <= size < n_local and size not in sizes:
+      sizes.append(size)
+  return tuple(sizes)
+
+
+def _dead_list_top_k(xc, w_enc, b_enc, dead, k_aux, size, compute_dtype, tile, kernels, pre):
+  """Top-k_aux of the dead latents when at most `size` are dead, over a list of them: the columns
+  of pre (when it is at hand) or the encoder's dead rows (a GEMM `size` wide instead of n). The
+  list is ascending, so ties still go to the lower index; its padding is -inf, never a real pick."""
+  ids = jnp.nonzero(dead, size=size, fill_value=0)[0].astype(jnp.int32)
+  real = jnp.arange(size) < jnp.sum(dead)
+  if pre is not None:
+    v, j = jax.lax.top_k(jnp.where(real[None, :], jnp.take(pre, ids, axis=1), NEG), k_aux)
+  else:
+    (v, j), _ = _local_top_ks(xc, jnp.take(w_enc, ids, axis=0),
+                              jnp.where(real, jnp.take(b_enc, ids), NEG), None, k_aux, 0,
+                              compute_dtype, tile, kernels)
+  return v, jnp.take(ids, j)
+
+
+def _local_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype, tile, kernels="xla",
+                  compact=False):
+  """Top-k (and dead top-k_aux) over this shard's latents; indices local to the shard. With
+  compact, AuxK runs over a list of the dead latents when few are (compact_sizes): the same picks
+  for a fraction of the work (a second top-k over all n costs about as much as the GEMM)."""
   n = w_enc.shape[0]
+  sizes = compact_sizes(n, k_aux) if compact and k_aux and dead is not None else ()
+  if sizes:
+    whole = not tile or max(tile, k) >= n
+    pre = pre_activations(xc, w_enc, b_enc, compute_dtype) if whole and kernels == "xla" else None
+
+    def over_list(size):
+      def run():
+        if pre is not None:
+          main, _ = _top_ks(pre, 0, dead, k, 0)
+        else:
+          main, _ = _local_top_ks(xc, w_enc, b_enc, None, k, 0, compute_dtype, tile, kernels)
+        return main, _dead_list_top_k(xc, w_enc, b_enc, dead, k_aux, size, compute_dtype, tile,
+                                      kernels, pre)
+      return run
+
+    def over_all():
+      if pre is not None:
+        return _top_ks(pre, 0, dead, k, k_aux)
+      return _local_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype, tile, kernels)
+
+    branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.sum(dead, dtype=jnp.int32))
+    return jax.lax.switch(branch, [over_list(size) for size in sizes] + [over_all])
   if dead is None:
     dead = jnp.zeros((n,), bool)
   if kernels == "pallas":
@@ -99,7 +151,7 @@ def _global_top_k(vals, idx, k, axis, n_local):
 
 
 def select(xc, w_enc, b_enc, k, *, dead=None, k_aux=0, axis=None, compute_dtype=jnp.float32,
-           tile=0, kernels="xla"):
+           tile=0, kernels="xla", compact=False):
   """Indices of the top-k latents of each row, and of the top-k_aux *dead* latents.
 
   xc [B, d], w_enc [n_local, d] and b_enc [n_local] are this shard's (all of them when axis is
@@ -107,11 +159,12 @@ def select(xc, w_enc, b_enc, k, *, dead=None, k_aux=0, axis=None, compute_dtype=
   tile by tile in a Pallas kernel that keeps only each tile's top-k. Returns global indices
   idx [B, k] and, when k_aux > 0, (aux_idx [B, k_aux], aux_ok [B, k_aux]) where aux_ok is False for
   picks that are not dead (fewer than k_aux dead latents are available; their index is arbitrary).
+  compact: AuxK over a list of the dead latents when few are (same picks, _local_top_ks).
   """
   n_local = w_enc.shape[0]
   # A shard smaller than k offers all its latents; the gathered candidates still number >= k.
   main, aux = _local_top_ks(xc, w_enc, b_enc, dead, min(k, n_local), min(k_aux, n_local),
-                            compute_dtype, tile, kernels)
+                            compute_dtype, tile, kernels, compact)
 
   _, idx = _global_top_k(*main, k, axis, n_local)
   if not k_aux:

@@ -119,3 +119,32 @@ def test_auxk_buckets_give_the_same_step(tiny_config, num_dead):
   for name in ("W_dec", "W_enc", "b_enc", "b_pre"):
     np.testing.assert_allclose(out[True][0].params[name], out[False][0].params[name],
                                rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("mesh", [(1, 1), (2, 2)])
+def test_auxk_over_the_dead_list_gives_the_same_step(tiny_config, mesh):
+  """train.auxk_compact: with 40 of 4096 latents dead (AuxK over a 64-long dead list, or 32-long
+  per shard of 2048 at (2, 2)) or 1500 (over all latents), the step updates exactly as without it.
+  (Selection itself: tests/test_sharded_step.py.)"""
+  tiny_config.sae.n, tiny_config.sae.k_aux = 4096, 32
+  tiny_config.sae.dead_tokens = 10_000
+  tiny_config.mesh.shape = mesh
+  runs = {}
+  for compact in (True, False):
+    tiny_config.train.auxk_compact = compact
+    runs[compact] = train.setup(tiny_config)
+    assert runs[compact].steps.aux_compact == compact
+  x = jax.device_put(next(runs[True].data.train), runs[True].batch_sharding)
+  for num_dead in (40, 1500):
+    state = runs[True].state
+    dead = np.zeros(4096, bool)
+    dead[np.random.default_rng(num_dead).choice(4096, num_dead, replace=False)] = True
+    state = state.replace(since_fired=jax.device_put(
+        jnp.where(dead, 10_000, 0).astype(state.since_fired.dtype), state.since_fired.sharding))
+    out = {c: r.steps.train(jax.tree.map(jnp.copy, state), x) for c, r in runs.items()}
+    assert float(out[True][1]["losses/auxk"]) > 0
+    np.testing.assert_allclose(out[True][1]["losses/auxk"], out[False][1]["losses/auxk"],
+                               rtol=1e-6)
+    for name in ("W_dec", "W_enc", "b_enc", "b_pre"):
+      np.testing.assert_allclose(out[True][0].params[name], out[False][0].params[name],
+                                 rtol=1e-5, atol=1e-6, err_msg=f"{name}, {num_dead} dead")

@@ -196,3 +196,31 @@ def test_blocked_selection_equals_plain(tile):
     np.testing.assert_array_equal(tiled[2], plain[2], err_msg=f"aux_ok, tile={tile}")
     np.testing.assert_array_equal(np.where(plain[2], tiled[1], -1), np.where(plain[2], plain[1], -1),
                                   err_msg=f"aux_idx, tile={tile}")
+
+
+@pytest.mark.parametrize("path", ["xla", "xla-tiled", "pallas-tpu", "pallas-gpu"])
+def test_auxk_over_the_dead_list_equals_over_all_latents(path, monkeypatch):
+  """compact: AuxK's top-k over a list of the dead latents (64 or 512 long for n=4096) picks
+  exactly what the top-k over all n picks, on every path; beyond 512 dead it runs over all n."""
+  import pallas_kernels
+  kernels, tile = ("pallas", 0) if path.startswith("pallas") else ("xla", 1000 * path.endswith("tiled"))
+  if kernels == "pallas":
+    monkeypatch.setattr(pallas_kernels, "FLAVOR", path.split("-")[1])
+  n, k_aux = 4096, 32
+  assert topk.compact_sizes(n, k_aux) == (64, 512)
+  ks = jax.random.split(jax.random.PRNGKey(11), 4)
+  xc, w = jax.random.normal(ks[0], (16, 16)), jax.random.normal(ks[1], (n, 16))
+  b = 0.1 * jax.random.normal(ks[2], (n,))
+  order = np.asarray(jax.random.permutation(ks[3], n))
+  sel = jax.jit(lambda dead, compact: topk.select(xc, w, b, 8, dead=dead, k_aux=k_aux, tile=tile,
+                                                  kernels=kernels, compact=compact),
+                static_argnums=1)
+  for num_dead in (0, 20, 64, 300, 2000):   # none, fewer than k_aux, each list, all n
+    dead = np.isin(np.arange(n), order[:num_dead])
+    full, listed = sel(dead, False), sel(dead, True)
+    np.testing.assert_array_equal(listed[0], full[0], err_msg=f"idx, {num_dead} dead")
+    np.testing.assert_array_equal(listed[2], full[2], err_msg=f"aux_ok, {num_dead} dead")
+    assert int(np.sum(full[2])) == 16 * min(num_dead, k_aux)
+    np.testing.assert_array_equal(np.where(full[2], listed[1], -1), np.where(full[2], full[1], -1),
+                                  err_msg=f"aux_idx, {num_dead} dead")
+    assert dead[np.asarray(listed[1])[np.asarray(listed[2])]].all()

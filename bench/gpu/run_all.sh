@@ -4,9 +4,9 @@
 # budget, everything tee'd to $OUT:
 #   tests    JAX_PLATFORMS=cuda python3 -m pytest -q tests/test_pallas_gpu.py
 #   kernels  python3 bench/kernels.py                          (its GPU defaults)
-#   tp4096   python3 bench/throughput.py --n=131072 --batch=4096  --compute_dtype=bfloat16 \
+#   tp4096   python3 bench/throughput.py --n=131072 --batch=4096 --aux_all --compute_dtype=bfloat16 \
 #                --kernels=xla,pallas --peers=saelens,sparsify,dictlearn
-#   tp16384  the same at --batch=16384 (and --dense=false)
+#   tp16384  the same at --batch=16384, without --aux_all (and --dense=false)
 #   tplazy   (not in the default list) B=16384 with --lazy: each jaxsae step also under
 #            train.lazy_optimizer, no peers
 # The benchmarks append to bench/RESULTS.md, which is then copied to $OUT (with the new rows alone
@@ -138,7 +138,8 @@ for s in "${STEPS[@]}"; do
         say "kernels: $KERNELS_BENCH not found (set KERNELS_BENCH=...)"
       fi ;;
     tp4096)
-      run tp4096 170 "$PY" bench/throughput.py "${SHAPE[@]}" --batch=$B1 "${TP_COMMON[@]}" ;;
+      run tp4096 170 "$PY" bench/throughput.py "${SHAPE[@]}" --batch=$B1 --aux_all \
+        "${TP_COMMON[@]}" ;;
     tp16384)
       # No dense-autodiff variant here: its [B, n] f32 buffers (~40 GB at this size) would stay in
       # jax's memory pool and leave too little of an 80 GB H100 for the peers.
