@@ -87,8 +87,9 @@ def _dead_list_top_k(xc, w_enc, b_enc, dead, k_aux, size, compute_dtype, tile, k
 def _local_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype, tile, kernels="xla",
                   compact=False):
   """Top-k (and dead top-k_aux) over this shard's latents; indices local to the shard. With
-  compact, AuxK runs over a list of the dead latents when few are (compact_sizes): the same picks
-  for a fraction of the work (a second top-k over all n costs about as much as the GEMM)."""
+  compact, AuxK runs over a list of the dead latents when few are (compact_sizes): the same picks,
+  and with kernels="pallas" a GEMM over the list instead of a second one over all n (on the xla
+  path it only narrows the top-k, which XLA's CPU top-k barely notices: bench/RESULTS.md)."""
   n = w_enc.shape[0]
   sizes = compact_sizes(n, k_aux) if compact and k_aux and dead is not None else ()
   if sizes:
