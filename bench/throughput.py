@@ -8,7 +8,7 @@ Prints tokens/s of (a) the encoder GEMM alone, the ceiling: no step can beat its
 matmul; (b) jaxsae's sparse train step with no dead latents, and (c) with AuxK active
 (10% of latents dead, their b_enc at -1e4 so they stay dead and AuxK runs on every timed step),
 once per --kernels path (with --lazy also under train.lazy_optimizer, with --aux_all also with
-AuxK's top-k over all n instead of the dead list, train.auxk_compact=False); (d) the same loss by dense
+AuxK over all n instead of over the dead list, train.auxk_compact=False); (d) the same loss by dense
 autodiff; and (e) each of --peers (bench/peers.py; default all three, each skipped with a note
 when its library is not installed) on the same batch, with no dead latents and with 10% dead (its
 AuxK), on --peer_device (auto: CUDA when torch sees a GPU):
@@ -57,7 +57,7 @@ _KERNELS = flags.DEFINE_list("kernels", ["xla"], "sparse op paths to time: xla, 
 _DENSE = flags.DEFINE_bool("dense", True, "also time the dense-autodiff step")
 _LAZY = flags.DEFINE_bool("lazy", False, "also time each jaxsae step with train.lazy_optimizer")
 _AUX_ALL = flags.DEFINE_bool("aux_all", False, "also time the AuxK step with "
-                             "train.auxk_compact=False (its top-k over all n latents)")
+                             "train.auxk_compact=False (AuxK over all n latents, not the dead list)")
 _PEERS = flags.DEFINE_list("peers", ["saelens", "sparsify", "dictlearn"],
                           "PyTorch peers to time beside jaxsae: saelens, sparsify, dictlearn "
                           "('' none)")

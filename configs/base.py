@@ -44,8 +44,9 @@ def get_config():
   c.train.dense_op_ratio = 16    # xla path: sparse ops over K latents run as dense GEMMs when
                                  # n_local <= ratio * K (AuxK on small dictionaries); 0: never
   c.train.auxk_buckets = True    # run AuxK only as wide as the dead latents need (same result)
-  c.train.auxk_compact = True    # AuxK's top-k over a list of the dead latents when few are dead
-                                 # (at most ~n/8 per shard), not over all n (same picks; topk.py)
+  c.train.auxk_compact = True    # AuxK over a list of the dead latents when few are dead (at most
+                                 # ~n/8 per shard): its top-k and sparse ops over the list's rows,
+                                 # not all n (same update; 1.9x faster AuxK steps on CPU, README)
   c.train.warmup_steps = 0
   c.train.decay_frac = 0.0       # linear decay to 0 over this final fraction of steps
   c.train.seed = 0

@@ -87,7 +87,7 @@ def decode(params, z, idx):
 
 
 def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeSpec,
-               axis=None, kernels="xla", batch_axes=None):
+               axis=None, kernels="xla", batch_axes=None, aux_rows=None):
   """Loss of one (local) batch given the selected latents, and its metrics.
 
   total_var is the summed squared deviation of the *global* batch from its mean, so the losses of
@@ -96,7 +96,9 @@ def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeS
   error is divided by total_var (spec.auxk_norm="input", as EleutherAI's sparsify), or by the
   residual's own centred variance over the global batch ("residual", as OpenAI's reference
   train.py): that makes AuxK 1/FVU times stronger, and keeps it so as the FVU falls. batch_axes:
-  the mesh axes the batch is split over, for that variance.
+  the mesh axes the batch is split over, for that variance. aux_rows: this shard's dead list
+  (topk.dead_list), when aux_idx are positions in it (topk.select's aux_list): AuxK then works on
+  those rows only, as dense GEMMs over the list where it is short (SaeSpec.ops_for).
   Returns (loss, aux) with aux holding per-batch sums and z.
   """
   n_local = params["W_enc"].shape[0]
@@ -114,14 +116,16 @@ def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeS
   auxk_sq = jnp.zeros((), jnp.float32)
   if aux_idx is not None:
     resid = jax.lax.stop_gradient(x - x_hat)
-    aux_ops = ops(aux_idx.shape[1])
-    aux_vals = sparse.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], aux_idx,
-                                axis, aux_ops)
+    w_enc, b_enc, w_dec = params["W_enc"], params["b_enc"], params["W_dec"]
+    if aux_rows is not None:   # gradients flow back to the full matrices through the gathers
+      w_enc, b_enc, w_dec = (jnp.take(a, aux_rows, axis=0) for a in (w_enc, b_enc, w_dec))
+    aux_ops = spec.ops_for(kernels, aux_idx.shape[1], w_enc.shape[0])
+    aux_vals = sparse.encode_at(x, params["b_pre"], w_enc, b_enc, aux_idx, axis, aux_ops)
     # With the ReLU, a dead latent whose pre-activations are all negative gets no AuxK gradient
     # and stays dead (seen at high lr: 40% dead, losses/auxk == train/fvu); auxk_relu=False lets
     # AuxK pull its encoder row back toward the residual.
     z_aux = jnp.where(aux_ok, jax.nn.relu(aux_vals) if spec.auxk_relu else aux_vals, 0.0)
-    e_hat = sparse.decode(z_aux, aux_idx, params["W_dec"], axis, aux_ops)
+    e_hat = sparse.decode(z_aux, aux_idx, w_dec, axis, aux_ops)
     auxk_sq = jnp.sum(jnp.square(e_hat - resid))
     aux_var = centred_sq_sum(resid, batch_axes)[0] if spec.auxk_norm == "residual" else total_var
     loss = loss + spec.auxk_coef * aux_scale * auxk_sq / aux_var

@@ -49,7 +49,11 @@ class StepFns:
     self.axis = specs.latent_axis if specs.model_size > 1 else None
     self.batch_size = config.train.batch_size
     self.aux_sizes = aux_sizes(spec.k_aux, config.train.auxk_buckets)
-    self.aux_compact = bool(config.train.auxk_compact)
+    n_local = spec.n // specs.model_size
+    # (AuxK width, dead-list length or 0 for all latents) of each branch a step may take.
+    self.aux_branches = [(0, 0)] + [
+        (w, size) for w in self.aux_sizes
+        for size in (topk.compact_sizes(n_local, w) if config.train.auxk_compact else ()) + (0,)]
     self.lazy = bool(config.train.lazy_optimizer)   # optim.py: only the selected latent rows
     self.fused_optimizer = None
     if self.lazy or (config.kernels == "pallas" and config.train.opt_state_dtype == "float32"):
@@ -77,11 +81,24 @@ class StepFns:
   def _psum_batch(self, tree):
     return jax.lax.psum(tree, self.specs.batch_axes)
 
-  def _marked(self, idx, ok, n_local):
-    """Local [n_local] int32, 1 for the latents this shard owns that idx selects where ok."""
-    local, own = localize(idx, n_local, self.axis)
+  def _marked(self, idx, ok, n_local, rows=None):
+    """Local [n_local] int32, 1 for the latents this shard owns that idx selects where ok; with
+    rows (a dead list), idx are positions in the global list and rows maps them to latents."""
+    local, own = localize(idx, n_local if rows is None else rows.shape[0], self.axis)
+    if rows is not None:
+      local = jnp.take(rows, local)
     return jnp.zeros((n_local,), jnp.int32).at[local.reshape(-1)].max(
         (own & ok).reshape(-1).astype(jnp.int32))
+
+  def aux_branch(self, num_dead, most):
+    """Index into aux_branches: the narrowest AuxK width that holds num_dead (all shards' dead
+    latents), then the shortest list that holds `most` (the most any one shard has), 0 last."""
+    sizes = self.aux_sizes
+    width = jnp.where(num_dead == 0, 0,
+                      1 + jnp.searchsorted(jnp.asarray(sizes[:-1], jnp.int32), num_dead))
+    width = jnp.asarray((0,) + sizes)[width]
+    ok = [(w == width) & ((size == 0) | (most <= size)) for w, size in self.aux_branches]
+    return jnp.argmax(jnp.stack(ok))   # the first that fits: lists are ascending, 0 comes last
 
   def _local_grads(self, params, x, since_fired):
     spec, axis = self.spec, self.axis
@@ -92,15 +109,16 @@ class StepFns:
       num_dead = jax.lax.psum(num_dead, axis)
     xc = x - params["b_pre"]
 
-    def run(k_aux):
+    def run(k_aux, size):
       idx, aux_idx, aux_ok = topk.select(
           xc, params["W_enc"], params["b_enc"], spec.k_select, dead=dead,
           k_aux=k_aux, axis=axis, compute_dtype=self.compute_dtype,
-          tile=self.encoder_tile, kernels=self.kernels, compact=self.aux_compact)
+          tile=self.encoder_tile, kernels=self.kernels, aux_list=size)
+      rows = topk.dead_list(dead, size)[0] if size else None
       aux_scale = jnp.minimum(num_dead / max(spec.k_aux, 1), 1.0)
       (_, aux), grads = jax.value_and_grad(model.loss_terms, has_aux=True)(
           params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec, axis, self.kernels,
-          self.specs.batch_axes)
+          self.specs.batch_axes, rows)
       z = aux["z"]
       sums = {"sq": aux["sq"], "auxk_sq": aux["auxk_sq"],
               "l0": jnp.sum(z > 0).astype(jnp.float32)}
@@ -109,19 +127,22 @@ class StepFns:
       if self.lazy:   # the rows the lazy optimizer updates: every selection, main and AuxK
         touched = self._marked(idx, True, n_local)
         if aux_idx is not None:
-          touched = jnp.maximum(touched, self._marked(aux_idx, aux_ok, n_local))
+          touched = jnp.maximum(touched, self._marked(aux_idx, aux_ok, n_local, rows))
         latents["touched"] = touched
       return grads, sums, latents
 
     if spec.k_aux:  # AuxK's second top-k costs as much as the first: run it only when needed,
-      # and only as wide as the dead latents need (aux_sizes).
-      sizes = self.aux_sizes
-      branch = jnp.where(num_dead == 0, 0,
-                         1 + jnp.searchsorted(jnp.asarray(sizes[:-1], jnp.int32), num_dead))
+      # only as wide as the dead latents need (aux_sizes), and over a list of them when every
+      # shard has few (topk.compact_sizes). The branch must be the same on every shard (its ops
+      # hold collectives): the list holds the most any shard has.
+      most = jnp.sum(dead, dtype=jnp.int32)
+      if axis is not None:
+        most = jax.lax.pmax(most, axis)
       grads, sums, latents = jax.lax.switch(
-          branch, [functools.partial(run, w) for w in (0,) + sizes])
+          self.aux_branch(num_dead, most),
+          [functools.partial(run, w, size) for w, size in self.aux_branches])
     else:
-      grads, sums, latents = run(0)
+      grads, sums, latents = run(0, 0)
     grads, sums, latents = self._psum_batch((grads, sums, latents))
     sums["total_var"] = total_var
     return grads, sums, {name: count > 0 for name, count in latents.items()}

@@ -60,7 +60,7 @@ def _pallas_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype):
 def compact_sizes(n_local: int, k_aux: int) -> tuple[int, ...]:
   """The dead-list lengths AuxK may run over instead of all n_local latents: powers of two near
   n_local/64 and n_local/8 that hold at least k_aux (a step takes the smallest that holds every
-  dead latent of the shard, or all latents when more are dead)."""
+  shard's dead latents, or all latents when more are dead)."""
   sizes = []
   for frac in (64, 8):
     size = 1 << max(n_local // frac, 1).bit_length() - 1
@@ -69,50 +69,40 @@ def compact_sizes(n_local: int, k_aux: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
-def _dead_list_top_k(xc, w_enc, b_enc, dead, k_aux, size, compute_dtype, tile, kernels, pre):
-  """Top-k_aux of the dead latents when at most `size` are dead, over a list of them: the columns
-  of pre (when it is at hand) or the encoder's dead rows (a GEMM `size` wide instead of n). The
-  list is ascending, so ties still go to the lower index; its padding is -inf, never a real pick."""
+def dead_list(dead, size: int):
+  """The first `size` dead latents of this shard, ascending (so ties still go to the lower
+  index), and which entries are real (the rest is padding, row 0)."""
   ids = jnp.nonzero(dead, size=size, fill_value=0)[0].astype(jnp.int32)
-  real = jnp.arange(size) < jnp.sum(dead)
+  return ids, jnp.arange(size) < jnp.sum(dead)
+
+
+def _dead_list_top_k(xc, w_enc, b_enc, dead, k_aux, size, compute_dtype, tile, kernels, pre):
+  """Top-k_aux of the dead latents over their list (dead_list): the columns of pre when it is at
+  hand, else a GEMM over the encoder's dead rows only. Positions in the list out; padding is
+  -inf, never a real pick."""
+  ids, real = dead_list(dead, size)
   if pre is not None:
-    v, j = jax.lax.top_k(jnp.where(real[None, :], jnp.take(pre, ids, axis=1), NEG), k_aux)
-  else:
-    (v, j), _ = _local_top_ks(xc, jnp.take(w_enc, ids, axis=0),
-                              jnp.where(real, jnp.take(b_enc, ids), NEG), None, k_aux, 0,
-                              compute_dtype, tile, kernels)
-  return v, jnp.take(ids, j)
+    return jax.lax.top_k(jnp.where(real[None, :], jnp.take(pre, ids, axis=1), NEG), k_aux)
+  main, _ = _local_top_ks(xc, jnp.take(w_enc, ids, axis=0),
+                          jnp.where(real, jnp.take(b_enc, ids), NEG), None, k_aux, 0,
+                          compute_dtype, tile, kernels)
+  return main
 
 
 def _local_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype, tile, kernels="xla",
-                  compact=False):
-  """Top-k (and dead top-k_aux) over this shard's latents; indices local to the shard. With
-  compact, AuxK runs over a list of the dead latents when few are (compact_sizes): the same picks,
-  and with kernels="pallas" a GEMM over the list instead of a second one over all n (on the xla
-  path it only narrows the top-k, which XLA's CPU top-k barely notices: bench/RESULTS.md)."""
+                  aux_list=0):
+  """Top-k (and dead top-k_aux) over this shard's latents; indices local to the shard, or, with
+  aux_list, AuxK's as positions in the shard's dead list of that length (select)."""
   n = w_enc.shape[0]
-  sizes = compact_sizes(n, k_aux) if compact and k_aux and dead is not None else ()
-  if sizes:
-    whole = not tile or max(tile, k) >= n
-    pre = pre_activations(xc, w_enc, b_enc, compute_dtype) if whole and kernels == "xla" else None
-
-    def over_list(size):
-      def run():
-        if pre is not None:
-          main, _ = _top_ks(pre, 0, dead, k, 0)
-        else:
-          main, _ = _local_top_ks(xc, w_enc, b_enc, None, k, 0, compute_dtype, tile, kernels)
-        return main, _dead_list_top_k(xc, w_enc, b_enc, dead, k_aux, size, compute_dtype, tile,
-                                      kernels, pre)
-      return run
-
-    def over_all():
-      if pre is not None:
-        return _top_ks(pre, 0, dead, k, k_aux)
-      return _local_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype, tile, kernels)
-
-    branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.sum(dead, dtype=jnp.int32))
-    return jax.lax.switch(branch, [over_list(size) for size in sizes] + [over_all])
+  if aux_list and k_aux:
+    pre = None
+    if kernels == "xla" and (not tile or max(tile, k) >= n):
+      pre = pre_activations(xc, w_enc, b_enc, compute_dtype)
+      main, _ = _top_ks(pre, 0, dead, k, 0)
+    else:
+      main, _ = _local_top_ks(xc, w_enc, b_enc, None, k, 0, compute_dtype, tile, kernels)
+    return main, _dead_list_top_k(xc, w_enc, b_enc, dead, k_aux, aux_list, compute_dtype, tile,
+                                  kernels, pre)
   if dead is None:
     dead = jnp.zeros((n,), bool)
   if kernels == "pallas":
@@ -152,7 +142,7 @@ def _global_top_k(vals, idx, k, axis, n_local):
 
 
 def select(xc, w_enc, b_enc, k, *, dead=None, k_aux=0, axis=None, compute_dtype=jnp.float32,
-           tile=0, kernels="xla", compact=False):
+           tile=0, kernels="xla", aux_list=0):
   """Indices of the top-k latents of each row, and of the top-k_aux *dead* latents.
 
   xc [B, d], w_enc [n_local, d] and b_enc [n_local] are this shard's (all of them when axis is
@@ -160,15 +150,19 @@ def select(xc, w_enc, b_enc, k, *, dead=None, k_aux=0, axis=None, compute_dtype=
   tile by tile in a Pallas kernel that keeps only each tile's top-k. Returns global indices
   idx [B, k] and, when k_aux > 0, (aux_idx [B, k_aux], aux_ok [B, k_aux]) where aux_ok is False for
   picks that are not dead (fewer than k_aux dead latents are available; their index is arbitrary).
-  compact: AuxK over a list of the dead latents when few are (same picks, _local_top_ks).
+
+  aux_list > 0: AuxK picks among each shard's first aux_list dead latents (dead_list; the caller
+  makes sure no shard has more), and aux_idx are positions in the global list, shard s's list
+  being [s * aux_list, (s + 1) * aux_list): the same picks, for a GEMM or a top-k over the list
+  instead of all n, and the index space of model.loss_terms' aux_rows.
   """
   n_local = w_enc.shape[0]
   # A shard smaller than k offers all its latents; the gathered candidates still number >= k.
   main, aux = _local_top_ks(xc, w_enc, b_enc, dead, min(k, n_local), min(k_aux, n_local),
-                            compute_dtype, tile, kernels, compact)
+                            compute_dtype, tile, kernels, aux_list)
 
   _, idx = _global_top_k(*main, k, axis, n_local)
   if not k_aux:
     return idx, None, None
-  aux_vals, aux_idx = _global_top_k(*aux, k_aux, axis, n_local)
+  aux_vals, aux_idx = _global_top_k(*aux, k_aux, axis, aux_list or n_local)
   return idx, aux_idx, aux_vals > NEG

@@ -285,3 +285,31 @@ def test_config_check(tiny_config):
   with pytest.raises(config_check.ConfigError, match=r"train\.lazy_optimizer=True needs "
                                                      r"train\.opt_state_dtype='float32'"):
     config_check.validate(tiny_config)
+
+
+def test_touched_rows_with_auxk_over_the_dead_list(tiny_config):
+  """With few dead latents AuxK runs over their list (positions, not latent ids): the mask must
+  still name the latents it picked, on a (1, 2) mesh, and nothing else outside the top-k."""
+  config = _tiny(tiny_config, n=4096, batch=64)
+  config.sae.dead_tokens = 10_000
+  config.train.lazy_optimizer = True
+  config.mesh.shape = (1, 2)
+  run = train.setup(config)
+  st, specs = run.steps, run.specs
+  dead = np.zeros(4096, bool)
+  dead[np.random.default_rng(0).choice(4096, 40, replace=False)] = True
+  assert st.aux_branches[int(st.aux_branch(jnp.int32(40), jnp.int32(40)))][1] > 0, "not a list"
+  since = jax.device_put(jnp.where(dead, 10_000, 0).astype(run.state.since_fired.dtype),
+                         run.state.since_fired.sharding)
+  local_grads = jax.jit(st._shard_map(st._local_grads, (specs.params, specs.batch, specs.latent),
+                                      (specs.params, jax.sharding.PartitionSpec(),
+                                       specs.latent)))
+  batch = jax.device_put(next(run.data.train), run.batch_sharding)
+  grads, _, latents = jax.device_get(
+      local_grads(run.state.params, batch * run.state.input_scale, since))
+  touched, fired = latents["touched"], latents["fired"]
+  w_enc_rows = np.abs(grads["W_enc"]).max(axis=1) > 0
+  assert not (w_enc_rows & ~touched).any(), "gradient rows the mask leaves out"
+  aux_only = touched & ~fired
+  assert aux_only.any() and dead[aux_only & w_enc_rows].all(), "AuxK rows must be dead latents"
+  assert (dead & w_enc_rows).sum() >= 30, "AuxK reached too few of the 40 dead latents"

@@ -124,8 +124,8 @@ def test_auxk_buckets_give_the_same_step(tiny_config, num_dead):
 @pytest.mark.parametrize("mesh", [(1, 1), (2, 2)])
 def test_auxk_over_the_dead_list_gives_the_same_step(tiny_config, mesh):
   """train.auxk_compact: with 40 of 4096 latents dead (AuxK over a 64-long dead list, or 32-long
-  per shard of 2048 at (2, 2)) or 1500 (over all latents), the step updates exactly as without it.
-  (Selection itself: tests/test_sharded_step.py.)"""
+  per shard of 2048 at (2, 2): its ops then run as dense GEMMs over the list) or 1500 (over all
+  latents), the step updates as without it. (Selection itself: tests/test_sharded_step.py.)"""
   tiny_config.sae.n, tiny_config.sae.k_aux = 4096, 32
   tiny_config.sae.dead_tokens = 10_000
   tiny_config.mesh.shape = mesh
@@ -133,7 +133,9 @@ def test_auxk_over_the_dead_list_gives_the_same_step(tiny_config, mesh):
   for compact in (True, False):
     tiny_config.train.auxk_compact = compact
     runs[compact] = train.setup(tiny_config)
-    assert runs[compact].steps.aux_compact == compact
+  n_local = 4096 // runs[True].specs.model_size
+  assert runs[True].steps.aux_branches == [(0, 0), (32, n_local // 64), (32, n_local // 8), (32, 0)]
+  assert runs[False].steps.aux_branches == [(0, 0), (32, 0)]
   x = jax.device_put(next(runs[True].data.train), runs[True].batch_sharding)
   for num_dead in (40, 1500):
     state = runs[True].state
@@ -148,3 +150,13 @@ def test_auxk_over_the_dead_list_gives_the_same_step(tiny_config, mesh):
     for name in ("W_dec", "W_enc", "b_enc", "b_pre"):
       np.testing.assert_allclose(out[True][0].params[name], out[False][0].params[name],
                                  rtol=1e-5, atol=1e-6, err_msg=f"{name}, {num_dead} dead")
+
+
+def test_auxk_branch_takes_the_narrowest_width_and_shortest_list(tiny_config):
+  tiny_config.sae.n, tiny_config.sae.k_aux = 8192, 256
+  steps = train.setup(tiny_config).steps
+  assert steps.aux_sizes == (32, 256)
+  assert steps.aux_branches == [(0, 0), (32, 128), (32, 1024), (32, 0), (256, 1024), (256, 0)]
+  for num_dead, most, want in [(0, 0, 0), (5, 5, 1), (32, 32, 1), (32, 200, 2), (33, 33, 4),
+                               (100, 1024, 4), (2000, 1025, 5), (20, 2000, 3)]:
+    assert int(steps.aux_branch(jnp.int32(num_dead), jnp.int32(most))) == want, (num_dead, most)

@@ -200,8 +200,8 @@ def test_blocked_selection_equals_plain(tile):
 
 @pytest.mark.parametrize("path", ["xla", "xla-tiled", "pallas-tpu", "pallas-gpu"])
 def test_auxk_over_the_dead_list_equals_over_all_latents(path, monkeypatch):
-  """compact: AuxK's top-k over a list of the dead latents (64 or 512 long for n=4096) picks
-  exactly what the top-k over all n picks, on every path; beyond 512 dead it runs over all n."""
+  """aux_list: AuxK's top-k over a list of the dead latents (64 or 512 long for n=4096) picks
+  exactly what the top-k over all n picks, on every path, whenever the list holds them all."""
   import pallas_kernels
   kernels, tile = ("pallas", 0) if path.startswith("pallas") else ("xla", 1000 * path.endswith("tiled"))
   if kernels == "pallas":
@@ -212,15 +212,19 @@ def test_auxk_over_the_dead_list_equals_over_all_latents(path, monkeypatch):
   xc, w = jax.random.normal(ks[0], (16, 16)), jax.random.normal(ks[1], (n, 16))
   b = 0.1 * jax.random.normal(ks[2], (n,))
   order = np.asarray(jax.random.permutation(ks[3], n))
-  sel = jax.jit(lambda dead, compact: topk.select(xc, w, b, 8, dead=dead, k_aux=k_aux, tile=tile,
-                                                  kernels=kernels, compact=compact),
-                static_argnums=1)
-  for num_dead in (0, 20, 64, 300, 2000):   # none, fewer than k_aux, each list, all n
+  sel = jax.jit(lambda dead, size: topk.select(xc, w, b, 8, dead=dead, k_aux=k_aux, tile=tile,
+                                               kernels=kernels, aux_list=size), static_argnums=1)
+  for num_dead in (0, 20, 64, 300):   # none, fewer than k_aux, a full 64-list, the 512-list
     dead = np.isin(np.arange(n), order[:num_dead])
-    full, listed = sel(dead, False), sel(dead, True)
-    np.testing.assert_array_equal(listed[0], full[0], err_msg=f"idx, {num_dead} dead")
-    np.testing.assert_array_equal(listed[2], full[2], err_msg=f"aux_ok, {num_dead} dead")
+    full = sel(dead, 0)
     assert int(np.sum(full[2])) == 16 * min(num_dead, k_aux)
-    np.testing.assert_array_equal(np.where(full[2], listed[1], -1), np.where(full[2], full[1], -1),
-                                  err_msg=f"aux_idx, {num_dead} dead")
-    assert dead[np.asarray(listed[1])[np.asarray(listed[2])]].all()
+    for size in (64, 512):
+      if num_dead > size:
+        continue
+      idx, pos, ok = sel(dead, size)
+      ids = np.asarray(topk.dead_list(dead, size)[0])
+      what = f"{num_dead} dead, list {size}"
+      np.testing.assert_array_equal(idx, full[0], err_msg=f"idx, {what}")
+      np.testing.assert_array_equal(ok, full[2], err_msg=f"aux_ok, {what}")
+      np.testing.assert_array_equal(np.where(ok, ids[np.asarray(pos)], -1),
+                                    np.where(ok, full[1], -1), err_msg=f"aux_idx, {what}")
