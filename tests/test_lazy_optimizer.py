@@ -166,18 +166,23 @@ def _tiny(config, n=1024, batch=64, steps=4):
   return config
 
 
-def test_touched_rows_are_the_selected_ones(tiny_config):
-  """The mask the step hands the lazy optimizer holds every row with a gradient: main top-k and
-  AuxK picks (dead latents after one step), on a (1, 2) mesh; the metric is its mean."""
-  config = _tiny(tiny_config, n=256, batch=64)
-  config.sae.dead_tokens = 64
+def _lazy_on_two_shards(tiny_config, n, dead_tokens):
+  """A lazy-Adam run on a (1, 2) mesh, and its per-device gradients, sums and latent masks."""
+  config = _tiny(tiny_config, n=n, batch=64)
+  config.sae.dead_tokens = dead_tokens
   config.train.lazy_optimizer = True
   config.mesh.shape = (1, 2)
   run = train.setup(config)
   st, specs = run.steps, run.specs
-  local_grads = jax.jit(st._shard_map(st._local_grads, (specs.params, specs.batch, specs.latent),
-                                      (specs.params, jax.sharding.PartitionSpec(),
-                                       specs.latent)))
+  return run, jax.jit(st._shard_map(st._local_grads, (specs.params, specs.batch, specs.latent),
+                                    (specs.params, jax.sharding.PartitionSpec(), specs.latent)))
+
+
+def test_touched_rows_are_the_selected_ones(tiny_config):
+  """The mask the step hands the lazy optimizer holds every row with a gradient: main top-k and
+  AuxK picks (dead latents after one step), on a (1, 2) mesh; the metric is its mean."""
+  run, local_grads = _lazy_on_two_shards(tiny_config, n=256, dead_tokens=64)
+  st = run.steps
   state, aux_seen = run.state, False
   for _ in range(3):
     batch = jax.device_put(next(run.data.train), run.batch_sharding)
@@ -290,20 +295,13 @@ def test_config_check(tiny_config):
 def test_touched_rows_with_auxk_over_the_dead_list(tiny_config):
   """With few dead latents AuxK runs over their list (positions, not latent ids): the mask must
   still name the latents it picked, on a (1, 2) mesh, and nothing else outside the top-k."""
-  config = _tiny(tiny_config, n=4096, batch=64)
-  config.sae.dead_tokens = 10_000
-  config.train.lazy_optimizer = True
-  config.mesh.shape = (1, 2)
-  run = train.setup(config)
-  st, specs = run.steps, run.specs
+  run, local_grads = _lazy_on_two_shards(tiny_config, n=4096, dead_tokens=10_000)
+  st = run.steps
   dead = np.zeros(4096, bool)
   dead[np.random.default_rng(0).choice(4096, 40, replace=False)] = True
   assert st.aux_branches[int(st.aux_branch(jnp.int32(40), jnp.int32(40)))][1] > 0, "not a list"
   since = jax.device_put(jnp.where(dead, 10_000, 0).astype(run.state.since_fired.dtype),
                          run.state.since_fired.sharding)
-  local_grads = jax.jit(st._shard_map(st._local_grads, (specs.params, specs.batch, specs.latent),
-                                      (specs.params, jax.sharding.PartitionSpec(),
-                                       specs.latent)))
   batch = jax.device_put(next(run.data.train), run.batch_sharding)
   grads, _, latents = jax.device_get(
       local_grads(run.state.params, batch * run.state.input_scale, since))
