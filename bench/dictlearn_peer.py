@@ -75,6 +75,11 @@ def _library():
   return importlib.import_module("dictionary_learning.trainers.top_k")
 
 
+def unit_norm_factor(x: np.ndarray) -> float:
+  """The norm_factor that brings rows x to unit mean squared norm (its normalize_activations)."""
+  return float(np.sqrt(np.mean(np.sum(np.square(x, dtype=np.float64), axis=1))))
+
+
 def versions() -> dict:
   import torch
   _library()

@@ -99,7 +99,7 @@ def worker_peer(name, d, n, k, b, steps) -> dict:
   if name == "saelens":
     peer = mod.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 6)
   elif name == "dictlearn":   # dense [B, n] codes like SAELens: expected_bytes' default branch
-    norm_factor = float(np.sqrt(np.mean(np.sum(np.square(x, dtype=np.float64), axis=1))))
+    norm_factor = mod.unit_norm_factor(x)
     peer = mod.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 12, norm_factor=norm_factor)
   else:
     peer = mod.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 12, optimizer="adam", auxk_alpha=1 / 32)

@@ -244,7 +244,7 @@ def main(_):
       # trainSAE autocasts on CUDA only; the peer runs fp32 on CPU whatever --peer_autocast says.
       info = (f"dictionary_learning {v['dictionary_learning']} "
               f"({'bf16 autocast' if autocast and on_cuda else 'fp32'})")
-      norm_factor = float(np.sqrt(np.mean(np.sum(np.square(xb, dtype=np.float64), axis=1))))
+      norm_factor = mod.unit_norm_factor(xb)
       make = lambda: mod.Peer(d, n, k, 1e-4, b, 10 ** 6, 10 ** 12, norm_factor=norm_factor,
                               device=dev, autocast=autocast)
     else:
