@@ -14,8 +14,13 @@ The readers take turns within each repeat, so a busy neighbour slows all of them
   python bench/loader.py --rows=262144 --batch=4096 [--cold] [--train_rows_per_sec=N]
 
 --train_rows_per_sec (what the CPU train step consumes, from the trainer's perf/tokens_per_sec)
-adds the loader/train ratio. Prints a markdown table for bench/RESULTS.md.
+adds the loader/train ratio. Prints a markdown table and appends it, with the date, machine and
+command, to --results (bench/RESULTS.md by default; '' to skip).
+
+On a many-core host (the GPU machine has 16 cores) more reader threads use more of the memory
+system: `bash bench/gpu/run_all.sh loader` runs this with 2 and with 8 threads.
 """
+import datetime
 import glob
 import os
 import shutil
@@ -47,6 +52,8 @@ flags.DEFINE_bool("retain_freed_memory", True, "data.retain_freed_memory (the tr
                   "set before any reader runs so all three share the allocator policy.")
 flags.DEFINE_float("train_rows_per_sec", 0.0, "CPU train step consumption, for the ratio.")
 flags.DEFINE_string("dir", "", "Where to write the stores (default: a temporary folder).")
+flags.DEFINE_string("results", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                            "RESULTS.md"), "markdown file to append to ('' to skip)")
 FLAGS = flags.FLAGS
 
 
@@ -107,10 +114,12 @@ def loader_pass(path, direct_read=True):
 def main(_):
   root = FLAGS.dir or tempfile.mkdtemp(prefix="jaxsae_bench_loader_")
   retained = FLAGS.retain_freed_memory and retain_freed_memory()
-  print(f"{'cold' if FLAGS.cold else 'warm'} page cache; {FLAGS.rows} rows per store, batch {FLAGS.batch}, chunks {FLAGS.chunk_rows}, shards "
-        f"{FLAGS.shard_rows}, group {FLAGS.group} chunks, {FLAGS.threads} threads, prefetch "
-        f"{FLAGS.prefetch}, {os.cpu_count()} CPUs; best of {FLAGS.repeats}; freed memory "
-        f"{'retained' if retained else 'returned to the OS'}", flush=True)
+  setting = (f"{'cold' if FLAGS.cold else 'warm'} page cache; {FLAGS.rows} rows per store, "
+             f"batch {FLAGS.batch}, chunks {FLAGS.chunk_rows}, shards {FLAGS.shard_rows}, group "
+             f"{FLAGS.group} chunks, {FLAGS.threads} threads, prefetch {FLAGS.prefetch}, "
+             f"{os.cpu_count()} CPUs; best of {FLAGS.repeats}; freed memory "
+             f"{'retained' if retained else 'returned to the OS'}; load {os.getloadavg()[0]:.1f}")
+  print(setting, flush=True)
   head = ("| d | dtype | raw MB/s | ts_seq MB/s | loader_ts MB/s | loader rows/s | loader MB/s |"
           " loader/raw |")
   head += " loader/train |" if FLAGS.train_rows_per_sec else ""
@@ -140,6 +149,11 @@ def main(_):
     if not FLAGS.dir:
       shutil.rmtree(root, ignore_errors=True)
   print("\n".join(lines))
+  if FLAGS.results:
+    cmd = "python bench/loader.py " + " ".join(sys.argv[1:])
+    with open(FLAGS.results, "a") as f:
+      f.write(f"\n### Loader, {datetime.date.today()}: `{cmd.strip()}`\n\n{setting}, load at the "
+              f"end {os.getloadavg()[0]:.1f}\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

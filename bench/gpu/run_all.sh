@@ -9,6 +9,9 @@
 #   tp16384  the same at --batch=16384, without --aux_all (and --dense=false)
 #   tplazy   (not in the default list) B=16384 with --lazy: each jaxsae step also under
 #            train.lazy_optimizer, no peers
+#   loader   (not in the default list) python3 bench/loader.py --rows=1048576, warm, with 2 and
+#            with 8 reader threads (issue 3: does a many-core host reach 80% of the raw read?),
+#            and cold with 8 where the page cache can be dropped (root)
 # The benchmarks append to bench/RESULTS.md, which is then copied to $OUT (with the new rows alone
 # in $OUT/new_rows.md).
 #
@@ -61,12 +64,14 @@ if [[ $DRY == 1 ]]; then
   SHAPE=(--d=64 --n=1024 --k=8)
   B1=256 B2=1024
   KSHAPE=(--d=64 --n=1024 --k=8 --batch=256)
+  LSHAPE=(--rows=16384 --chunk_rows=1024 --shard_rows=4096 --dims=64 --repeats=1)
   TEST_PLATFORM=cpu
 else
   RESULTS=bench/RESULTS.md
   SHAPE=(--n=131072)
   B1=4096 B2=16384
   KSHAPE=()
+  LSHAPE=(--rows=1048576)
   TEST_PLATFORM=cuda   # tests/conftest.py makes CPU the default platform unless this is set
 fi
 LINES0=$(wc -l <"$RESULTS")
@@ -149,8 +154,18 @@ for s in "${STEPS[@]}"; do
       run tplazy 200 "$PY" bench/throughput.py "${SHAPE[@]}" --batch=$B2 --dense=false --lazy \
           --compute_dtype=bfloat16 --kernels=xla,pallas --peers= --steps=10 --rounds=3 \
           --wait_quiet=30 --max_load=8 --results="$RESULTS" ;;
+    loader)
+      run loader 200 bash -c '
+        py=$1; shift
+        "$py" bench/loader.py --threads=2 --prefetch=2 "$@" || exit
+        "$py" bench/loader.py --threads=8 --prefetch=8 "$@" || exit
+        if [[ -w /proc/sys/vm/drop_caches ]]; then
+          "$py" bench/loader.py --threads=8 --prefetch=8 --cold "$@"
+        else
+          echo "cold: skipped, /proc/sys/vm/drop_caches is not writable"
+        fi' loader "$PY" "${LSHAPE[@]}" --results="$RESULTS" ;;
     *)
-      say "unknown step $s (tests kernels tp4096 tp16384 tplazy)" ;;
+      say "unknown step $s (tests kernels tp4096 tp16384 tplazy loader)" ;;
   esac
 done
 
