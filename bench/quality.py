@@ -80,6 +80,10 @@ _SET = flags.DEFINE_list("set", [],
                          "config overrides for these runs, e.g. sae.auxk_coef=1.0: recorded as "
                          "the runs' `variant` and shown as trainer[variant]; peers that read the "
                          "field (n, k, batch, lr, AuxK alpha) follow it")
+_SAELENS_SET = flags.DEFINE_list(
+    "saelens_set", [], "SAELens's own TopKTrainingSAEConfig fields for the saelens runs, e.g. "
+    "rescale_acts_by_decoder_norm=False, decoder_init_norm=1.0, aux_loss_coefficient=0.03125: "
+    "recorded in the saelens rows' `variant` as saelens.FIELD=VALUE")
 
 
 # ---- configs ----------------------------------------------------------------------------------
@@ -121,6 +125,25 @@ def apply_overrides(config, overrides: list[str]):
       raise app.UsageError(f"--set {item!r}: {e}") from None
 
 
+def peer_options(items: list[str], fields=None) -> dict:
+  """--saelens_set `field=value` items as keyword arguments (values parsed as Python literals);
+  with `fields`, a name not among them is a UsageError."""
+  import ast
+  out = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip().isidentifier():
+      raise app.UsageError(f"--saelens_set {item!r}: not field=value")
+    if fields is not None and key.strip() not in fields:
+      raise app.UsageError(f"--saelens_set {item!r}: TopKTrainingSAEConfig has no field "
+                           f"{key.strip()!r}")
+    try:
+      out[key.strip()] = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      out[key.strip()] = text.strip()
+  return out
+
+
 def label(r: dict) -> str:
   return f"{r['trainer']}[{r['variant']}]" if r.get("variant") else r["trainer"]
 
@@ -150,8 +173,11 @@ def make_peer(trainer: str, run, config, spec, window: int):
   B, steps, lr = config.train.batch_size, config.train.steps, config.train.lr
   if trainer == "saelens":
     scale = run.input_scale if config.data.normalize != "none" else None
+    options = peer_options(_SAELENS_SET.value)
+    coef = options.pop("aux_loss_coefficient", 1.0)
     return mod.Peer(spec.d, spec.n, spec.k, lr, B, steps, window, input_scale=scale,
-                    decay_steps=int(steps * config.train.decay_frac), seed=config.train.seed)
+                    decay_steps=int(steps * config.train.decay_frac), seed=config.train.seed,
+                    aux_loss_coefficient=coef, sae_options=options)
   if trainer == "dictlearn":
     # Its normalize_activations target is mean squared norm 1; jaxsae's scale s gives s * x mean
     # squared norm d ("d") or 1 ("unit"), so the mean squared norm it estimated is target / s^2.
@@ -262,7 +288,8 @@ def run_pair(dataset: str, config, trainers) -> list[dict]:
     if t == "jaxsae":
       params = jax.device_get(state.params)
       rec["dead_frac"] = float(np.mean(np.asarray(state.since_fired) >= spec.dead_tokens))
-      rec["recipe"] = (f"tied init, geometric-median b_pre, AuxK k_aux={spec.k_aux} "
+      rec["recipe"] = (f"tied init (encoder norm {spec.encoder_init_norm:g}), geometric-median "
+                       f"b_pre, AuxK k_aux={spec.k_aux} "
                        f"alpha={spec.auxk_coef:g} relu={spec.auxk_relu}, projected unit "
                        f"decoder, lr decay over the last {config.train.decay_frac:g}, Adam eps "
                        f"{config.train.eps:g}")
@@ -320,7 +347,17 @@ def main(_):
   if os.path.exists(_OUT.value):
     with open(_OUT.value) as f:
       done = [json.loads(line) for line in f if line.strip()]
-  variant = ",".join(_SET.value)
+  if _SAELENS_SET.value:   # a bad item stops the run before any training
+    if "saelens" not in _TRAINERS.value:
+      raise app.UsageError("--saelens_set needs saelens in --trainers")
+    import dataclasses
+    from sae_lens import TopKTrainingSAEConfig
+    peer_options(_SAELENS_SET.value, {f.name for f in dataclasses.fields(TopKTrainingSAEConfig)})
+
+  def variant(trainer: str) -> str:
+    own = [f"saelens.{item}" for item in _SAELENS_SET.value] if trainer == "saelens" else []
+    return ",".join(_SET.value + own)
+
   have = {(r["dataset"], r["lr"], r["trainer"], r["steps"], r.get("variant", "")) for r in done}
   unknown = set(_TRAINERS.value) - {"jaxsae", *PEER_OF}
   if unknown:
@@ -354,7 +391,7 @@ def main(_):
       lr = sparsify_peer.default_lr(config.sae.n, "signum")
     apply_overrides(config, _SET.value)
     config.train.lr = lr = float(lr)
-    todo = [t for t in trainers if (ds, lr, t, steps, variant) not in have]
+    todo = [t for t in trainers if (ds, lr, t, steps, variant(t)) not in have]
     if not todo:
       continue
     if ds == "fixture":
@@ -362,8 +399,8 @@ def main(_):
     print(f"{ds} lr={lr:g}: {', '.join(todo)}", flush=True)
     for rec in run_pair(ds, config, todo):
       rec.update(jax=jax.__version__, **trainer_versions(rec["trainer"]))
-      if variant:
-        rec["variant"] = variant
+      if variant(rec["trainer"]):
+        rec["variant"] = variant(rec["trainer"])
       print(json.dumps(rec), flush=True)
       with open(_OUT.value, "a") as f:
         f.write(json.dumps(rec) + "\n")

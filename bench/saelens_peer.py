@@ -42,7 +42,9 @@ class Peer:
   def __init__(self, d: int, n: int, k: int, lr: float, batch: int, steps: int,
                dead_window_steps: int, input_scale: float | None = None, decay_steps: int = 0,
                device: str = "cpu", seed: int = 0, aux_loss_coefficient: float = 1.0,
-               autocast: bool = False):
+               autocast: bool = False, sae_options: dict | None = None):
+    """sae_options: other TopKTrainingSAEConfig fields (e.g. rescale_acts_by_decoder_norm,
+    decoder_init_norm), to find out which of SAELens's choices make a difference."""
     import torch
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
@@ -53,7 +55,8 @@ class Peer:
     cfg = TopKTrainingSAEConfig(
         d_in=d, d_sae=n, k=k, dtype="float32", device=device,
         aux_loss_coefficient=aux_loss_coefficient,
-        normalize_activations="expected_average_only_in" if scaled else "none")
+        normalize_activations="expected_average_only_in" if scaled else "none",
+        **(sae_options or {}))
     self.sae = TopKTrainingSAE(cfg)
     tcfg = SAETrainerConfig(
         total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr,
@@ -69,9 +72,9 @@ class Peer:
       self.trainer.activation_scaler.scaling_factor = float(input_scale)
     self.device, self.window = device, dead_window_steps
     self._torch = torch
-    self.recipe = ("SAELens TopKTrainingSAE defaults: decoder init norm 0.1, b_dec=0, "
-                   f"rescale_acts_by_decoder_norm, AuxK k_aux={d // 2} coef "
-                   f"{aux_loss_coefficient:g}, grad clip 1.0, Adam eps 1e-8"
+    self.recipe = (f"SAELens TopKTrainingSAE: decoder init norm {cfg.decoder_init_norm}, b_dec=0, "
+                   f"rescale_acts_by_decoder_norm={cfg.rescale_acts_by_decoder_norm}, AuxK "
+                   f"k_aux={d // 2} coef {aux_loss_coefficient:g}, grad clip 1.0, Adam eps 1e-8"
                    + (", bf16 autocast" if autocast else ""))
 
   def to_device(self, batch: np.ndarray):

@@ -28,6 +28,8 @@ def _problems(c):
     yield f"sae.auxk_norm={s.auxk_norm!r}: expected 'input' or 'residual'"
   if s.dead_tokens <= 0:
     yield f"sae.dead_tokens={s.dead_tokens} must be positive"
+  if not s.encoder_init_norm > 0:
+    yield f"sae.encoder_init_norm={s.encoder_init_norm} must be positive"
   if t.steps <= 0:
     yield f"train.steps={t.steps} must be positive"
   if t.batch_size <= 0:

@@ -29,6 +29,7 @@ class SaeSpec:
   dense_op_ratio: int = 0   # see ops_for; 0: the xla path always gathers
   auxk_relu: bool = False   # AuxK values through ReLU (the paper) if True; see loss_terms
   auxk_norm: str = "input"  # AuxK divided by the input's or the residual's variance; loss_terms
+  encoder_init_norm: float = 1.0   # norm of the encoder rows at init (init_params)
 
   @classmethod
   def from_config(cls, config):
@@ -37,7 +38,7 @@ class SaeSpec:
     return cls(d=sae.d, n=sae.n, k=sae.k, k_aux=k_aux, auxk_coef=float(sae.auxk_coef),
                dead_tokens=int(sae.dead_tokens), multi_topk=bool(sae.multi_topk),
                dense_op_ratio=int(config.train.dense_op_ratio), auxk_relu=bool(sae.auxk_relu),
-               auxk_norm=str(sae.auxk_norm))
+               auxk_norm=str(sae.auxk_norm), encoder_init_norm=float(sae.encoder_init_norm))
 
   def ops_for(self, kernels: str, k: int, n_local: int) -> str:
     """Which primitives the sparse ops over k latents per token run: on the xla path, dense GEMMs
@@ -66,11 +67,12 @@ def unit_rows(w, eps=1e-12):
   return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), eps)
 
 
-def init_params(key, d: int, n: int, b_pre):
-  """Tied init: decoder rows random unit vectors, encoder = decoder (both [n, d]), b_enc = 0."""
+def init_params(key, d: int, n: int, b_pre, encoder_norm: float = 1.0):
+  """Tied init: decoder rows random unit vectors, encoder = decoder times encoder_norm (both
+  [n, d]), b_enc = 0."""
   w = unit_rows(jax.random.normal(key, (n, d), jnp.float32))
-  # Separate buffers (jnp.copy): tied only at init, and a donated step must not see one twice.
-  return {"W_enc": w, "b_enc": jnp.zeros((n,), jnp.float32), "W_dec": jnp.copy(w),
+  # Separate buffers: tied only at init, and a donated step must not see one twice.
+  return {"W_enc": w * encoder_norm, "b_enc": jnp.zeros((n,), jnp.float32), "W_dec": jnp.copy(w),
           "b_pre": jnp.asarray(b_pre, jnp.float32)}
 
 

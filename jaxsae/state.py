@@ -31,7 +31,7 @@ def state_specs(abstract: TrainState, tx, specs) -> TrainState:
 
 def _init_fn(spec: model.SaeSpec, tx):
   def init(key, b_pre, input_scale):
-    params = model.init_params(key, spec.d, spec.n, b_pre)
+    params = model.init_params(key, spec.d, spec.n, b_pre, spec.encoder_init_norm)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       since_fired=jnp.zeros((spec.n,), jnp.int32),
                       input_scale=jnp.asarray(input_scale, jnp.float32))

@@ -27,3 +27,27 @@ def test_variants_are_their_own_rows_and_best_entries():
   best = text.split("Best learning rate")[1]
   assert "| fixture | jaxsae | 0.001 | 0.3000 |" in best
   assert "| fixture | jaxsae[sae.auxk_coef=1.0] | 0.001 | 0.2000 |" in best
+
+
+def test_saelens_set_parses_and_refuses_unknown_fields():
+  fields = {"rescale_acts_by_decoder_norm", "decoder_init_norm"}
+  got = quality.peer_options(["rescale_acts_by_decoder_norm=False", "decoder_init_norm=1.0"], fields)
+  assert got == {"rescale_acts_by_decoder_norm": False, "decoder_init_norm": 1.0}
+  for item in ["nope=1", "decoder_init_norm"]:
+    with pytest.raises(app.UsageError, match="--saelens_set"):
+      quality.peer_options([item], fields)
+
+
+def test_saelens_options_reach_its_sae():
+  """The options land in SAELens's own config and change what it builds (needs sae-lens)."""
+  pytest.importorskip("sae_lens")
+  import numpy as np
+  from bench import saelens_peer
+  plain = saelens_peer.Peer(16, 64, 4, 1e-3, 32, 2, 1)
+  other = saelens_peer.Peer(16, 64, 4, 1e-3, 32, 2, 1, sae_options=dict(
+      rescale_acts_by_decoder_norm=False, decoder_init_norm=1.0))
+  norms = lambda p: np.linalg.norm(p.sae.W_dec.detach().numpy(), axis=1)
+  np.testing.assert_allclose(norms(plain), 0.1, rtol=1e-5)
+  np.testing.assert_allclose(norms(other), 1.0, rtol=1e-5)
+  assert plain.sae.cfg.rescale_acts_by_decoder_norm and not other.sae.cfg.rescale_acts_by_decoder_norm
+  assert "rescale_acts_by_decoder_norm=False" in other.recipe

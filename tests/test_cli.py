@@ -52,6 +52,11 @@ def test_bad_k_is_refused(tmp_path, k, needle):
   _fails_before_training([*TINY, f"--config.sae.k={k}"], tmp_path, needle, "0 < k <= sae.n=128")
 
 
+def test_bad_encoder_init_norm_is_refused(tmp_path):
+  _fails_before_training([*TINY, "--config.sae.encoder_init_norm=0.0"], tmp_path,
+                         "sae.encoder_init_norm=0.0 must be positive")
+
+
 def test_unknown_config_field_is_refused(tmp_path):
   _fails_before_training([*TINY, "--config.sae.nn=4"], tmp_path, "nn")
 

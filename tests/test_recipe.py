@@ -33,10 +33,12 @@ def test_projected_decoder_gradient_is_orthogonal_to_rows():
   np.testing.assert_array_equal(np.asarray(out["W_enc"]), np.asarray(grads["W_enc"]))
 
 
-def test_tied_init_and_geometric_median(tiny_config):
+@pytest.mark.parametrize("encoder_norm", [1.0, 0.1])
+def test_tied_init_and_geometric_median(tiny_config, encoder_norm):
+  tiny_config.sae.encoder_init_norm = encoder_norm
   run = train.setup(tiny_config)
   p = jax.device_get(run.state.params)
-  np.testing.assert_array_equal(p["W_enc"], p["W_dec"])
+  np.testing.assert_allclose(p["W_enc"], encoder_norm * p["W_dec"], rtol=1e-6)
   np.testing.assert_allclose(np.linalg.norm(p["W_dec"], axis=1), 1.0, rtol=1e-5)
   assert not p["b_enc"].any()
   # The geometric median zeroes the sum of unit vectors towards the rows (its optimality condition).
