@@ -274,8 +274,11 @@ def test_lazy_step_with_pallas_equals_xla(tiny_config, monkeypatch, flavour, mes
     out[kernels] = (jax.device_get(state.params), jax.device_get(state.opt_state[1][0]), metrics)
   assert max(m["sparsity/touched_frac"] for m in out["xla"][2]) < 1
   for name in out["xla"][0]:
+    # atol 1e-5 is 0.3% of one Adam step at lr 3e-3: the kernels sum in another order than XLA,
+    # and Adam's division by sqrt(nu) magnifies that rounding where gradients are small (2e-6 on
+    # one element of 16384 after 3 steps, seen); a wrong or missed row is off by a whole step.
     np.testing.assert_allclose(out["pallas"][0][name], out["xla"][0][name], rtol=1e-5,
-                               atol=1e-6, err_msg=name)
+                               atol=1e-5, err_msg=name)
     np.testing.assert_allclose(out["pallas"][1].nu[name], out["xla"][1].nu[name], rtol=1e-5,
                                atol=1e-12, err_msg=f"nu {name}")
   for a, b in zip(out["pallas"][2], out["xla"][2]):
