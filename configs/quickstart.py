@@ -1,4 +1,4 @@
-"""Built-in default: synthetic activations with known ground-truth features; ~2.5 min on 2 CPU cores.
+"""Built-in default: synthetic activations with known ground-truth features; ~1 min on 2 CPU cores.
 
 1024 true features in superposition in d=128 (about 8 active per sample, uneven frequencies, noise).
 Reports eval/gt_mmcs and eval/gt_recovered_frac (true features matched with cosine > 0.9).
