@@ -129,6 +129,7 @@ def main(_):
       for dtype in FLAGS.dtypes:
         path = os.path.join(root, f"d{d}_{dtype}")
         make_store(path, d, dtype)
+        os.sync()   # the new store's dirty pages go to disk now, not during the timed reads
         row_bytes = d * numpy_dtype(dtype).itemsize
         got = best({"raw": lambda: raw_read(path), "ts_seq": lambda: ts_sequential(path),
                     "loader_ts": lambda: loader_pass(path, direct_read=False),
