@@ -106,21 +106,25 @@ def synthetic_config(lr: float):
   return c
 
 
+def literal(text: str):
+  """A flag's value as a Python literal (1.0, False, (2, 2)), else as the plain string."""
+  import ast
+  try:
+    return ast.literal_eval(text.strip())
+  except (ValueError, SyntaxError):
+    return text.strip()
+
+
 def apply_overrides(config, overrides: list[str]):
   """`section.field=value` items onto `config`, each value parsed as a Python literal and
   checked against the field's type; an unknown field or a bad value is a UsageError."""
-  import ast
   for item in overrides:
     key, sep, text = item.partition("=")
     section, _, field = key.strip().partition(".")
     if not sep or section not in config or field not in config[section]:
       raise app.UsageError(f"--set {item!r}: not section.field=value of a known field")
     try:
-      value = ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError):
-      value = text.strip()
-    try:
-      config[section][field] = value
+      config[section][field] = literal(text)
     except TypeError as e:
       raise app.UsageError(f"--set {item!r}: {e}") from None
 
@@ -128,7 +132,6 @@ def apply_overrides(config, overrides: list[str]):
 def peer_options(items: list[str], fields=None) -> dict:
   """--saelens_set `field=value` items as keyword arguments (values parsed as Python literals);
   with `fields`, a name not among them is a UsageError."""
-  import ast
   out = {}
   for item in items:
     key, sep, text = item.partition("=")
@@ -137,10 +140,7 @@ def peer_options(items: list[str], fields=None) -> dict:
     if fields is not None and key.strip() not in fields:
       raise app.UsageError(f"--saelens_set {item!r}: TopKTrainingSAEConfig has no field "
                            f"{key.strip()!r}")
-    try:
-      out[key.strip()] = ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError):
-      out[key.strip()] = text.strip()
+    out[key.strip()] = literal(text)
   return out
 
 
