@@ -17,7 +17,6 @@ first positions, separators) are dropped and counted, unless --filter_massive=fa
 inf stop the dump with a count. Rerunning a killed dump with the same flags continues where its
 last commit stopped; the store is marked complete only at the end. Flags take - or _.
 """
-import itertools
 import sys
 import time
 
@@ -63,9 +62,8 @@ def keep_rows(acts: np.ndarray, where: str) -> tuple[np.ndarray, int]:
   if bad:
     raise DataError(f"{bad} of {len(acts)} rows in {where} hold NaN or inf; refusing to store them")
   keep = np.ones(len(acts), bool)
-  if FLAGS.filter_massive and len(acts):
-    norms = np.linalg.norm(acts.astype(np.float32), axis=1)
-    keep = norms <= FLAGS.massive_ratio * np.median(norms)
+  if FLAGS.filter_massive:
+    keep = ~inputs.massive_rows(acts, FLAGS.massive_ratio)
   return keep, int((~keep).sum())
 
 
@@ -151,8 +149,7 @@ def from_model():
   max_windows = -(-FLAGS.tokens // T) if FLAGS.tokens else None
 
   def batches(start_batch):
-    windows = inputs.token_windows(files, net.tokenize, net.separator(), T)
-    for b, group in enumerate(_groups(itertools.islice(windows, max_windows), B)):
+    for b, group in enumerate(inputs.groups(net.windows(files, T, FLAGS.tokens), B)):
       if b < start_batch:   # in the store already: tokenized again, but not run
         continue
       toks = np.stack([w[0] for w in group])
@@ -161,17 +158,6 @@ def from_model():
       yield net(toks).reshape(-1, net.d), cols, f"windows {b * B}-{b * B + len(group)}"
 
   run(writer, batches, (max_windows or 0) * T, "tok", numpy_dtype(out_dtype))
-
-
-def _groups(items, size):
-  group = []
-  for item in items:
-    group.append(item)
-    if len(group) == size:
-      yield group
-      group = []
-  if group:
-    yield group
 
 
 def main(argv):

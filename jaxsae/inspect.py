@@ -14,6 +14,8 @@ path exists; without one the ids are printed.
 Run it as `python -m jaxsae.inspect` (a script inside jaxsae/ named inspect.py would shadow the
 standard library's `inspect` if run by path).
 """
+import base64
+import glob
 import html
 import json
 import os
@@ -22,7 +24,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from jaxsae import export as export_lib
+from jaxsae import export as export_lib, sae_io
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 3
 BLOCK_FLOATS = 16 << 20   # pre-activations computed per block of store rows (64 MiB of float32)
@@ -34,67 +36,10 @@ class InspectError(ValueError):
 
 # ---- loading a run or an export --------------------------------------------------------------
 
-class Sae:
-  """A top-k SAE in raw-activation units (input scale folded in), as the exports hold it."""
-
-  def __init__(self, w_enc, b_enc, w_dec, b_dec, k: int):
-    self.w_enc = np.asarray(w_enc, np.float32)   # [d, n]
-    self.b_enc = np.asarray(b_enc, np.float32)
-    self.w_dec = np.asarray(w_dec, np.float32)   # [n, d]
-    self.b_dec = np.asarray(b_dec, np.float32)
-    self.k = k
-
-  def encode_dense(self, x):
-    """[rows, n] codes: relu(top-k((x - b_dec) W_enc + b_enc)), zeros elsewhere."""
-    pre = (np.asarray(x, np.float32) - self.b_dec) @ self.w_enc + self.b_enc
-    kth = np.partition(pre, -self.k, axis=1)[:, -self.k][:, None]
-    return np.where(pre >= kth, np.maximum(pre, 0.0), 0.0)
-
-
-def _read_export(path: str):
-  """(Sae, metadata dict, cfg dict) of an export."""
-  if path.endswith(".npz"):
-    with np.load(path) as z:
-      arrays = {name: z[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    meta_path = os.path.splitext(path)[0] + ".metadata.json"
-    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
-    return Sae(**_named(arrays), k=int(meta.get("k", 0))), meta, {}
-  from safetensors import safe_open
-  cfg = json.load(open(os.path.join(path, "cfg.json")))
-  for name, keys in (("sae_weights.safetensors", ("W_enc", "b_enc", "W_dec", "b_dec")),
-                     ("sae.safetensors", ("encoder.weight", "encoder.bias", "W_dec", "b_dec"))):
-    file = os.path.join(path, name)
-    if os.path.exists(file):
-      with safe_open(file, framework="numpy") as f:
-        meta = {k: _parse(v) for k, v in (f.metadata() or {}).items()}
-        w_enc, b_enc, w_dec, b_dec = (f.get_tensor(key).astype(np.float32) for key in keys)
-      if name == "sae.safetensors":
-        w_enc = w_enc.T   # sparsify stores the encoder [n, d]
-      return Sae(w_enc, b_enc, w_dec, b_dec, int(cfg["k"])), meta, cfg
-  raise InspectError(f"{path}: no sae_weights.safetensors or sae.safetensors beside cfg.json")
-
-
-def _named(arrays):
-  return {"w_enc": arrays["W_enc"], "b_enc": arrays["b_enc"], "w_dec": arrays["W_dec"],
-          "b_dec": arrays["b_dec"]}
-
-
-def _parse(text: str):
-  try:
-    return json.loads(text)
-  except ValueError:
-    return text
-
-
 def _read_workdir(path: str, step: int, with_weights: bool):
   reader = export_lib.StepReader(path, step)
   meta = reader.describe()
-  sae = None
-  if with_weights:
-    folded = export_lib.FoldedSae(reader)
-    parts = {name: np.concatenate([b for _, b in folded.blocks(name)])
-             for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    sae = Sae(parts["W_enc"].T, parts["b_enc"], parts["W_dec"], parts["b_dec"], reader.k)
+  sae = sae_io.from_reader(reader) if with_weights else None
   # Dead latents: the counters of tokens since each latent last fired, saturating at the window.
   since = reader.read("since_fired")
   window = int(reader.config["sae"]["dead_tokens"])
@@ -124,7 +69,8 @@ def load(path: str, step: int = -1, with_weights: bool = False):
   if os.path.isdir(os.path.join(path, "checkpoints")):
     return _read_workdir(path, step, with_weights)
   if path.endswith(".npz") or os.path.exists(os.path.join(path, "cfg.json")):
-    return _read_export(path)
+    sae = sae_io.load(path)
+    return sae, sae.meta, sae.cfg
   raise InspectError(f"{path} is neither a workdir (no checkpoints/) nor an export (no cfg.json)")
 
 
@@ -156,7 +102,7 @@ def summary(meta: dict, config: dict) -> str:
 
 # ---- top-activating contexts ------------------------------------------------------------------
 
-def top_examples(sae: Sae, store, latents: list[int], top: int, max_rows: int):
+def top_examples(sae: sae_io.SaeWeights, store, latents: list[int], top: int, max_rows: int):
   """{latent: [(activation, row), ...] best first} over the store's first max_rows rows."""
   n = sae.w_enc.shape[1]
   bad = [j for j in latents if not 0 <= j < n]
@@ -217,10 +163,21 @@ def render_text(examples: dict, store, decode) -> str:
   return "\n".join(out)
 
 
-def render_html(examples: dict, store, decode, title: str) -> str:
+def render_html(examples: dict, store, decode, title: str, about: str = "", images=()) -> str:
+  """The page: the summary `about`, the PNGs `images` (embedded, so the page travels alone; from
+  `python -m jaxsae.plot`), and each latent's top-activating contexts."""
   parts = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>",
            "<style>body{font-family:sans-serif} .c{font-family:monospace;white-space:pre-wrap}"
-           " mark{background:#fb4;font-weight:bold}</style>", f"<h1>{html.escape(title)}</h1>"]
+           " mark{background:#fb4;font-weight:bold} figure{display:inline-block;margin:4px}"
+           "</style>", f"<h1>{html.escape(title)}</h1>"]
+  if about:
+    parts.append(f"<pre>{html.escape(about)}</pre>")
+  for image in images:
+    with open(image, "rb") as f:
+      data = base64.b64encode(f.read()).decode()
+    name = html.escape(os.path.basename(image))
+    parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{name}">'
+                 f"<figcaption>{name}</figcaption></figure>")
   for latent, items in examples.items():
     parts.append(f"<h2>latent {latent}</h2><table>")
     for value, row in items:
@@ -244,7 +201,10 @@ def define_flags():
                       "model when that path exists.")
   flags.DEFINE_integer("top", 10, "Contexts per latent.")
   flags.DEFINE_integer("max_rows", 200_000, "Store rows encoded (from the start).")
-  flags.DEFINE_string("html", "", "Also write the contexts as an HTML page here.")
+  flags.DEFINE_string("html", "", "Also write an HTML page here: the summary, the pictures of "
+                      "--plots, and the contexts.")
+  flags.DEFINE_string("plots", "", "PNGs put in the --html page; default PATH/plots (where "
+                      "`python -m jaxsae.plot PATH` writes them).")
 
 
 def main(argv):
@@ -254,25 +214,30 @@ def main(argv):
   try:
     latents = [int(x) for x in FLAGS.latents]
     sae, meta, config = load(path, FLAGS.step, with_weights=bool(FLAGS.store and latents))
-    print(summary(meta, config))
-    if not (FLAGS.store and latents):
-      return
-    from jaxsae.data.store import Store   # only now: tensorstore + the store format
-    store = Store(FLAGS.store)
-    if "tokens" not in store.columns:
-      raise InspectError(f"{FLAGS.store} holds no token ids (dump it with --tokens-npy or a model)")
-    if store.d != sae.w_enc.shape[0]:
-      raise InspectError(f"{FLAGS.store} holds d={store.d}; the SAE takes d={sae.w_enc.shape[0]}")
-    spec = FLAGS.tokenizer or (store.metadata.get("info") or {}).get("model", "")
-    decode = load_tokenizer(spec) if spec and os.path.exists(spec) else (lambda i: f"<{int(i)}>")
-    examples = top_examples(sae, store, latents, FLAGS.top, FLAGS.max_rows)
-    print()
-    print(render_text(examples, store, decode))
+    about = summary(meta, config)
+    print(about)
+    examples, store, decode = {}, None, None
+    if FLAGS.store and latents:
+      from jaxsae.data.store import Store   # only now: tensorstore + the store format
+      store = Store(FLAGS.store)
+      if "tokens" not in store.columns:
+        raise InspectError(f"{FLAGS.store} holds no token ids (dump it with --tokens-npy or a "
+                           "model)")
+      if store.d != sae.d:
+        raise InspectError(f"{FLAGS.store} holds d={store.d}; the SAE takes d={sae.d}")
+      spec = FLAGS.tokenizer or (store.metadata.get("info") or {}).get("model", "")
+      decode = load_tokenizer(spec) if spec and os.path.exists(spec) else \
+          (lambda i: f"<{int(i)}>")
+      examples = top_examples(sae, store, latents, FLAGS.top, FLAGS.max_rows)
+      print()
+      print(render_text(examples, store, decode))
     if FLAGS.html:
+      plots = FLAGS.plots or os.path.join(path, "plots")
+      images = sorted(glob.glob(os.path.join(plots, "*.png")))
       with open(FLAGS.html, "w") as f:
-        f.write(render_html(examples, store, decode, f"{path}: top activations"))
-      print(f"wrote {FLAGS.html}")
-  except (InspectError, export_lib.ExportError, OSError, ValueError) as e:
+        f.write(render_html(examples, store, decode, f"{path}", about, images))
+      print(f"wrote {FLAGS.html}" + (f" ({len(images)} pictures from {plots})" if images else ""))
+  except (InspectError, export_lib.ExportError, sae_io.SaeError, OSError, ValueError) as e:
     print(f"jaxsae.inspect: error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -71,6 +71,16 @@ class NpyReader:
         yield np.frombuffer(data, self.dtype).reshape((-1,) + tuple(shape[1:]))
 
 
+def massive_rows(acts: np.ndarray, ratio: float) -> np.ndarray:
+  """Mask of rows whose norm exceeds ratio x the median norm of `acts` ("massive activations":
+  first positions, separators). The dump drops them per forward batch; jaxsae.evaluate leaves the
+  same rows of the same batches unspliced, so an SAE is scored on the rows it was trained on."""
+  if not len(acts):
+    return np.zeros(0, bool)
+  norms = np.linalg.norm(np.asarray(acts, np.float32), axis=1)
+  return norms > ratio * np.median(norms)
+
+
 def expand_files(spec: str) -> list[str]:
   """Comma-separated files, globs or folders (all files inside, sorted) -> a sorted file list."""
   files = []
@@ -135,3 +145,15 @@ def token_windows(files: list[str], tokenize: Callable[[str], list], separator: 
     while len(toks) >= seq_len:
       yield np.array(toks[:seq_len], np.int32), np.array(docs[:seq_len], np.int32)
       del toks[:seq_len], docs[:seq_len]
+
+
+def groups(items, size):
+  """Lists of `size` consecutive items (the last may be shorter): windows per forward batch."""
+  group = []
+  for item in items:
+    group.append(item)
+    if len(group) == size:
+      yield group
+      group = []
+  if group:
+    yield group

@@ -2,9 +2,12 @@
 
 Loads a plain HF folder (config.json + weights) or a GGUF file from disk; the hub is never
 contacted (offline mode is set before transformers is imported, and every load is local-only).
-Only blocks 0..L run: a forward hook on block L keeps its output and stops the forward, and the
-blocks after L are dropped from memory, so the cost is L+1 blocks and no lm_head.
+For the dump, only blocks 0..L run: a forward hook on block L keeps its output and stops the
+forward, and the blocks after L are dropped from memory, so the cost is L+1 blocks and no lm_head.
+With whole_model=True (jaxsae.evaluate) the same hook, on the same block, can also replace that
+output and let the forward go on to the logits: one hook point for both tools.
 """
+import itertools
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from jaxsae.data import inputs  # noqa: E402
 from jaxsae.data.source import DataError  # noqa: E402
 
 try:
@@ -54,7 +58,7 @@ class BlockOutput:
   """Calls the LM on token windows [B, T] and returns block `layer`'s output as float32 [B, T, d]."""
 
   def __init__(self, path: str, layer: int, device: str = "auto", compute_dtype: str = "float32",
-               save_hf: str = ""):
+               save_hf: str = "", whole_model: bool = False):
     folder, extra = _locate(path)
     self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     load = dict(local_files_only=True, **extra)
@@ -69,17 +73,23 @@ class BlockOutput:
     name, blocks = find_blocks(model)
     if not 0 <= layer < len(blocks):
       raise DataError(f"--layer={layer}: the model has blocks 0..{len(blocks) - 1}")
-    del blocks[layer + 1:]
+    if not whole_model:
+      del blocks[layer + 1:]
+    self.whole_model = whole_model
     self.hook_name = f"{name}.{layer}"
     self.d = model.config.hidden_size
     self.model = model.eval().to(self.device)
     self.compute_dtype = compute_dtype
     self._out = None
+    self._replace = None   # None: stop at the hook; else a function of the block output
     blocks[layer].register_forward_hook(self._hook)
 
   def _hook(self, module, inputs, output):
     self._out = output[0] if isinstance(output, tuple) else output
-    raise _Stop
+    if self._replace is None:
+      raise _Stop
+    new = self._replace(self._out).to(self._out.dtype)
+    return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
   def separator(self) -> int:
     """The token put between documents: EOS, else BOS."""
@@ -92,17 +102,42 @@ class BlockOutput:
   def tokenize(self, text: str) -> list:
     return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-  @torch.no_grad()
-  def __call__(self, tokens: np.ndarray) -> np.ndarray:
+  def windows(self, files: list, seq_len: int, tokens: int = 0):
+    """(token ids, document ids) windows of the files as the dump cuts them: documents joined by
+    separator(), seq_len tokens each, the first ceil(tokens / seq_len) of them (0: all)."""
+    limit = -(-tokens // seq_len) if tokens else None
+    return itertools.islice(
+        inputs.token_windows(files, self.tokenize, self.separator(), seq_len), limit)
+
+  def _forward(self, tokens: np.ndarray, replace):
     ids = torch.from_numpy(np.asarray(tokens, np.int64)).to(self.device)
     autocast = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
                               enabled=self.compute_dtype == "bfloat16")
-    self._out = None
-    with autocast:
-      try:
-        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-      except _Stop:
-        pass
+    self._out, self._replace, logits = None, replace, None
+    try:
+      with autocast:
+        logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                            use_cache=False).logits
+    except _Stop:
+      pass
+    finally:
+      self._replace = None
     if self._out is None:
       raise DataError(f"the hook on {self.hook_name} did not fire")
+    return logits
+
+  @torch.no_grad()
+  def __call__(self, tokens: np.ndarray) -> np.ndarray:
+    """Block `layer`'s output [B, T, d] as float32 numpy; the forward stops there."""
+    self._forward(tokens, None)
     return self._out.float().cpu().numpy()
+
+  @torch.no_grad()
+  def logits(self, tokens: np.ndarray, replace=lambda out: out):
+    """(float32 logits [B, T, V], block `layer`'s output as it came out of the block, before
+    `replace`) with block `layer`'s output replaced by replace(output) for the rest of the forward;
+    the default leaves it as it is (the clean run)."""
+    if not self.whole_model:
+      raise ValueError("logits need the whole model: BlockOutput(..., whole_model=True)")
+    logits = self._forward(tokens, replace)
+    return logits.float(), self._out.float()

@@ -1,0 +1,280 @@
+"""`jaxsae.evaluate` on a tiny random Llama: figures checked against limits and against a plain
+forward with a hook written here, the same SAE through every format, and the refusals.
+
+Everything runs for real: the model (built by test_dump's fixture), the SAEs (written here in
+SAELens's layout, or trained by jaxsae on a store dumped from the same model and exported).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from conftest import REPO, run_cli
+from test_dump import tiny_llama, write_texts  # noqa: F401  (tiny_llama is a fixture)
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from jaxsae import evaluate as ev, export as export_lib  # noqa: E402
+from jaxsae.data import lm  # noqa: E402
+
+D, LAYER, HOOK, T, B = 32, 1, "model.layers.1", 16, 4
+FIGURES = ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "loss_recovered", "delta_loss", "kl",
+           "fvu", "l0", "dead_frac", "dense_frac", "tokens")
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("texts"))
+  write_texts(folder, n=2, lines=12)
+  return f"{folder}/*.txt"
+
+
+def write_saelens(folder, w_enc, b_enc, w_dec, b_dec, k, model, hook=HOOK):
+  """An SAE in SAELens's folder layout (cfg.json + sae_weights.safetensors), float32."""
+  os.makedirs(folder, exist_ok=True)
+  save_file({"W_enc": np.asarray(w_enc, np.float32), "b_enc": np.asarray(b_enc, np.float32),
+             "W_dec": np.asarray(w_dec, np.float32), "b_dec": np.asarray(b_dec, np.float32)},
+            os.path.join(folder, "sae_weights.safetensors"))
+  with open(os.path.join(folder, "cfg.json"), "w") as f:
+    json.dump({"architecture": "topk", "d_in": w_enc.shape[0], "d_sae": w_enc.shape[1], "k": k,
+               "apply_b_dec_to_input": True, "normalize_activations": "none",
+               "metadata": {"model_name": model, "hook_name": hook}}, f)
+  return folder
+
+
+def random_sae(folder, model, n=64, k=4, seed=0, d=D, hook=HOOK):
+  rng = np.random.default_rng(seed)
+  w_dec = rng.standard_normal((n, d)) / np.sqrt(d)
+  return write_saelens(folder, w_dec.T * 2, rng.standard_normal(n) * 0.1, w_dec,
+                       rng.standard_normal(d) * 0.1, k, model, hook)
+
+
+def run(sae, model, texts, **kw):
+  return ev.evaluate(sae, model, LAYER, texts, seq_len=T, batch_size=B, **kw)
+
+
+# ---- limits -------------------------------------------------------------------------------------
+
+def test_exact_and_zero_saes_hit_the_limits(tiny_llama, texts, tmp_path):
+  # n = 2d, W_enc = [I, -I], k = d: z = (relu(x), relu(-x)), and W_dec = [I; -I] rebuilds x.
+  eye = np.eye(D)
+  exact = write_saelens(str(tmp_path / "exact"), np.hstack([eye, -eye]), np.zeros(2 * D),
+                        np.vstack([eye, -eye]), np.zeros(D), D, tiny_llama)
+  r = run(exact, tiny_llama, texts)
+  assert r["tokens"] > 0 and r["ce_clean"] > 0
+  assert r["ce_spliced"] == pytest.approx(r["ce_clean"], abs=1e-5)
+  assert r["loss_recovered"] == pytest.approx(1.0, abs=1e-5)
+  assert abs(r["delta_loss"]) < 1e-5 and abs(r["kl"]) < 1e-6 and r["fvu"] < 1e-10
+  assert r["ce_zero"] != r["ce_clean"]   # a random model: zeros need not hurt it, but change it
+
+  zero = write_saelens(str(tmp_path / "zero"), np.zeros((D, 8)), np.zeros(8), np.zeros((8, D)),
+                       np.zeros(D), 2, tiny_llama)
+  z = run(zero, tiny_llama, texts)
+  assert z["ce_spliced"] == pytest.approx(z["ce_zero"], rel=1e-6)
+  assert z["loss_recovered"] == pytest.approx(0.0, abs=1e-5)
+  assert (z["l0"], z["dead_frac"], z["ce_clean"]) == (0.0, 1.0, r["ce_clean"])
+
+
+# ---- an independent computation ---------------------------------------------------------------
+
+def reference(model_path, texts, sae_dir, massive_ratio=None):
+  """Every figure from a plain HF forward and a hook on model.layers[1] written here."""
+  tok = transformers.AutoTokenizer.from_pretrained(model_path)
+  model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+  files = sorted(__import__("glob").glob(texts))
+  stream = []
+  for i, path in enumerate(files):
+    stream += ([tok.eos_token_id] if i else []) + tok(open(path).read(),
+                                                      add_special_tokens=False)["input_ids"]
+  windows = torch.tensor(stream[:len(stream) // T * T]).reshape(-1, T)
+  from safetensors.numpy import load_file
+  w = {k: torch.from_numpy(v) for k, v in load_file(f"{sae_dir}/sae_weights.safetensors").items()}
+  k = json.load(open(f"{sae_dir}/cfg.json"))["k"]
+
+  def sae(x):
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    vals, idx = pre.topk(k, dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    return z, z @ w["W_dec"] + w["b_dec"]
+
+  state = {}
+
+  def hook(module, args, output):
+    h = output[0] if isinstance(output, tuple) else output
+    state["h"] = h.detach().clone()
+    if "new" in state:
+      h = state["new"]
+    return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
+  model.model.layers[1].register_forward_hook(hook)
+  batches = windows.split(B)
+
+  def forward(ids, new=None):
+    state.pop("new", None)
+    if new is not None:
+      state["new"] = new
+    with torch.no_grad():
+      return model(input_ids=ids).logits.double()
+
+  def masked(h):   # [b, T] bool: positions spliced (not massive)
+    if massive_ratio is None:
+      return torch.ones(h.shape[:2], dtype=torch.bool)
+    norms = h.reshape(-1, D).norm(dim=1)   # the median as numpy's (torch's is the lower middle)
+    return (norms <= massive_ratio * float(np.median(norms.numpy()))).reshape(h.shape[:2])
+
+  acts = []
+  for ids in batches:
+    forward(ids)
+    acts.append(state["h"])
+  kept = torch.cat([a[masked(a)] for a in acts])
+  mean = kept.double().mean(0).float()
+  ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0}
+  kl = err = var = 0.0
+  codes = []
+  for ids, h in zip(batches, acts):
+    keep = masked(h)[..., None]
+    z, x_hat = sae(h)
+    codes.append(z[keep[..., 0]])
+    err += float(((h - x_hat) ** 2 * keep).sum())
+    var += float(((h - mean) ** 2 * keep).sum())
+    logp = {}
+    for name, new in (("clean", None), ("spliced", torch.where(keep, x_hat, h)),
+                      ("zero", torch.where(keep, 0.0, h)), ("mean", torch.where(keep, mean, h))):
+      logp[name] = torch.log_softmax(forward(ids, new)[:, :-1], -1)
+      ce[name] -= float(logp[name].gather(-1, ids[:, 1:, None]).sum())
+    kl += float((logp["clean"].exp() * (logp["clean"] - logp["spliced"])).sum())
+  preds = windows.shape[0] * (T - 1)
+  ce = {name: v / preds for name, v in ce.items()}
+  fired = (torch.cat(codes) > 0).double()
+  freq = fired.mean(0)
+  return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"],
+          "ce_mean": ce["mean"], "kl": kl / preds, "fvu": err / var,
+          "loss_recovered": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"]),
+          "delta_loss": ce["spliced"] - ce["clean"], "l0": float(fired.sum(1).mean()),
+          "dead_frac": float((freq == 0).double().mean()),
+          "dense_frac": float((freq > 0.1).double().mean()), "tokens": windows.numel(),
+          "sae_rows": len(kept)}
+
+
+@pytest.mark.parametrize("massive_ratio", [None, 1.1])
+def test_figures_match_a_plain_forward_with_a_hook(tiny_llama, texts, tmp_path, massive_ratio):
+  sae = random_sae(str(tmp_path / "sae"), tiny_llama)
+  got = run(sae, tiny_llama, texts, filter_massive=massive_ratio is not None,
+            massive_ratio=massive_ratio)
+  want = reference(tiny_llama, texts, sae, massive_ratio)
+  for key, value in want.items():
+    assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+  if massive_ratio:   # a low ratio, so that a share of the positions is left clean
+    assert 0 < got["massive_rows"] < got["tokens"] // 2
+  assert got["massive_rows"] + got["sae_rows"] == got["tokens"]
+  assert got["kl"] > 0 and got["ce_spliced"] != got["ce_clean"]
+  hist = got["freq_hist"]
+  assert sum(hist["counts"]) + hist["dead"] == 64 and len(hist["log10_edges"]) == \
+      len(hist["counts"]) + 1
+
+
+# ---- the same SAE through a workdir and its three exports -----------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, texts, tmp_path_factory):
+  """A jaxsae run trained on a store dumped from the tiny Llama's block 1, and its exports."""
+  root = tmp_path_factory.mktemp("trained")
+  store = str(root / "store")
+  r = subprocess.run([sys.executable, "-m", "jaxsae.dump", f"--model={tiny_llama}",
+                      f"--layer={LAYER}", f"--text={texts}", f"--out={store}", f"--seq_len={T}",
+                      "--dtype=float32", "--chunk_rows=64", "--shard_rows=256",
+                      "--progress=false"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  wd = str(root / "run")
+  r = run_cli(["--config=configs/quickstart.py", f"--workdir={wd}", "--config.data.source=store",
+               f"--config.data.path={store}", f"--config.sae.d={D}", "--config.sae.n=64",
+               "--config.sae.k=4", "--config.train.batch_size=64", "--config.train.steps=2",
+               "--config.train.init_rows=128", "--config.data.eval_rows=64",
+               "--config.train.log_every=1", "--config.data.normalize=unit"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  paths = {"workdir": wd}
+  for fmt, out in (("saelens", root / "saelens"), ("sparsify", root / "sparsify"),
+                   ("npz", root / "sae.npz")):
+    export_lib.export(wd, fmt, str(out))
+    paths[fmt] = str(out)
+  return paths
+
+
+def test_a_workdir_and_its_three_exports_score_the_same(tiny_llama, texts, trained):
+  results = {kind: run(path, tiny_llama, texts) for kind, path in trained.items()}
+  base = results["workdir"]
+  assert base["sae_kind"] == "jaxsae workdir" and base["sae_step"] == 2
+  assert base["hook"] == HOOK and abs(base["input_scale"] - 1) > 0.05   # folding is exercised
+  for kind, r in results.items():
+    for key in FIGURES:
+      assert r[key] == pytest.approx(base[key], rel=1e-6, abs=1e-9), (kind, key)
+
+
+def test_command_line_table_and_json(tiny_llama, texts, trained, tmp_path):
+  out = tmp_path / "eval.json"
+  r = subprocess.run([sys.executable, "-m", "jaxsae.evaluate", f"--sae={trained['saelens']}",
+                      f"--model={tiny_llama}", f"--layer={LAYER}", f"--text={texts}",
+                      "--tokens=100", f"--seq_len={T}", f"--batch_size={B}", "--progress=false",
+                      f"--json={out}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "loss recovered" in r.stdout and "KL(clean||spliced)" in r.stdout
+  assert "massive" in r.stdout
+  got = json.loads(out.read_text())
+  assert set(FIGURES) | {"model", "layer", "sae", "jaxsae_version", "freq_hist"} <= got.keys()
+  assert got["tokens"] == 112 and got["windows"] == 7   # 100 rounded up to whole windows
+  assert (got["model"], got["layer"], got["sae"]) == (tiny_llama, LAYER, trained["saelens"])
+
+
+# ---- refusals -----------------------------------------------------------------------------------
+
+def test_mismatched_saes_are_refused_before_the_model_runs(tiny_llama, texts, tmp_path,
+                                                           monkeypatch):
+  forwards = []
+  real = lm.BlockOutput._forward
+  monkeypatch.setattr(lm.BlockOutput, "_forward",
+                      lambda self, *a: forwards.append(1) or real(self, *a))
+  cases = {
+      "d": (random_sae(str(tmp_path / "d"), tiny_llama, d=16), "d=16", "d=32"),
+      "hook": (random_sae(str(tmp_path / "hook"), tiny_llama, hook="model.layers.2"),
+               "'model.layers.2'", "'model.layers.1'"),
+      "tl_hook": (random_sae(str(tmp_path / "tl"), tiny_llama, hook="blocks.0.hook_resid_post"),
+                  "blocks.0.hook_resid_post", "'model.layers.1'"),
+      "model": (random_sae(str(tmp_path / "m"), "/elsewhere/gpt2"), "'/elsewhere/gpt2'",
+                tiny_llama),
+  }
+  for name, (sae, *needles) in cases.items():
+    with pytest.raises(ev.EvaluateError) as e:
+      run(sae, tiny_llama, texts)
+    assert all(n in str(e.value) for n in needles), (name, str(e.value))
+  assert not forwards
+  # The same hook point under its other names is accepted: TransformerLens's, sparsify's.
+  for hook in ("blocks.1.hook_resid_post", "layers.1"):
+    assert run(random_sae(str(tmp_path / hook), os.path.basename(tiny_llama), hook=hook),
+               tiny_llama, texts, tokens=T)["tokens"] == T
+
+
+def test_bad_inputs_get_one_line_errors(tiny_llama, texts, tmp_path):
+  sae = random_sae(str(tmp_path / "sae"), tiny_llama)
+  (tmp_path / "empty.txt").write_text("")
+
+  def cli(*args):
+    r = subprocess.run([sys.executable, "-m", "jaxsae.evaluate", f"--layer={LAYER}", *args],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    return r.stderr.strip().splitlines()[-1]
+
+  assert "holds fewer than --seq_len=16 tokens" in cli(
+      f"--sae={sae}", f"--model={tiny_llama}", f"--text={tmp_path / 'empty.txt'}", "--seq_len=16")
+  assert f"{tmp_path / 'nope'}: no such file or folder" in cli(
+      f"--sae={tmp_path / 'nope'}", f"--model={tiny_llama}", f"--text={texts}")
+  assert "no such folder or .gguf file" in cli(
+      f"--sae={sae}", f"--model={tmp_path / 'nomodel'}", f"--text={texts}")
+  assert "names no files" in cli(f"--sae={sae}", f"--model={tiny_llama}",
+                                 f"--text={tmp_path / 'none*.txt'}")
