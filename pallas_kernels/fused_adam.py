@@ -53,16 +53,14 @@ def adam_rows_reference(w, g, mu, nu, h, *, project=False, renorm=False):
 
 
 def _divisor_block(m: int, target: int) -> int:
-  """The largest divisor of m that is <= target (grid steps must tile m exactly)."""
-  rb = max(1, min(m, target))
-  while m % rb:
-    rb -= 1
-  return rb
+  """The largest divisor of m that is <= target and a multiple of 8 (grid steps must tile m
+  exactly, and TPU blocks' second-to-last dimension is a multiple of 8), or m."""
+  return sparse_ops.sublane_block(m, target)
 
 
 def _row_block(n: int, d: int) -> int:
   """Rows per grid step: ~1 MiB of f32 per operand block, dividing n."""
-  return _divisor_block(n, (1 << 18) // max(d, 1))
+  return _divisor_block(n, max(sparse_ops.SUBLANES, (1 << 18) // max(d, 1)))
 
 
 def adam_rows(w, g, mu, nu, h, *, project=False, renorm=False):
@@ -105,7 +103,8 @@ def adam_rows_lazy_reference(w, g, mu, nu, h, ids, *, project=False, renorm=Fals
 
 def adam_rows_lazy(w, g, mu, nu, h, ids, *, project=False, renorm=False, row_block=None):
   """Pallas: adam_rows on the rows `ids` only, in place (donate w, mu, nu). Each grid step owns
-  row_block ids (scalar-prefetched into SMEM with h): it DMAs those rows of w, g, mu and nu from HBM
+  row_block ids (DMAed from HBM into a row_block-long SMEM buffer; only h is scalar-prefetched, so
+  SMEM use does not grow with len(ids)): it DMAs those rows of w, g, mu and nu from HBM
   into VMEM (all copies started, then awaited), updates them, and DMAs w, mu, nu back. Padding ids
   (>= n) start no copy, so their VMEM rows hold garbage that is computed on and never written."""
   n, d = w.shape
@@ -113,9 +112,10 @@ def adam_rows_lazy(w, g, mu, nu, h, ids, *, project=False, renorm=False, row_blo
   rb = row_block or _divisor_block(m, min(64, (1 << 18) // max(d, 1)))
   anywhere = pl.BlockSpec(memory_space=pl.ANY)
 
-  def kernel(h_ref, ids_ref, w_hbm, g_hbm, mu_hbm, nu_hbm, w_out, mu_out, nu_out,
-             w_buf, g_buf, mu_buf, nu_buf, sem):
-    first = pl.program_id(0) * rb
+  def kernel(h_ref, ids_hbm, w_hbm, g_hbm, mu_hbm, nu_hbm, w_out, mu_out, nu_out,
+             ids_ref, w_buf, g_buf, mu_buf, nu_buf, sem):
+    pltpu.sync_copy(ids_hbm.at[pl.ds(pl.program_id(0) * rb, rb)], ids_ref)
+    first = 0
 
     def each_row(copies, act):
       """act(copy) on the DMA copies(row, r) of every real row of this grid step."""
@@ -152,12 +152,13 @@ def adam_rows_lazy(w, g, mu, nu, h, ids, *, project=False, renorm=False, row_blo
     each_row(store, lambda c: c.wait())
 
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(m // rb,), in_specs=[anywhere] * 4,
+      num_scalar_prefetch=1, grid=(m // rb,), in_specs=[anywhere] * 5,
       out_specs=[anywhere] * 3,
-      scratch_shapes=[pltpu.VMEM((rb, d), a.dtype) for a in (w, g, mu, nu)]
+      scratch_shapes=[pltpu.SMEM((rb,), jnp.int32)]
+      + [pltpu.VMEM((rb, d), a.dtype) for a in (w, g, mu, nu)]
       + [pltpu.SemaphoreType.DMA((4,))])
   shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (w, mu, nu)]
-  # Operand i counts the two prefetched arrays: w, mu, nu (2, 4, 5) are written in place.
+  # Operand i counts the prefetched h: w, mu, nu (2, 4, 5) are written in place.
   return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=shapes,
                         input_output_aliases={2: 0, 4: 1, 5: 2},
                         interpret=sparse_ops._interpret())(h, ids.astype(jnp.int32), w, g, mu, nu)

@@ -14,6 +14,7 @@ TPU-style (Mosaic TPU), runs on CPU in interpret mode. The GPU version is topk_e
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import sparse_ops
 
@@ -23,21 +24,27 @@ def topk_reference(xc, w, b, k):
   return jax.lax.top_k(jnp.einsum("bd,nd->bn", xc, w, preferred_element_type=jnp.float32) + b, k)
 
 
-def _divisor(total: int, want: int) -> int:
-  t = max(1, min(total, want))
-  while total % t:
-    t -= 1
-  return t
+def column_tile(n: int, k: int, want: int) -> int:
+  """Columns per tile: a divisor of n that is a multiple of 128 (a legal TPU lane block) or n
+  itself, at least k (a tile must hold a whole candidate list), and the largest such <= want,
+  else the smallest such above it."""
+  legal = [t for t in list(range(128, n, 128)) + [n] if n % t == 0 and t >= k]
+  if not legal:
+    raise ValueError(f"no column tile of n={n} holds k={k} candidates (n is smaller than k)")
+  fits = [t for t in legal if t <= max(want, k)]
+  return max(fits) if fits else min(legal)
 
 
 def tile_candidates(xc, w, b, k, *, col_tile=2048, row_tile=128, compute_dtype=jnp.float32):
-  """Kernel: per (token block, column tile) top-k -> values, indices [B, (n / tile) * k]."""
+  """Kernel: per (token block, column tile) top-k -> values, indices [B, (n / tile) * k].
+
+  The kernel writes candidates as [tiles, B, k] (a block (tb, k) of its last two dimensions is
+  legal on TPU for any k, where a (tb, k) block of [B, tiles * k] is not unless k % 128 == 0);
+  they are transposed to [B, tiles * k] outside."""
   bsz, d = xc.shape
   n = w.shape[0]
-  tn = _divisor(n, max(col_tile, k))
-  if tn < k:
-    raise ValueError(f"column tile {tn} (a divisor of n={n}) is smaller than k={k}")
-  tb = _divisor(bsz, row_tile)
+  tn = column_tile(n, k, col_tile)
+  tb = sparse_ops.sublane_block(bsz, row_tile)
   tiles = n // tn
 
   def kernel(x_ref, w_ref, b_ref, v_out, i_out):
@@ -46,27 +53,36 @@ def tile_candidates(xc, w, b, k, *, col_tile=2048, row_tile=128, compute_dtype=j
                               (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     pre = pre + b_ref[...].astype(jnp.float32)
     cols = jax.lax.broadcasted_iota(jnp.int32, pre.shape, 1)
+    slots = jax.lax.broadcasted_iota(jnp.int32, (tb, k), 1)
 
-    def extract(j, pre):
+    def extract(j, carry):
+      pre, vals, ids = carry
       best = jnp.max(pre, axis=1, keepdims=True)
       # Lowest column holding the max: ties resolve to the lower index, as lax.top_k does.
       at = jnp.min(jnp.where(pre == best, cols, tn), axis=1, keepdims=True)
-      v_out[:, pl.ds(j, 1)] = best
-      i_out[:, pl.ds(j, 1)] = at + t * tn
-      return jnp.where(cols == at, -jnp.inf, pre)
+      vals = jnp.where(slots == j, best, vals)   # column j of the lists, kept in vregs
+      ids = jnp.where(slots == j, at + t * tn, ids)
+      return jnp.where(cols == at, -jnp.inf, pre), vals, ids
 
-    jax.lax.fori_loop(0, k, extract, pre)
+    _, vals, ids = jax.lax.fori_loop(
+        0, k, extract, (pre, jnp.full((tb, k), -jnp.inf, jnp.float32),
+                        jnp.zeros((tb, k), jnp.int32)))
+    v_out[...] = vals
+    i_out[...] = ids
 
-  out_block = pl.BlockSpec((tb, k), lambda i, t: (i, t))
-  return pl.pallas_call(
+  out_block = pl.BlockSpec((None, tb, k), lambda i, t: (t, i, 0))
+  cand_v, cand_i = pl.pallas_call(
       kernel, grid=(bsz // tb, tiles),
       in_specs=[pl.BlockSpec((tb, d), lambda i, t: (i, 0)),
                 pl.BlockSpec((tn, d), lambda i, t: (t, 0)),
                 pl.BlockSpec((1, tn), lambda i, t: (0, t))],
       out_specs=[out_block, out_block],
-      out_shape=[jax.ShapeDtypeStruct((bsz, tiles * k), jnp.float32),
-                 jax.ShapeDtypeStruct((bsz, tiles * k), jnp.int32)],
+      out_shape=[jax.ShapeDtypeStruct((tiles, bsz, k), jnp.float32),
+                 jax.ShapeDtypeStruct((tiles, bsz, k), jnp.int32)],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       interpret=sparse_ops._interpret())(xc, w, b.reshape(1, n))
+  flat = lambda a: a.transpose(1, 0, 2).reshape(bsz, tiles * k)
+  return flat(cand_v), flat(cand_i)
 
 
 def topk(xc, w, b, k, **tiles):

@@ -124,3 +124,39 @@ def test_train_step_with_pallas_equals_xla(tiny_config, monkeypatch, mesh, flavo
   for a, b in zip(out["pallas"][1], out["xla"][1]):
     for key in b:
       np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_kernels_equal_references_over_many_grid_steps(monkeypatch):
+  """Blocks smaller than the arrays in every direction: 2 x 2 gather grid steps (8 tokens by 128
+  columns of K each, their indices as separate SMEM blocks), and scatter_outer over 2 row blocks
+  whose sorted pairs arrive in SMEM 16 at a time, runs crossing chunk ends."""
+  monkeypatch.setattr(sparse_ops, "GATHER_COLS", 128)
+  monkeypatch.setattr(sparse_ops, "GATHER_INDICES", 1024)
+  monkeypatch.setattr(sparse_ops, "SCATTER_CHUNK", 16)
+  monkeypatch.setattr(sparse_ops, "INTERPRET", True)   # unchecked: 4x faster at 8k DMAs
+  b, k, d, n = 16, 256, 128, 512
+  assert sparse_ops.gather_blocks(b, k) == (8, 128)
+  ks = jax.random.split(jax.random.PRNGKey(7), 4)
+  x = jax.random.normal(ks[0], (b, d))
+  w = jax.random.normal(ks[1], (n, d))
+  c = jax.random.normal(ks[2], (b, k))
+  idx = jax.random.randint(ks[3], (b, k), 0, n)
+  _close(sparse_ops.gather_dot(x, w, idx, poison=True),
+         sparse_ops.gather_dot_reference(x, w, idx), jnp.float32)
+  _close(sparse_ops.gather_sum(c, w, idx, poison=True),
+         sparse_ops.gather_sum_reference(c, w, idx), jnp.float32)
+  _close(sparse_ops.scatter_outer(c, x, idx, n, poison=True),
+         sparse_ops.scatter_outer_reference(c, x, idx, n), jnp.float32)
+
+
+def test_gather_blocks_are_legal_tpu_blocks():
+  """(tb, kc): tb a multiple of 8 (or B), kc of 128 (or K), tb * kc indices a legal 1-D block."""
+  legal_1d = lambda s, total: s == total or s % 1024 == 0 or (s >= 128 and s & (s - 1) == 0)
+  for b in (8, 16, 13, 256, 4096, 8192, 16384):
+    for k in (4, 32, 64, 128, 256, 1024, 2048, 48):
+      tb, kc = sparse_ops.gather_blocks(b, k)
+      assert b % tb == 0 and k % kc == 0, (b, k)
+      assert tb % 8 == 0 or tb == b, (b, k, tb)
+      assert kc % 128 == 0 or kc == k, (b, k, kc)
+      assert legal_1d(tb * kc, b * k), (b, k, tb, kc)
+      assert tb * kc <= 4096 or b < 64, (b, k, tb, kc)

@@ -47,7 +47,12 @@ def test_bf16_compute_matches_bf16_reference_values():
   np.testing.assert_allclose(np.asarray(vals), np.asarray(jax.lax.top_k(pre, 4)[0]), rtol=1e-6)
 
 
-def test_tile_smaller_than_k_is_refused():
+def test_column_tiles_are_legal_tpu_blocks():
+  """Tiles divide n, are multiples of 128 (or n) and hold k; fewer latents than k are refused."""
+  assert topk_encoder.column_tile(256, 8, 64) == 128      # 64 is no legal lane block
+  assert topk_encoder.column_tile(250, 8, 5) == 250       # no multiple of 128 divides 250
+  assert topk_encoder.column_tile(4096, 2048, 512) == 2048
+  assert topk_encoder.column_tile(2 ** 18, 64, 2048) == 2048
   x, w, b = _inputs(4)
   with pytest.raises(ValueError, match="smaller than k"):
-    topk_encoder.tile_candidates(x, w[:250], b[:250], 8, col_tile=5)
+    topk_encoder.tile_candidates(x, w[:6], b[:6], 8)
