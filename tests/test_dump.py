@@ -243,6 +243,35 @@ def test_bfloat16_autocast_stays_close_to_float32(tiny_llama):
   assert not np.array_equal(fast, exact)   # autocast really ran in bfloat16
 
 
+def test_bos_put_before_each_window_when_the_tokenizer_starts_texts_with_it(tiny_llama, tmp_path):
+  import tokenizers
+  import torch
+  import transformers
+  from jaxsae.data import lm
+  # The tiny Llama again, with a tokenizer that starts every text with BOS (as Gemma's does);
+  # <unk> serves as BOS, so the model's vocabulary stays as it is.
+  tk = transformers.AutoTokenizer.from_pretrained(tiny_llama).backend_tokenizer
+  bos = tk.token_to_id("<unk>")
+  tk.post_processor = tokenizers.processors.TemplateProcessing(
+      single="<unk> $A", special_tokens=[("<unk>", bos)])
+  with_bos = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>",
+                                                  unk_token="<unk>", bos_token="<unk>")
+  folder = str(tmp_path / "bos")
+  model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+  model.save_pretrained(folder)
+  with_bos.save_pretrained(folder)
+  tokens = np.arange(64).reshape(2, 32) % 300
+  assert lm.BlockOutput(tiny_llama, 1).bos is None
+  net = lm.BlockOutput(folder, 1)
+  assert net.bos == bos and net.tokenize("the fox")[0] != bos
+  got = net(tokens)
+  with torch.no_grad():
+    ids = torch.cat([torch.full((2, 1), bos), torch.from_numpy(tokens)], 1)
+    want = model(ids, output_hidden_states=True).hidden_states[2][:, 1:].numpy()
+  assert got.shape == (2, 32, 32)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_model_path_must_exist_locally(tmp_path):
   pytest.importorskip("transformers")
   (tmp_path / "a.txt").write_text("hello")
