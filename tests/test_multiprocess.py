@@ -5,6 +5,9 @@ Two meshes: the batch split across the processes (a "slice" axis over processes,
 lays out multi-slice TPUs) and the latents split across them (each process then feeds the whole
 batch: the candidate all-gather and the x_hat psum cross processes). Process 0 alone writes files;
 both log. Data come from an .npy file, whose global batches do not depend on the process count.
+
+Last, a SIGTERM to one process of a launch/local.sh run: both stop at one step, save, and the
+rerun ends bit for bit where an uninterrupted 2-process run ends.
 """
 import json
 import os
@@ -100,3 +103,87 @@ def test_partial_distributed_flags_are_refused(tmp_path):
   assert r.returncode == 1
   assert "--num_processes / JAX_NUM_PROCESSES" in r.stderr, r.stderr[-2000:]
   assert "--process_id / JAX_PROCESS_ID" in r.stderr
+
+
+# ---- SIGTERM to one process of a 2-process run ---------------------------------------------------
+
+RESUME_STEPS = 300
+RESUME_ARGS = ["--config=configs/quickstart.py", "--config.sae.d=32", "--config.sae.n=128",
+               "--config.sae.k=4", "--config.data.synthetic.num_features=64",
+               "--config.train.batch_size=128", "--config.train.init_rows=512",
+               "--config.data.eval_rows=0", "--config.train.decay_frac=0",
+               "--config.train.log_every=25", "--config.checkpoint.every_steps=0"]
+
+
+def _local(workdir, steps, **popen):
+  """launch/local.sh: 2 processes x 1 CPU device (the batch split across the processes)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  return subprocess.Popen(["bash", "launch/local.sh", "--processes=2", "--devices=1", "--",
+                           *RESUME_ARGS, f"--workdir={workdir}", f"--config.train.steps={steps}"],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, **popen)
+
+
+def _state(workdir):
+  from jaxsae.export import StepReader
+  reader = StepReader(workdir)
+  return {name: reader.read(name) for name in reader.names}
+
+
+def _process_pids(launcher_pid):
+  """{process_id: pid} of the jaxsae processes local.sh started."""
+  out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(launcher_pid)],
+                       capture_output=True, text=True).stdout
+  return {int(line.split("--process_id=")[1].split()[0]): int(line.split()[0])
+          for line in out.splitlines() if "jaxsae.main" in line}
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_path):
+  """A SIGTERM to process 1 alone (a preemption notice reaching one host): JAX's preemption sync
+  picks one step for both, both save there and exit 0, and the rerun of the same command ends
+  bit for bit where an uninterrupted 2-process run ends."""
+  import signal
+  import time
+
+  from jaxsae.export import checkpoint_dir, complete_steps
+  ref_dir, wd = str(tmp_path / "reference"), str(tmp_path / "run")
+  ref = _local(ref_dir, RESUME_STEPS)
+  out = ref.communicate(timeout=300)[0]
+  assert ref.returncode == 0, out[-3000:]
+
+  run = _local(wd, 1_000_000)
+  try:
+    metrics = os.path.join(wd, "metrics.jsonl")
+    deadline = time.time() + 240
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+      assert run.poll() is None and time.time() < deadline, run.stdout.read()[-3000:]
+      time.sleep(0.05)
+    pids = _process_pids(run.pid)
+    assert sorted(pids) == [0, 1], pids
+    os.kill(pids[1], signal.SIGTERM)
+    out = run.communicate(timeout=240)[0]
+  finally:
+    if run.poll() is None:
+      run.kill()
+  assert run.returncode == 0, out[-3000:]
+  stopped = []
+  for i in range(2):
+    log = open(os.path.join(wd, "logs", f"process_{i}.log")).read()
+    found = [line for line in log.splitlines() if "stopped at step" in line]
+    assert len(found) == 1, log[-3000:]
+    stopped.append(int(found[0].split("stopped at step ")[1].split()[0]))
+  assert stopped[0] == stopped[1], f"the processes stopped at different steps: {stopped}"
+  saved = complete_steps(checkpoint_dir(wd))
+  assert saved == [stopped[0]] and 25 <= saved[0] < RESUME_STEPS, (saved, stopped)
+
+  again = _local(wd, RESUME_STEPS)
+  out = again.communicate(timeout=300)[0]
+  assert again.returncode == 0, out[-3000:]
+  assert f"resumed from step {saved[0]} " in open(os.path.join(wd, "logs", "process_0.log")).read()
+  a, b = _state(ref_dir), _state(wd)
+  assert a.keys() == b.keys()
+  for name in a:
+    assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+  records = _records(wd)
+  assert [r["step"] for r in records] == list(range(25, RESUME_STEPS + 1, 25))
