@@ -81,7 +81,10 @@ def load(path: str, step: int = -1) -> SaeWeights:
   if not os.path.exists(path):
     raise SaeError(f"{path}: no such file or folder")
   if os.path.isdir(os.path.join(path, "checkpoints")):
-    return from_reader(export_lib.StepReader(path, step))
+    try:
+      return from_reader(export_lib.StepReader(path, step))
+    except export_lib.ExportError as e:   # no such step, or no complete checkpoint yet
+      raise SaeError(str(e)) from None
   if path.endswith(".npz"):
     return _npz(path)
   if os.path.isdir(path):
@@ -104,8 +107,10 @@ def from_reader(reader: export_lib.StepReader) -> SaeWeights:
   parts = {name: np.concatenate([b for _, b in folded.blocks(name)]) for name in TENSORS}
   meta = reader.describe()
   meta["dump"] = ((reader.run.get("data") or {}).get("info") or {})
+  # Without a model behind the data (a store dumped --from-npy), describe() names the source.
+  model = "" if meta["model"] in ("npy", "store") else meta["model"]
   return SaeWeights(parts["W_enc"].T, parts["b_enc"], parts["W_dec"], parts["b_dec"], reader.k,
-                    meta["input_scale"], _text(meta["model"]), _text(meta["hook"]),
+                    meta["input_scale"], _text(model), _text(meta["hook"]),
                     "jaxsae workdir", os.path.abspath(reader.path), meta)
 
 

@@ -84,16 +84,8 @@ def test_exact_and_zero_saes_hit_the_limits(tiny_llama, texts, tmp_path):
 
 # ---- an independent computation ---------------------------------------------------------------
 
-def reference(model_path, texts, sae_dir, massive_ratio=None):
-  """Every figure from a plain HF forward and a hook on model.layers[1] written here."""
-  tok = transformers.AutoTokenizer.from_pretrained(model_path)
-  model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-  files = sorted(__import__("glob").glob(texts))
-  stream = []
-  for i, path in enumerate(files):
-    stream += ([tok.eos_token_id] if i else []) + tok(open(path).read(),
-                                                      add_special_tokens=False)["input_ids"]
-  windows = torch.tensor(stream[:len(stream) // T * T]).reshape(-1, T)
+def file_sae(sae_dir):
+  """(codes, reconstruction) of rows, straight from a SAELens-layout folder's tensors."""
   from safetensors.numpy import load_file
   w = {k: torch.from_numpy(v) for k, v in load_file(f"{sae_dir}/sae_weights.safetensors").items()}
   k = json.load(open(f"{sae_dir}/cfg.json"))["k"]
@@ -103,7 +95,20 @@ def reference(model_path, texts, sae_dir, massive_ratio=None):
     vals, idx = pre.topk(k, dim=-1)
     z = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
     return z, z @ w["W_dec"] + w["b_dec"]
+  return sae
 
+
+def reference(model_path, texts, sae, massive_ratio=None):
+  """Every figure from a plain HF forward and a hook on model.layers[1] written here; sae(x) gives
+  the codes and reconstruction of rows x [..., d]."""
+  tok = transformers.AutoTokenizer.from_pretrained(model_path)
+  model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+  files = sorted(__import__("glob").glob(texts))
+  stream = []
+  for i, path in enumerate(files):
+    stream += ([tok.eos_token_id] if i else []) + tok(open(path).read(),
+                                                      add_special_tokens=False)["input_ids"]
+  windows = torch.tensor(stream[:len(stream) // T * T]).reshape(-1, T)
   state = {}
 
   def hook(module, args, output):
@@ -140,7 +145,8 @@ def reference(model_path, texts, sae_dir, massive_ratio=None):
   codes = []
   for ids, h in zip(batches, acts):
     keep = masked(h)[..., None]
-    z, x_hat = sae(h)
+    with torch.no_grad():
+      z, x_hat = sae(h)
     codes.append(z[keep[..., 0]])
     err += float(((h - x_hat) ** 2 * keep).sum())
     var += float(((h - mean) ** 2 * keep).sum())
@@ -168,7 +174,7 @@ def test_figures_match_a_plain_forward_with_a_hook(tiny_llama, texts, tmp_path, 
   sae = random_sae(str(tmp_path / "sae"), tiny_llama)
   got = run(sae, tiny_llama, texts, filter_massive=massive_ratio is not None,
             massive_ratio=massive_ratio)
-  want = reference(tiny_llama, texts, sae, massive_ratio)
+  want = reference(tiny_llama, texts, file_sae(sae), massive_ratio)
   for key, value in want.items():
     assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
   if massive_ratio:   # a low ratio, so that a share of the positions is left clean
@@ -178,6 +184,45 @@ def test_figures_match_a_plain_forward_with_a_hook(tiny_llama, texts, tmp_path, 
   hist = got["freq_hist"]
   assert sum(hist["counts"]) + hist["dead"] == 64 and len(hist["log10_edges"]) == \
       len(hist["counts"]) + 1
+
+
+def test_saes_saved_by_sae_lens_and_sparsify(tiny_llama, texts, tmp_path):
+  """Peers' own files, scored against their own encode and decode inside the reference hook."""
+  sae_lens = pytest.importorskip("sae_lens")
+  sparsify = pytest.importorskip("sparsify")
+  torch.manual_seed(3)
+  # SAELens: decoder norms not 1 and rescaled by, b_dec not subtracted from the input: both are
+  # folded into the weights by the loader.
+  cfg = sae_lens.TopKSAEConfig(d_in=D, d_sae=64, k=4, rescale_acts_by_decoder_norm=True,
+                               apply_b_dec_to_input=False)
+  cfg.metadata.model_name, cfg.metadata.hook_name = os.path.basename(tiny_llama), \
+      "blocks.1.hook_resid_post"
+  lens = sae_lens.TopKSAE(cfg)
+  with torch.no_grad():
+    for p in (lens.W_enc, lens.W_dec, lens.b_enc, lens.b_dec):
+      p.copy_(torch.randn_like(p) * (0.3 if p.ndim == 1 else 1.0))
+  lens.save_model(str(tmp_path / "lens"))
+  # sparsify: its trainer saves each SAE in a folder named after its hook point.
+  coder = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=64, k=4), device="cpu",
+                               dtype=torch.float32)
+  with torch.no_grad():
+    coder.encoder.bias.copy_(torch.randn(64) * 0.3)
+    coder.b_dec.copy_(torch.randn(D) * 0.3)
+  coder.save_to_disk(str(tmp_path / "layers.1"))
+
+  def coder_fn(x):
+    rows = x.reshape(-1, D)
+    out = coder.encode(rows)
+    z = torch.zeros(len(rows), 64).scatter(-1, out.top_indices, out.top_acts)
+    return z.reshape(*x.shape[:-1], 64), coder.decode(out.top_acts, out.top_indices).reshape(x.shape)
+
+  for path, fn in ((tmp_path / "lens", lambda x: (lens.encode(x), lens(x))),
+                   (tmp_path / "layers.1", coder_fn)):
+    got = run(str(path), tiny_llama, texts)
+    want = reference(tiny_llama, texts, fn, 10.0)
+    for key, value in want.items():
+      assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (path, key)
+    assert got["sae_kind"] == ("saelens" if path.name == "lens" else "sparsify")
 
 
 # ---- the same SAE through a workdir and its three exports -----------------------------------------
