@@ -6,8 +6,11 @@ the compiled step's collective bytes per step on a (2, 4) mesh beside the analyt
 
 On CPU the 8 "devices" share the host's cores, so 8-device tokens/s measures what the sharded
 program costs in bookkeeping and collectives, not a speed-up. Collective bytes are the result
-sizes of each collective per device, read from the optimized HLO (jaxsae/hlo.py); the AuxK branch
-runs whenever some latent is dead, the other branch otherwise.
+sizes of each collective per device, read from the optimized HLO (jaxsae/hlo.py), on a (2, 4) and
+a (1, 8) mesh; the AuxK branch runs whenever some latent is dead, the other branch otherwise. Over
+more than 2 latent shards the top-k candidates are exchanged (all-to-all) and only the winners
+gathered (jaxsae/topk.py); the last table gives the planner's per-step figure for the 16M-latent
+config (d=4096, n=2^24, k=64, k_aux=2048, batch 8192 over 64 latent shards) both ways.
 """
 import argparse
 import os
@@ -24,7 +27,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import base  # noqa: E402
-from jaxsae import hlo, mesh as mesh_lib, model, optim, plan, state as state_lib  # noqa: E402
+from jaxsae import hlo, mesh as mesh_lib, model, optim, plan, state as state_lib, topk  # noqa: E402
 from jaxsae.step import StepFns  # noqa: E402
 
 
@@ -66,20 +69,24 @@ def collective_bytes(a, shape=(2, 4)):
   c = config(a, shape)
   text = plan.compile_step(c).as_text()
   groups = hlo.by_branch(hlo.collectives(text))
+  aux = hlo.last_branch(groups)   # AuxK at full width over all latents
   total = lambda cs: sum(x.bytes for x in cs)
   data, model_size = shape
   b_l, n_l, k_aux = a.batch // data, a.n // model_size, model.SaeSpec.from_config(c).k_aux
-  cand = lambda k: b_l * k * model_size * 8        # f32 values + int32 indices, gathered
+  cand = lambda k: topk.candidate_bytes(b_l, k, model_size)   # f32 values + int32 indices
   xhat = b_l * a.d * 4                             # one partial [B_local, d] psum
   grads = (2 * n_l * a.d + n_l + a.d) * 4          # dense gradients, summed over the data axis
   return {
       "measured": {"no AuxK": total(groups["common"]) + total(groups["branch_0"]),
-                   "AuxK": total(groups["common"]) + total(groups["branch_1"]),
+                   "AuxK": total(groups["common"]) + total(groups[aux]),
                    "latent axis, no AuxK": total(groups["branch_0"]),
-                   "latent axis, AuxK": total(groups["branch_1"]),
+                   "latent axis, AuxK": total(groups[aux]),
+                   "of which candidates, AuxK": total(
+                       [x for x in groups[aux] if x.kind in ("all-gather", "all-to-all")]),
                    "batch axes (gradients, sums)": total(groups["common"])},
       "minimum": {"candidates + x_hat psum": cand(a.k) + xhat,
                   "... + AuxK candidates + e_hat psum": cand(a.k) + xhat + cand(k_aux) + xhat,
+                  "candidates, top-k + AuxK": cand(a.k) + cand(k_aux),
                   "gradient sum over data": grads},
       "detail": {k: [(x.kind, x.arrays, x.op_name.rsplit("/", 1)[-1]) for x in v]
                  for k, v in groups.items()},
@@ -96,6 +103,7 @@ def main():
   ap.add_argument("--tile", type=int, default=0)
   ap.add_argument("--auxk", type=int, default=1, help="1: dead latents every step (AuxK runs)")
   ap.add_argument("--meshes", default="1x1,1x8,2x4,8x1")
+  ap.add_argument("--detail", type=int, default=0, help="1: list every collective")
   a = ap.parse_args()
   dev = jax.devices()[0]
   print(f"{len(jax.devices())} x {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU cores, "
@@ -104,21 +112,31 @@ def main():
   for m in a.meshes.split(","):
     shape = tuple(int(s) for s in m.split("x"))
     print(f"| {shape} | {int(np.prod(shape))} | {tokens_per_sec(a, shape):,.0f} |", flush=True)
-  cb = collective_bytes(a)
   mib = lambda b: f"{b / 2**20:.2f} MiB"
-  print("\ncollective bytes per step per device, mesh (2, 4):\n")
-  print("| measured | bytes | | analytic minimum | bytes |\n|---|---|---|---|---|")
-  meas, mins = list(cb["measured"].items()), list(cb["minimum"].items())
-  for i in range(max(len(meas), len(mins))):
-    l = meas[i] if i < len(meas) else ("", None)
-    r = mins[i] if i < len(mins) else ("", None)
-    print(f"| {l[0]} | {mib(l[1]) if l[1] is not None else ''} | | {r[0]} | "
-          f"{mib(r[1]) if r[1] is not None else ''} |")
-  print("\ncollectives by group (kind, result arrays, source op):")
-  for group, items in cb["detail"].items():
-    print(f"  {group}:")
-    for item in items:
-      print(f"    {item}")
+  for shape in ((2, 4), (1, 8)):
+    cb = collective_bytes(a, shape)
+    how = "exchanged" if topk.exchanges(a.batch // shape[0], shape[1]) else "gathered"
+    print(f"\ncollective bytes per step per device, mesh {shape} (candidates {how}):\n")
+    print("| measured | bytes | | analytic minimum | bytes |\n|---|---|---|---|---|")
+    meas, mins = list(cb["measured"].items()), list(cb["minimum"].items())
+    for i in range(max(len(meas), len(mins))):
+      l = meas[i] if i < len(meas) else ("", None)
+      r = mins[i] if i < len(mins) else ("", None)
+      print(f"| {l[0]} | {mib(l[1]) if l[1] is not None else ''} | | {r[0]} | "
+            f"{mib(r[1]) if r[1] is not None else ''} |")
+    if a.detail:
+      print("\ncollectives by group (kind, result arrays, source op):")
+      for group, items in cb["detail"].items():
+        print(f"  {group}:")
+        for item in items:
+          print(f"    {item}")
+  big = plan.estimate(plan.Problem(d=4096, n=2**24, k=64, batch=8192, k_aux=2048,
+                                   encoder_tile=32768), 1, 64)
+  print("\nat 16M latents (configs/dict_16m.py: d=4096, k=64, k_aux=2048, batch 8192, mesh (1, 64)),"
+        " candidates received per device per step (jaxsae.plan):\n")
+  print("| selection | exchanged (now) | gathered from every shard (before) |\n|---|---|---|")
+  for name, (now, before) in big.comm.items():
+    print(f"| {name} | {plan.fmt_bytes(now)} | {plan.fmt_bytes(before)} |")
 
 
 if __name__ == "__main__":

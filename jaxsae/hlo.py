@@ -47,10 +47,16 @@ def collectives(hlo_text: str) -> list[Collective]:
 
 
 def by_branch(colls: list[Collective]) -> dict[str, list[Collective]]:
-  """Splits a train step's collectives by the AuxK lax.cond: 'common', and 'branch_0' (no dead
-  latents) / 'branch_1' (AuxK), of which one runs per step."""
+  """Splits a train step's collectives by the AuxK lax.switch: 'common', and 'branch_0' (no dead
+  latents), 'branch_1', ... (AuxK at each width and dead-list length, step.StepFns.aux_branches;
+  the last: AuxK at full width over all latents), of which one runs per step."""
   groups = {"common": [], "branch_0": [], "branch_1": []}
   for c in colls:
-    m = re.search(r"/(branch_\d)_fun/", c.op_name)
-    groups[m.group(1) if m else "common"].append(c)
+    m = re.search(r"/(branch_\d+)_fun/", c.op_name)
+    groups.setdefault(m.group(1) if m else "common", []).append(c)
   return groups
+
+
+def last_branch(groups: dict) -> str:
+  """The name of the highest-numbered branch: AuxK at full width over all latents."""
+  return max((g for g in groups if g.startswith("branch_")), key=lambda g: int(g.split("_")[1]))

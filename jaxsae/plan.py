@@ -33,7 +33,7 @@ import re
 import sys
 
 from jaxsae import mesh as mesh_lib
-from jaxsae import model, optim
+from jaxsae import model, optim, topk
 
 UPDATE_TEMPS = 5       # f32 [n_l, d] buffers the optimizer pass holds besides the gradients
 LAZY_TEMPS = 5         # f32 [chunk, d] buffers of the lazy optimizer's gathered rows
@@ -96,6 +96,8 @@ class Plan:
   model: int
   rows: dict        # name -> bytes per device
   peak: int
+  # name -> (bytes received per step per device, the same if every shard's were gathered)
+  comm: dict = dataclasses.field(default_factory=dict)
 
   @property
   def devices(self) -> int:
@@ -110,7 +112,10 @@ def estimate(p: Problem, data: int, model_size: int) -> Plan:
   cols = n_l if not p.encoder_tile or p.encoder_tile >= n_l \
       else min(n_l, max(p.encoder_tile, k_sel, p.k_aux))
   pre_copies = (2 if p.k_aux else 1) * (2 if cols < n_l else 1)   # AuxK mask; scan buffers
-  candidates = b_l * (k_sel + p.k_aux) * model_size * 8   # gathered f32 values + int32 indices
+  # The selections' f32 values + int32 indices: every shard's, gathered (<= 2 shards), or this
+  # shard's, those exchanged and the gathered winners (topk._global_top_k).
+  copies = 3 if topk.exchanges(b_l, model_size) else model_size
+  candidates = b_l * (k_sel + p.k_aux) * copies * 8
   widest = max(k_sel, p.k_aux)
   # Dense-path ops (SaeSpec.ops_for) hold the [B, n_local] codes, a GEMM result and their gradient.
   dense_ops = 3 * b_l * n_l * 4 if p.dense_op_ratio and n_l <= p.dense_op_ratio * widest else 0
@@ -128,7 +133,11 @@ def estimate(p: Problem, data: int, model_size: int) -> Plan:
   state = rows["params"] + rows["optimizer state"] + rows["dead-latent counters"]
   peak = state + rows["gradients"] + max(rows["update temporaries"], rows["activations"],
                                          rows["gradients"])
-  return Plan(p, data, model_size, rows, peak)
+  gathered = lambda k: b_l * k * model_size * 8 if model_size > 1 else 0
+  comm = {"top-k candidates": (topk.candidate_bytes(b_l, k_sel, model_size), gathered(k_sel))}
+  if p.k_aux:   # AuxK at its full width: steps with few dead latents run narrower (aux_sizes)
+    comm["AuxK candidates"] = (topk.candidate_bytes(b_l, p.k_aux, model_size), gathered(p.k_aux))
+  return Plan(p, data, model_size, rows, peak, comm)
 
 
 def _chunk(b: int, k: int, d: int) -> int:
@@ -169,6 +178,13 @@ def table(plan: Plan, memory: int) -> str:
   lines.append(f"  {'peak':<22}{fmt_bytes(plan.peak):>12}   (state + gradients + the largest "
                "of update temporaries, activations and gradients again)")
   lines.append(f"  {'device memory':<22}{fmt_bytes(memory):>12}")
+  if plan.model > 1:
+    how = ("exchanged (all-to-all), winners gathered" if topk.exchanges(
+        -(-p.batch // plan.data), plan.model) else "gathered from every shard")
+    lines.append(f"per step, received per device over the latent axis (candidates {how}):")
+    for name, (b, all_gathered) in plan.comm.items():
+      extra = f"   (gathered from every shard: {fmt_bytes(all_gathered)})" if b != all_gathered else ""
+      lines.append(f"  {name:<22}{fmt_bytes(b):>12}{extra}")
   return "\n".join(lines)
 
 

@@ -5,6 +5,8 @@ selected pre-activations), so this module is free to compute `pre` in bf16, in t
 kernel. With the latents split over a mesh axis, each shard takes its local top-k, all-gathers only
 those candidates (B x k x shards values, never B x n), and takes the global top-k of the candidates:
 exactly the unsharded top-k, because every global winner is among its own shard's local top-k.
+Past 2 shards the candidates are merged by exchange instead of gathered everywhere (_global_top_k):
+2 x B x k per device per selection instead of B x k x shards.
 
 Blocked encoder (tile > 0): pre[B, n_local] is the largest buffer of a step (B=1024, n=2^24 in f32
 is 64 GiB), so it can instead be computed in column tiles of `tile` latents inside a scan that keeps
@@ -130,15 +132,53 @@ def _local_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype, tile, kernels
   return best
 
 
+def exchanges(batch: int, shards: int) -> bool:
+  """Whether the global top-k merges by exchange (all-to-all, then gather the winners) rather than
+  by gathering every shard's candidates everywhere: over more than 2 shards (at 2 the two move the
+  same bytes), when the batch splits evenly over them."""
+  return shards > 2 and batch % shards == 0
+
+
+def candidate_bytes(batch: int, k: int, shards: int) -> int:
+  """Bytes one device receives per global top-k (f32 values + int32 indices) over `shards` latent
+  shards: by gathering, every shard's k candidates of all `batch` rows (batch * k * shards); by
+  exchange, every shard's candidates of its batch / shards rows, then the k winners of all rows
+  (2 * batch * k, whatever the shard count)."""
+  if shards <= 1:
+    return 0
+  return 8 * (2 * batch * k if exchanges(batch, shards) else batch * k * shards)
+
+
 def _global_top_k(vals, idx, k, axis, n_local):
-  """Global top-k from every shard's local candidates (local indices in): only these move."""
+  """Global top-k from every shard's local candidates (local indices in): only these move.
+
+  Gathering them all to every shard moves B x k x shards per device: at 16M latents over 64
+  shards with AuxK's k_aux=2048 and B=8192, 8 GiB a step. So past 2 shards each shard instead
+  merges the candidates of B / shards rows (an all-to-all brings it every shard's candidates of
+  those rows) and the k winners of every row are gathered: 2 x B x k per device (256 MiB there).
+  Same candidates in the same order per row (shard order = index order: ties still go low), so
+  the same picks either way."""
   if axis is None:
     return vals, idx
+  shards = jax.lax.axis_size(axis)
   idx = idx + jax.lax.axis_index(axis) * n_local
-  cand_v = jax.lax.all_gather(vals, axis, axis=1, tiled=True)   # [B, k * shards]
-  cand_i = jax.lax.all_gather(idx, axis, axis=1, tiled=True)
-  vals, pos = jax.lax.top_k(cand_v, k)   # shard order = index order: ties still go low
-  return vals, jnp.take_along_axis(cand_i, pos, axis=1)
+  b, local_k = vals.shape
+  if exchanges(b, shards):
+    def to_owner(a):   # [B, k_l] -> [B / shards, shards * k_l]: my rows, every shard's candidates
+      # The barrier keeps the all-to-all's operand layout from reaching back into the local
+      # top-k: XLA:CPU then lowers that top-k as a full sort of [B, n_local] (twice its memory).
+      a = jax.lax.optimization_barrier(a)
+      a = jax.lax.all_to_all(a.reshape(shards, b // shards, local_k), axis, 0, 0, tiled=True)
+      return a.transpose(1, 0, 2).reshape(b // shards, shards * local_k)
+    cand_v, cand_i = to_owner(vals), to_owner(idx)
+  else:
+    cand_v = jax.lax.all_gather(vals, axis, axis=1, tiled=True)   # [B, k * shards]
+    cand_i = jax.lax.all_gather(idx, axis, axis=1, tiled=True)
+  vals, pos = jax.lax.top_k(cand_v, k)
+  idx = jnp.take_along_axis(cand_i, pos, axis=1)
+  if exchanges(b, shards):
+    vals, idx = (jax.lax.all_gather(a, axis, axis=0, tiled=True) for a in (vals, idx))
+  return vals, idx
 
 
 def select(xc, w_enc, b_enc, k, *, dead=None, k_aux=0, axis=None, compute_dtype=jnp.float32,

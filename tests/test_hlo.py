@@ -1,5 +1,7 @@
 """What the compiled sharded step communicates: never a [B, n] array, only the top-k candidates
-and [B, d]-sized partial sums over the latent axis (read from the optimized HLO)."""
+and [B, d]-sized partial sums over the latent axis (read from the optimized HLO). Over 2 latent
+shards the candidates are gathered ([B_local, k * shards]); over more they are exchanged
+(all-to-all of [B_local / shards, k] pieces) and only the k winners of each row gathered."""
 import jax
 import jax.numpy as jnp
 import pytest
@@ -13,30 +15,40 @@ MESH = (2, 4)
 B_LOCAL, N_LOCAL = B // MESH[0], N // MESH[1]
 
 
-def _config(tile=0):
+def _config(tile=0, mesh=MESH):
   c = base.get_config()
   c.sae.d, c.sae.n, c.sae.k, c.sae.k_aux = D, N, K, 8
-  c.train.batch_size, c.mesh.shape, c.encoder_tile = B, MESH, tile
+  c.train.batch_size, c.mesh.shape, c.encoder_tile = B, mesh, tile
   return c
 
 
-def _batch_by_latent(colls):
+def _batch_by_latent(colls, mesh=MESH):
   """Collectives moving an array at least as large as one device's pre[B_local, n_local]."""
-  return [c for c in colls if c.largest >= B_LOCAL * N_LOCAL]
+  return [c for c in colls if c.largest >= (B // mesh[0]) * (N // mesh[1])]
 
 
+@pytest.mark.parametrize("mesh", [MESH, (4, 2)])
 @pytest.mark.parametrize("tile", [0, 512])
-def test_step_never_moves_a_batch_by_latent_array(tile):
-  colls = hlo.collectives(plan.compile_step(_config(tile)).as_text())
+def test_step_never_moves_a_batch_by_latent_array(tile, mesh):
+  b_local, shards = B // mesh[0], mesh[1]
+  colls = hlo.collectives(plan.compile_step(_config(tile, mesh)).as_text())
   assert colls, "no collectives found: the HLO parser is broken"
-  assert not _batch_by_latent(colls), _batch_by_latent(colls)
-  # What does cross the latent axis: candidates [B_local, k * shards] (values and indices), for
-  # top-k and for AuxK, and nothing bigger than that or than a partial x_hat [B_local, d].
+  assert not _batch_by_latent(colls, mesh), _batch_by_latent(colls, mesh)
+  # What does cross the latent axis: candidates (values and indices), for top-k and for AuxK, and
+  # nothing bigger than them or than a partial x_hat [B_local, d].
   gathers = [c for c in colls if c.kind == "all-gather"]
-  assert {s for c in gathers for _, s in c.arrays} == {(B_LOCAL, K * MESH[1])}
-  assert len(gathers) >= 4   # values + indices, top-k and AuxK
+  exchanged = [c for c in colls if c.kind == "all-to-all"]
+  if shards > 2:   # each shard merges B_local / shards rows, then the winners are gathered
+    assert {s for c in exchanged for _, s in c.arrays} == {(1, b_local // shards, K)}
+    assert {s for c in gathers for _, s in c.arrays} == {(b_local, K)}
+    # B_local x k 4-byte values and as many indices, for top-k and for AuxK: whatever the shards
+    assert sum(c.bytes for c in exchanged if "branch_1" in c.op_name) == 4 * b_local * K * 4
+  else:            # every shard's candidates of every row, to every shard
+    assert not exchanged
+    assert {s for c in gathers for _, s in c.arrays} == {(b_local, K * shards)}
+  assert len(gathers) >= 3   # top-k indices (its values are unused), AuxK values + indices
   latent_sums = [c for c in colls if c.kind == "all-reduce" and "branch_" in c.op_name]
-  assert latent_sums and all(c.largest <= B_LOCAL * D for c in latent_sums)
+  assert latent_sums and all(c.largest <= b_local * D for c in latent_sums)
 
 
 def test_detector_flags_a_naive_sharded_top_k():

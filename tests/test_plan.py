@@ -113,3 +113,20 @@ def test_training_refuses_a_run_that_does_not_fit(tmp_path):
                  "peak", "DOES NOT FIT"):
     assert needle in r.stderr, (needle, r.stderr[-2000:])
   assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))
+
+
+def test_plan_shows_the_candidates_each_step_moves():
+  """configs/dict_16m.py on 64 latent shards: AuxK's k_aux=2048 candidates of 8192 rows, exchanged
+  (all-to-all, winners gathered) instead of gathered from every shard: 256 MiB instead of 8 GiB
+  per device per step. Over 2 shards they are gathered (the same bytes either way)."""
+  p = plan.Problem(d=4096, n=2**24, k=64, batch=8192, k_aux=2048, encoder_tile=32768)
+  wide = plan.estimate(p, 1, 64)
+  assert wide.comm == {"top-k candidates": (8 * 2**20, 256 * 2**20),
+                       "AuxK candidates": (256 * 2**20, 8 * 2**30)}
+  text = plan.table(wide, 95 * 2**30)
+  assert "exchanged (all-to-all)" in text
+  assert "AuxK candidates         256.00 MiB   (gathered from every shard: 8.00 GiB)" in text
+  narrow = plan.estimate(p, 32, 2)
+  assert narrow.comm["AuxK candidates"] == (256 * 2 * 2048 * 8,) * 2
+  assert "gathered from every shard):" in plan.table(narrow, 95 * 2**30)
+  assert "latent axis" not in plan.table(plan.estimate(p, 64, 1), 95 * 2**30)

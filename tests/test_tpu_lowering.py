@@ -228,11 +228,12 @@ def test_train_step_lowers_for_tpu(name, cpu_devices_as_v5p):
   export_step(c)
 
 
-@pytest.mark.parametrize("lazy", [False, True])
-def test_sharded_train_step_lowers_for_tpu(tiny_config, lazy, cpu_devices_as_v5p):
-  """A (2, 2) mesh, kernels=pallas, AuxK on every step, dense or lazy optimizer."""
+@pytest.mark.parametrize("mesh,lazy", [((2, 2), False), ((2, 2), True), ((1, 4), False)])
+def test_sharded_train_step_lowers_for_tpu(tiny_config, mesh, lazy, cpu_devices_as_v5p):
+  """kernels=pallas, AuxK on every step, dense or lazy optimizer; candidates gathered over 2
+  latent shards, exchanged (all-to-all) over 4."""
   c = tiny_config
-  c.kernels, c.mesh.shape = "pallas", (2, 2)
+  c.kernels, c.mesh.shape = "pallas", mesh
   c.sae.dead_tokens = 1
   c.train.lazy_optimizer = lazy
   export_step(c)
