@@ -68,6 +68,10 @@ _SIGNUM_LRS = flags.DEFINE_list("signum_lrs", ["auto"],
 _STEPS = flags.DEFINE_integer("steps", 150, "steps on real data (150 x 4096 = 614k tokens)")
 _SYN_STEPS = flags.DEFINE_integer("synthetic_steps", 1500, "steps on synthetic data")
 _STORE = flags.DEFINE_string("store", "", "activation store dumped from SmolLM2-135M")
+_STORES = flags.DEFINE_list("stores", [],
+                            "more stores as NAME=PATH, each usable as a --datasets name (sae.d is "
+                            "read from the store), e.g. smollm2-L3=/tmp/jaxsae/datasets/smollm2-L3")
+_N = flags.DEFINE_integer("n", 0, "latents on real data (0: the fixture config's 4096)")
 _FIXTURE = flags.DEFINE_string("fixture", FIXTURE, "the shared fixture .npy")
 _FIXTURE_STORE = flags.DEFINE_string("fixture_store", "/tmp/jaxsae/smollm2-135m-L15",
                                      "where the fixture's store is (made if missing)")
@@ -90,8 +94,14 @@ _SAELENS_SET = flags.DEFINE_list(
 
 def real_config(path: str, lr: float):
   from configs import smollm2_fixture
+  from jaxsae.data.store import read_metadata
   c = smollm2_fixture.get_config()
   c.data.path, c.data.dtype, c.data.missing_hint = path, "", ""
+  meta = read_metadata(path)
+  if meta is not None:   # the fixture store is made later, with the fixture config's d
+    c.sae.d = int(meta["d"])
+  if _N.value:
+    c.sae.n = _N.value
   c.data.eval_rows, c.data.eval_batches = _EVAL_ROWS.value, 1 << 20   # all held-out rows
   c.train.steps, c.train.lr = _STEPS.value, lr
   c.mesh.shape = (1, 1)
@@ -167,16 +177,20 @@ PEER_OF = {"saelens": "saelens", "sparsify": "sparsify", "sparsify_signum": "spa
 
 
 def make_peer(trainer: str, run, config, spec, window: int):
-  """The peer for `trainer`, with jaxsae's n, k, batch, steps, lr, seed and dead-latent rule."""
+  """The peer for `trainer`, with jaxsae's n, k, batch, steps, lr, seed, dead-latent rule and LR
+  schedule (warmup, then the decay) where the peer takes one."""
   from bench import peers
+  from jaxsae import optim
   mod = peers.load(PEER_OF[trainer])
   B, steps, lr = config.train.batch_size, config.train.steps, config.train.lr
+  warmup = optim.resolve_warmup(config.train)
+  decay = min(int(steps * config.train.decay_frac), steps - warmup)
   if trainer == "saelens":
-    scale = run.input_scale if config.data.normalize != "none" else None
+    # Raw inputs: SAELens's own default (normalize_activations="none"), its best on real data.
     options = peer_options(_SAELENS_SET.value)
     coef = options.pop("aux_loss_coefficient", 1.0)
-    return mod.Peer(spec.d, spec.n, spec.k, lr, B, steps, window, input_scale=scale,
-                    decay_steps=int(steps * config.train.decay_frac), seed=config.train.seed,
+    return mod.Peer(spec.d, spec.n, spec.k, lr, B, steps, window, input_scale=None,
+                    decay_steps=decay, warmup_steps=warmup, seed=config.train.seed,
                     aux_loss_coefficient=coef, sae_options=options)
   if trainer == "dictlearn":
     # Its normalize_activations target is mean squared norm 1; jaxsae's scale s gives s * x mean
@@ -184,12 +198,26 @@ def make_peer(trainer: str, run, config, spec, window: int):
     target = {"d": spec.d, "unit": 1.0}.get(config.data.normalize)
     norm = math.sqrt(target) / run.input_scale if target else None
     return mod.Peer(spec.d, spec.n, spec.k, lr, B, steps, spec.dead_tokens, norm_factor=norm,
-                    warmup_steps=config.train.warmup_steps,
-                    decay_steps=int(steps * config.train.decay_frac), seed=config.train.seed)
+                    warmup_steps=warmup, decay_steps=decay, seed=config.train.seed)
   return mod.Peer(spec.d, spec.n, spec.k, lr, B, steps, spec.dead_tokens,
                   optimizer="adam" if trainer == "sparsify" else "signum",
-                  auxk_alpha=spec.auxk_coef, warmup_steps=config.train.warmup_steps,
+                  auxk_alpha=spec.auxk_coef, warmup_steps=warmup,
                   multi_topk=spec.multi_topk, seed=config.train.seed)
+
+
+def default_lr(trainer: str, config) -> float:
+  """What each trainer picks when it is given no learning rate: jaxsae's automatic rate (from d
+  and the steps), sparsify's and dictionary_learning's 2e-4 * sqrt(2^14 / n) (sparsify's signum:
+  5e-3 * ...), SAELens's 3e-4 (LanguageModelSAERunnerConfig.lr)."""
+  from jaxsae import optim
+  if trainer == "jaxsae":
+    c = config.copy_and_resolve_references()
+    c.train.lr = None
+    return optim.resolve_lr(c)[0]
+  if trainer == "saelens":
+    return 3e-4
+  scale = math.sqrt(2 ** 14 / config.sae.n)
+  return (5e-3 if trainer == "sparsify_signum" else 2e-4) * scale
 
 
 def trainer_versions(trainer: str) -> dict:
@@ -315,8 +343,31 @@ def run_pair(dataset: str, config, trainers) -> list[dict]:
 
 # ---- table ------------------------------------------------------------------------------------
 
+def summary(records: list[dict]) -> list[str]:
+  """Dataset x trainer: the best swept learning rate and the trainer's default, FVU / dead."""
+  f = lambda r: (f"{r['eval_fvu']:.4f} / {100 * r['dead_frac']:.1f}% (lr {r['lr']:.3g})"
+                 if r and "eval_fvu" in r else "-")
+  groups = {}
+  for r in records:
+    if "eval_fvu" in r and not r.get("variant"):   # variants are in the full table below
+      groups.setdefault((r["dataset"], r.get("n", 0), r.get("steps", 0), label(r)), []).append(r)
+  lines = ["Summary: held-out FVU / dead latents (learning rate), best over the swept rates and at "
+           "each trainer's own default rate (`--lrs=default`).", "",
+           "| data | n | tokens | trainer | best swept | default | default / best |",
+           "|---|---|---|---|---|---|---|"]
+  for (ds, n, steps, name), rs in sorted(groups.items()):
+    swept = [r for r in rs if r.get("lr_choice") != "default"]
+    best = min(swept, key=lambda r: r["eval_fvu"]) if swept else None
+    default = next((r for r in rs if r.get("lr_choice") == "default"), None)
+    ratio = (f"{default['eval_fvu'] / best['eval_fvu']:.3f}" if best and default else "-")
+    lines.append(f"| {ds} | {n} | {rs[0]['tokens']:,} | {name} | {f(best)} | {f(default)} | "
+                 f"{ratio} |")
+  return lines + [""]
+
+
 def table(records: list[dict]) -> str:
-  lines = ["| data | trainer | lr | tokens | eval FVU | eval L0 | dead | gt_mmcs | gt >0.9 | "
+  lines = summary(records) + ["All runs:", "",
+                              "| data | trainer | lr | tokens | eval FVU | eval L0 | dead | gt_mmcs | gt >0.9 | "
            "setup s | train s | tok/s (median step) | load |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   f = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"
@@ -358,7 +409,8 @@ def main(_):
     own = [f"saelens.{item}" for item in _SAELENS_SET.value] if trainer == "saelens" else []
     return ",".join(_SET.value + own)
 
-  have = {(r["dataset"], r["lr"], r["trainer"], r["steps"], r.get("variant", "")) for r in done}
+  have = {(r["dataset"], "default" if r.get("lr_choice") == "default" else r["lr"],
+           r["trainer"], r["steps"], r.get("variant", "")) for r in done}
   unknown = set(_TRAINERS.value) - {"jaxsae", *PEER_OF}
   if unknown:
     raise app.UsageError(f"--trainers: unknown {sorted(unknown)}")
@@ -366,6 +418,12 @@ def main(_):
       f"{t} {trainer_versions(t)}" for t in _TRAINERS.value if t != "jaxsae")
         + f", {os.cpu_count()} cores", flush=True)
 
+  stores = {}
+  for item in _STORES.value:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+      raise app.UsageError(f"--stores {item!r}: not NAME=PATH")
+    stores[name] = path
   lockstep = [t for t in _TRAINERS.value if t != "sparsify_signum"]
   plans = []   # (dataset, store path, lr, trainers)
   for ds in _DATASETS.value:
@@ -377,10 +435,15 @@ def main(_):
       if not _STORE.value:
         raise app.UsageError("--datasets=store needs --store=PATH")
       path, lrs = _STORE.value, _LRS.value
+    elif ds in stores:
+      path, lrs = stores[ds], _LRS.value
     else:
-      raise app.UsageError(f"unknown dataset {ds!r}")
+      raise app.UsageError(f"unknown dataset {ds!r}: not fixture, store, synthetic or a --stores "
+                           f"name ({sorted(stores)})")
     if lockstep:
-      plans += [(ds, path, float(lr), lockstep) for lr in lrs]
+      plans += [(ds, path, lr, lockstep) for lr in lrs if lr != "default"]
+      # "default": every trainer at its own default learning rate, so each trains alone
+      plans += [(ds, path, lr, [t]) for lr in lrs if lr == "default" for t in lockstep]
     if "sparsify_signum" in _TRAINERS.value:
       plans += [(ds, path, lr, ["sparsify_signum"]) for lr in _SIGNUM_LRS.value]
   for ds, path, lr, trainers in plans:
@@ -390,8 +453,13 @@ def main(_):
       from bench import sparsify_peer
       lr = sparsify_peer.default_lr(config.sae.n, "signum")
     apply_overrides(config, _SET.value)
-    config.train.lr = lr = float(lr)
-    todo = [t for t in trainers if (ds, lr, t, steps, variant(t)) not in have]
+    if lr == "default":
+      config.train.lr = default_lr(trainers[0], config)
+      lr_key = "default"
+    else:
+      config.train.lr = lr_key = float(lr)
+    lr = config.train.lr
+    todo = [t for t in trainers if (ds, lr_key, t, steps, variant(t)) not in have]
     if not todo:
       continue
     if ds == "fixture":
@@ -399,6 +467,8 @@ def main(_):
     print(f"{ds} lr={lr:g}: {', '.join(todo)}", flush=True)
     for rec in run_pair(ds, config, todo):
       rec.update(jax=jax.__version__, **trainer_versions(rec["trainer"]))
+      if lr_key == "default":
+        rec["lr_choice"] = "default"
       if variant(rec["trainer"]):
         rec["variant"] = variant(rec["trainer"])
       print(json.dumps(rec), flush=True)

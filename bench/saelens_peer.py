@@ -41,7 +41,7 @@ class Peer:
 
   def __init__(self, d: int, n: int, k: int, lr: float, batch: int, steps: int,
                dead_window_steps: int, input_scale: float | None = None, decay_steps: int = 0,
-               device: str = "cpu", seed: int = 0, aux_loss_coefficient: float = 1.0,
+               warmup_steps: int = 0, device: str = "cpu", seed: int = 0, aux_loss_coefficient: float = 1.0,
                autocast: bool = False, sae_options: dict | None = None):
     """sae_options: other TopKTrainingSAEConfig fields (e.g. rescale_acts_by_decoder_norm,
     decoder_init_norm), to find out which of SAELens's choices make a difference."""
@@ -61,7 +61,7 @@ class Peer:
     tcfg = SAETrainerConfig(
         total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr,
         lr_end=lr / 10,   # what LanguageModelSAERunnerConfig sets (unused by a constant schedule)
-        lr_decay_steps=decay_steps, device=device, autocast=autocast,
+        lr_decay_steps=decay_steps, lr_warm_up_steps=warmup_steps, device=device, autocast=autocast,
         # SAELens counts a latent dead when it has not fired for *more than* this many steps;
         # jaxsae when it has not fired for dead_tokens tokens: the same set with window - 1.
         dead_feature_window=max(dead_window_steps - 1, 0),

@@ -64,6 +64,7 @@ def get_config():
   c.data.source = "npy"          # "synthetic" | "npy" | "store"
   c.data.path = ""               # .npy file or activation store
   c.data.normalize = "d"         # inputs scaled to mean squared norm: "d" | "unit" | "none"
+  c.data.normalize_about = "zero"  # that norm measured about the data's "mean" or about "zero"
   c.data.eval_rows = 16384       # held-out rows for eval/* (0: no eval)
   c.data.eval_batches = 4
   c.data.shuffle_seed = 0

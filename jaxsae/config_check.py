@@ -35,19 +35,22 @@ def _problems(c):
   if t.batch_size <= 0:
     yield f"train.batch_size={t.batch_size} must be positive"
   if t.lr is not None and t.lr <= 0:
-    yield f"train.lr={t.lr} must be positive (or unset for the n-scaled default)"
+    yield f"train.lr={t.lr} must be positive (or unset for the automatic rate)"
   if t.log_every <= 0:
     yield f"train.log_every={t.log_every} must be positive"
   if not 0 <= t.decay_frac <= 1:
     yield f"train.decay_frac={t.decay_frac} must lie in [0, 1]"
-  if t.warmup_steps < 0:
-    yield f"train.warmup_steps={t.warmup_steps} must be >= 0"
+  if t.warmup_steps < -1:
+    yield f"train.warmup_steps={t.warmup_steps} must be >= 0 (or -1: automatic)"
   if t.on_nonfinite not in ON_NONFINITE:
     yield f"train.on_nonfinite={t.on_nonfinite!r}: expected one of {ON_NONFINITE}"
   if t.init_rows <= 0:
     yield f"train.init_rows={t.init_rows} must be positive"
   if c.data.normalize not in stats.NORMALIZE:
     yield f"data.normalize={c.data.normalize!r}: expected one of {stats.NORMALIZE}"
+  if c.data.normalize_about not in stats.NORMALIZE_ABOUT:
+    yield (f"data.normalize_about={c.data.normalize_about!r}: expected one of "
+           f"{stats.NORMALIZE_ABOUT}")
   if c.kernels not in KERNELS:
     yield f"kernels={c.kernels!r}: expected one of {KERNELS}"
   if c.compute_dtype not in COMPUTE_DTYPES:

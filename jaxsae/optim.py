@@ -14,23 +14,63 @@ import optax
 from jaxsae import model
 
 
-def default_lr(n: int) -> float:
-  """1e-4 at n = 2^14, scaled as 1/sqrt(n / 2^14) (Gao et al. 2024)."""
-  return 1e-4 / math.sqrt(n / 2 ** 14)
+# The learning rate when train.lr is unset. Adam moves every weight by about lr per step, whatever
+# the gradient's scale. A decoder row is a unit vector, its elements ~1/sqrt(d), and learning a
+# feature turns it by O(1): a distance D = 1/sqrt(d) per element. For a noisy problem run for S
+# steps the best step is D / sqrt(S) (the classic stochastic-approximation step size; with the
+# linear decay to 0 below it holds for the last iterate), so lr = LR_CONSTANT / sqrt(d * S).
+# Neither n nor the batch size enters: Adam divides each gradient by its own noise scale, so a
+# latent fed fewer tokens per step takes equal-sized, noisier steps. At a fixed token budget
+# (S ~ 1/B) this is Adam's square-root batch-size rule. LR_CONSTANT is measured, not fitted per
+# dataset (bench/RESULTS.md, sixth session): held-out FVU against lr is flat within a factor of
+# ~2 around it on every dataset there.
+LR_CONSTANT = 2.5
 
 
-def learning_rate(train, n: int):
-  """Constant schedule at train.lr (or the n-scaled default), optional warmup and final decay."""
-  lr = train.lr if train.lr is not None else default_lr(n)
-  decay_steps = int(train.steps * train.decay_frac)
-  flat = max(train.steps - train.warmup_steps - decay_steps, 0)
+def default_lr(d: int, steps: int) -> float:
+  """LR_CONSTANT / sqrt(d * steps): see LR_CONSTANT."""
+  return LR_CONSTANT / math.sqrt(d * max(steps, 1))
+
+
+def resolve_lr(config) -> tuple[float, str]:
+  """(peak learning rate, how it was chosen): train.lr, else default_lr from sae.d and steps."""
+  t = config.train
+  if t.lr is not None:
+    return float(t.lr), "train.lr"
+  return default_lr(config.sae.d, t.steps), (
+      f"automatic: {LR_CONSTANT:g} / sqrt(d={config.sae.d} x steps={t.steps})")
+
+
+def resolve_warmup(train) -> int:
+  """train.warmup_steps, or when it is -1 the automatic warmup: WARMUP_FRAC of the run, at most
+  WARMUP_MAX steps."""
+  if train.warmup_steps >= 0:
+    return int(train.warmup_steps)
+  return min(int(round(WARMUP_FRAC * train.steps)), WARMUP_MAX)
+
+
+# Adam's first steps move every weight by a full lr (bias correction makes m / sqrt(v) = sign(g)),
+# before its second moments have seen more than a batch or two: at the automatic lr and S=150
+# that is ~70% of an encoder row's norm per step. A short linear warmup lets v settle first.
+WARMUP_FRAC = 0.05
+WARMUP_MAX = 1000
+
+
+def learning_rate(config):
+  """The schedule: linear warmup, constant, then linear decay to 0 over train.decay_frac of the
+  run (1.0, the default: from the end of warmup to the last step, as sparsify)."""
+  train = config.train
+  lr, _ = resolve_lr(config)
+  warmup = resolve_warmup(train)
+  decay_steps = min(int(train.steps * train.decay_frac), max(train.steps - warmup, 0))
+  flat = max(train.steps - warmup - decay_steps, 0)
   parts, bounds = [], []
-  if train.warmup_steps:
-    parts.append(optax.linear_schedule(0.0, lr, train.warmup_steps))
-    bounds.append(train.warmup_steps)
+  if warmup:
+    parts.append(optax.linear_schedule(0.0, lr, warmup))
+    bounds.append(warmup)
   parts.append(optax.constant_schedule(lr))
   if decay_steps:
-    bounds.append(train.warmup_steps + flat)
+    bounds.append(warmup + flat)
     parts.append(optax.linear_schedule(lr, 0.0, decay_steps))
   return optax.join_schedules(parts, bounds) if bounds else parts[0]
 
@@ -51,7 +91,7 @@ OPT_STATE_DTYPES = ("float32", "bfloat16")
 
 def make_optimizer(config) -> optax.GradientTransformation:
   t = config.train
-  lr = learning_rate(t, config.sae.n)
+  lr = learning_rate(config)
   if t.opt_state_dtype == "float32":
     adam = optax.adam(lr, b1=t.b1, b2=t.b2, eps=t.eps)
   elif t.opt_state_dtype == "bfloat16":
@@ -193,8 +233,7 @@ def _lazy_rows(rows_fn, args, h, touched, chunk, flags):
   return jax.lax.fori_loop(0, used, one_pass, (w, mu, nu))
 
 
-def fused_update(train, n: int, params, grads, opt_state, touched=None, *, kernels="pallas",
-                 chunk=0):
+def fused_update(config, params, grads, opt_state, touched=None, *, kernels="pallas", chunk=0):
   """What tx.update + apply_updates + renormalize_decoder do, one sweep per weight matrix: with
   kernels=pallas in Pallas (pallas_kernels/fused_adam.py, or fused_adam_gpu.py for the GPU
   flavour), with kernels=xla in their pure-JAX references. Biases take the same arithmetic in plain
@@ -206,10 +245,11 @@ def fused_update(train, n: int, params, grads, opt_state, touched=None, *, kerne
   whole shard; step.py passes lazy_chunk_rows), gathered and scattered back on the xla path,
   fetched by DMA or masked loads on the Pallas one; b_enc by a masked select.
   """
+  train = config.train
   fa = _adam_module(kernels)
   empty, (adam, sched) = opt_state
   count = optax.safe_increment(adam.count)
-  h = fa.hyper(learning_rate(train, n)(sched.count), train.b1, train.b2, train.eps, count)
+  h = fa.hyper(learning_rate(config)(sched.count), train.b1, train.b2, train.eps, count)
   args = {name: (w, grads[name], adam.mu[name], adam.nu[name]) for name, w in params.items()}
   flags = lambda name: dict(project=name == "W_dec", renorm=name == "W_dec")
   out = {}

@@ -61,7 +61,7 @@ class StepFns:
       # touched rows: each device sweeps its own rows in shard_map.
       specs_of = lambda tree: jax.tree.map(lambda s: s.spec, tree)
       n_local = spec.n // specs.model_size
-      fused = functools.partial(optim.fused_update, config.train, spec.n, kernels=config.kernels,
+      fused = functools.partial(optim.fused_update, config, kernels=config.kernels,
                                 chunk=optim.lazy_chunk_rows(n_local, self.batch_size,
                                                             spec.k_select, specs.model_size))
       opt_specs = specs_of(state_shardings.opt_state)

@@ -32,9 +32,9 @@ def _write_json(path: str, obj):
 
 def resolved_config(config, spec: model.SaeSpec, mesh) -> dict:
   out = config.to_dict()
-  out["resolved"] = {"lr": config.train.lr if config.train.lr is not None
-                           else optim.default_lr(spec.n),
-                     "k_aux": spec.k_aux, "mesh_shape": dict(mesh.shape),
+  lr, lr_source = optim.resolve_lr(config)
+  out["resolved"] = {"lr": lr, "lr_source": lr_source,
+                     "warmup_steps": optim.resolve_warmup(config.train), "k_aux": spec.k_aux, "mesh_shape": dict(mesh.shape),
                      "process_count": jax.process_count(), "jax_version": jax.__version__}
   return out
 
@@ -54,7 +54,7 @@ def init_statistics(config, data):
   bad = int(np.sum(~np.all(np.isfinite(sample), axis=1)))
   if bad:
     raise data_lib.DataError(f"{bad} of {len(sample)} init-sample rows hold NaN/inf")
-  scale = stats.input_scale(sample, config.data.normalize)
+  scale = stats.input_scale(sample, config.data.normalize, config.data.normalize_about)
   b_pre = stats.geometric_median(sample * scale, config.train.median_iters)
   return scale, np.asarray(b_pre)
 
@@ -139,6 +139,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("training %s: d=%d n=%d k=%d k_aux=%d on mesh %s, %d steps of %d tokens, "
                "input scale %.4g", config.data.source, spec.d, spec.n, spec.k, spec.k_aux,
                dict(mesh.shape), total_steps, batch_size, run.input_scale)
+  logging.info("learning rate %.4g (%s), warmup %d steps, linear decay to 0 over the last %g of "
+               "the run", resolved["resolved"]["lr"], resolved["resolved"]["lr_source"],
+               resolved["resolved"]["warmup_steps"], config.train.decay_frac)
+  schedule = optim.learning_rate(config)
 
   writer = metrics_lib.Writer(workdir, lead)
   interval = metrics_lib.Interval()
@@ -156,6 +160,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def emit(record):
     """Logs a finished interval (called once the step after it is already queued)."""
     record.update(interval.summary(record["step"], record["step"] * batch_size, batch_size))
+    record["train/lr"] = float(schedule(record["step"] - 1))   # the rate of the interval's last step
     elapsed = time.perf_counter() - t_start
     eta = elapsed / max(record["step"] - start_step, 1) * (total_steps - record["step"])
     writer.write(record)

@@ -51,3 +51,32 @@ def test_saelens_options_reach_its_sae():
   np.testing.assert_allclose(norms(other), 1.0, rtol=1e-5)
   assert plain.sae.cfg.rescale_acts_by_decoder_norm and not other.sae.cfg.rescale_acts_by_decoder_norm
   assert "rescale_acts_by_decoder_norm=False" in other.recipe
+
+
+def test_summary_has_best_and_default_per_dataset_and_trainer():
+  base = dict(dataset="fixture", n=4096, steps=150, tokens=614400, eval_l0=32.0, setup_s=0.0,
+              train_s=1.0, tokens_per_s=1.0, load_start=0.0, load_end=0.0)
+  rows = [dict(base, trainer="jaxsae", lr=1e-3, eval_fvu=0.30, dead_frac=0.0),
+          dict(base, trainer="jaxsae", lr=4e-3, eval_fvu=0.20, dead_frac=0.01),
+          dict(base, trainer="jaxsae", lr=2e-3, eval_fvu=0.21, dead_frac=0.0,
+               lr_choice="default"),
+          dict(base, trainer="sparsify", lr=4e-4, eval_fvu=0.40, dead_frac=0.0,
+               lr_choice="default"),
+          dict(base, trainer="jaxsae", lr=4e-3, eval_fvu=0.10, dead_frac=0.0, variant="x.y=1")]
+  head = quality.table(rows).split("All runs:")[0]
+  assert ("| fixture | 4096 | 614,400 | jaxsae | 0.2000 / 1.0% (lr 0.004) | "
+          "0.2100 / 0.0% (lr 0.002) | 1.050 |") in head
+  assert "| fixture | 4096 | 614,400 | sparsify | - | 0.4000 / 0.0% (lr 0.0004) | - |" in head
+  assert "x.y=1" not in head   # variants stay out of the summary
+
+
+def test_default_learning_rates_are_each_trainers_own():
+  from jaxsae import optim
+  c = quickstart.get_config()
+  c.sae.n, c.sae.d, c.train.steps, c.train.lr = 4096, 576, 150, 3e-3
+  assert quality.default_lr("jaxsae", c) == optim.default_lr(576, 150)
+  assert c.train.lr == 3e-3   # the caller's config is left alone
+  assert quality.default_lr("sparsify", c) == pytest.approx(4e-4)
+  assert quality.default_lr("dictlearn", c) == pytest.approx(4e-4)
+  assert quality.default_lr("sparsify_signum", c) == pytest.approx(1e-2)
+  assert quality.default_lr("saelens", c) == 3e-4

@@ -79,7 +79,7 @@ def test_lazy_kernel_equals_reference(flavour, project_renorm):
 
 
 def _setup(n, d, *, kernels, flavour, monkeypatch):
-  """(config.train, the optax optimizer, fresh params) for optim.fused_update on one shard."""
+  """(config, the optax optimizer, fresh params) for optim.fused_update on one shard."""
   c = base.get_config()
   c.sae.n, c.sae.d, c.train.lr = n, d, 1e-3
   if kernels == "pallas":
@@ -88,7 +88,7 @@ def _setup(n, d, *, kernels, flavour, monkeypatch):
   w, _, _, _ = _rows(2, n, d)
   params = {"W_enc": w + 0.1, "b_enc": jnp.zeros((n,)), "W_dec": w,
             "b_pre": jnp.linspace(-1.0, 1.0, d)}
-  return c.train, tx, params
+  return c, tx, params
 
 
 CASES = {"xla": ("xla", "tpu"), "pallas-tpu": ("pallas", "tpu"), "pallas-gpu": ("pallas", "gpu")}
@@ -110,7 +110,7 @@ def test_first_lazy_step_equals_dense(case, monkeypatch):
   state = tx.init(params)
   updates, dense_state = tx.update(grads, state, params)
   dense = optim.renormalize_decoder(optax.apply_updates(params, updates))
-  lazy, lazy_state = jax.jit(functools.partial(optim.fused_update, cfg, n, kernels=kernels,
+  lazy, lazy_state = jax.jit(functools.partial(optim.fused_update, cfg, kernels=kernels,
                                                chunk=16))(params, grads, state,
                                                           jnp.asarray(touched))
   for name in params:
@@ -143,7 +143,7 @@ def test_untouched_rows_keep_their_bits(case, chunk, monkeypatch):
       optax.ScaleByAdamState(count=count, mu={k: v[1] for k, v in moments.items()},
                              nu={k: v[2] for k, v in moments.items()}),
       optax.ScaleByScheduleState(count=count)))
-  new, new_state = jax.jit(functools.partial(optim.fused_update, cfg, n, kernels=kernels,
+  new, new_state = jax.jit(functools.partial(optim.fused_update, cfg, kernels=kernels,
                                              chunk=chunk))(params, grads, state,
                                                            jnp.asarray(touched))
   adam = new_state[1][0]

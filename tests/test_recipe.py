@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import base
 from jaxsae import model, optim, stats, train
 from jaxsae import step as step_lib
 
@@ -51,19 +52,49 @@ def test_tied_init_and_geometric_median(tiny_config, encoder_norm):
 
 def test_input_scale_fixes_mean_squared_norm():
   x = np.random.default_rng(0).normal(3.0, 2.0, (500, 12)).astype(np.float32)
+  centred = x - x.mean(axis=0)
   for mode, target in (("d", 12.0), ("unit", 1.0)):
-    s = stats.input_scale(x, mode)
+    s = stats.input_scale(x, mode, "zero")
     assert abs(np.mean(np.sum((s * x) ** 2, axis=1)) - target) < 1e-3 * target
+    s = stats.input_scale(x, mode, "mean")   # the default: about the mean, blind to the offset
+    assert abs(np.mean(np.sum((s * centred) ** 2, axis=1)) - target) < 1e-3 * target
+    assert abs(stats.input_scale(x + 100.0, mode) - s) < 1e-4 * s
   assert stats.input_scale(x, "none") == 1.0
 
 
-def test_k_aux_default_and_lr_scaling():
+def test_k_aux_default():
   assert model.resolve_k_aux(-1, 768, 10 ** 6) == 256
   assert model.resolve_k_aux(-1, 4096, 10 ** 6) == 2048
   assert model.resolve_k_aux(-1, 128, 2048) == 64
   assert model.resolve_k_aux(100, 128, 2048) == 100
-  assert abs(optim.default_lr(2 ** 14) - 1e-4) < 1e-12
-  assert abs(optim.default_lr(4096) - 2e-4) < 1e-12
+
+
+def test_automatic_lr_and_schedule():
+  """lr unset: LR_CONSTANT / sqrt(d * steps), independent of n and batch; train.lr wins when set.
+  The schedule warms up linearly over 5% of the run, then decays linearly to 0 at the last step."""
+  c = base.get_config()
+  c.sae.d, c.train.steps = 576, 150
+  lr, source = optim.resolve_lr(c)
+  assert lr == pytest.approx(optim.LR_CONSTANT / np.sqrt(576 * 150))
+  assert "automatic" in source and "d=576" in source and "steps=150" in source
+  c.sae.n, c.train.batch_size = 4 * c.sae.n, 2 * c.train.batch_size
+  assert optim.resolve_lr(c)[0] == lr
+  c.train.steps = 600   # four times the steps: half the rate
+  assert optim.resolve_lr(c)[0] == pytest.approx(lr / 2)
+  c.train.lr = 1e-3
+  assert optim.resolve_lr(c) == (1e-3, "train.lr")
+
+  c.train.steps, c.train.warmup_steps, c.train.decay_frac = 200, -1, 1.0
+  assert optim.resolve_warmup(c.train) == 10
+  sched = optim.learning_rate(c)
+  rates = np.array([float(sched(i)) for i in range(201)])
+  assert rates[0] == 0 and rates[10] == pytest.approx(1e-3) and rates.max() <= 1e-3 * (1 + 1e-6)
+  assert np.all(np.diff(rates[:11]) > 0) and np.all(np.diff(rates[10:]) < 0)
+  assert rates[200] == 0 and rates[105] == pytest.approx(5e-4)
+  c.train.steps = 10 ** 6
+  assert optim.resolve_warmup(c.train) == optim.WARMUP_MAX
+  c.train.warmup_steps, c.train.decay_frac = 0, 0.0
+  assert float(optim.learning_rate(c)(12345)) == pytest.approx(1e-3)
 
 
 def test_dead_latents_are_tracked_and_trained_by_auxk(tiny_config):
