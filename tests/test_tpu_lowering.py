@@ -11,6 +11,9 @@ proper (libtpu) is not on a CPU host: what it alone checks (VMEM use, layouts) i
 The chip the lowering asks about (it reads the sublane/lane counts) is a v5p, given as an abstract
 device, as tests/test_pallas_gpu.py gives an H100 to the Triton lowering.
 
+The GPU flavour's kernels are cross-lowered for CUDA (Pallas -> Triton) at the same shapes, for the
+configs kernels=pallas accepts on a GPU (config_check: every list at most topk_encoder_gpu.MAX_K).
+
 A second check walks each kernel's pallas_call and adds up what it keeps in SMEM (scalar-prefetched
 arrays, SMEM blocks twice for double buffering, SMEM scratch): SMEM is ~1 MiB and fixed, so no
 kernel may put an array there whose length grows with B*K or n.
@@ -237,3 +240,45 @@ def test_sharded_train_step_lowers_for_tpu(tiny_config, mesh, lazy, cpu_devices_
   c.sae.dead_tokens = 1
   c.train.lazy_optimizer = lazy
   export_step(c)
+
+
+# ---- the GPU flavour: cross-lowered for CUDA (Pallas Triton) at the same config shapes ----------
+
+def _gpu_configs():
+  """The shipped configs kernels=pallas accepts on GPU (config_check: widest list <= MAX_K)."""
+  from pallas_kernels import topk_encoder_gpu
+  return [name for name, s in SHAPES.items() if max(s.k, s.k_aux) <= topk_encoder_gpu.MAX_K]
+
+
+@pytest.mark.parametrize("name", _gpu_configs())
+def test_gpu_kernels_lower_for_cuda(name, monkeypatch):
+  """Every GPU kernel a step of these shapes calls lowers through Pallas -> Triton for CUDA (an
+  abstract H100 answers the lowering's device query, as in tests/test_pallas_gpu.py)."""
+  from test_pallas_gpu import _lowers_for_cuda
+  from pallas_kernels import fused_adam_gpu, sparse_ops_gpu, topk_encoder_gpu
+  monkeypatch.setattr(sparse_ops_gpu, "INTERPRET", False)
+  s = SHAPES[name]
+  x, w, bias, i32 = sds(s.b, s.d), sds(s.n, s.d), sds(s.n), jnp.int32
+  progs = [(f"topk k={kk}", lambda x, w, b, kk=kk: topk_encoder_gpu.topk(x, w, b, kk),
+            (x, w, bias)) for kk in sorted({s.k, *s.aux_widths})]
+  progs += [(f"AuxK k_aux={width} list {size}",
+             lambda x, w, b, width=width: topk_encoder_gpu.topk(x, w, b, width),
+             (x, sds(size, s.d), sds(size))) for width, size in s.lists]
+  for kk in sorted({s.k, *s.aux_widths}):
+    idx, c = sds(s.b, kk, dtype=i32), sds(s.b, kk)
+    progs += [(f"gather_dot K={kk}", sparse_ops_gpu.gather_dot, (x, w, idx)),
+              (f"gather_sum K={kk}", sparse_ops_gpu.gather_sum, (c, w, idx)),
+              (f"scatter_outer K={kk}",
+               lambda c, x, idx: sparse_ops_gpu.scatter_outer(c, x, idx, s.n), (c, x, idx))]
+  h = sds(8)
+  flags = dict(project=True, renorm=True)
+  progs += [("adam_rows", lambda *a: fused_adam_gpu.adam_rows(*a, **flags), (w, w, w, w, h)),
+            ("adam_rows_lazy", lambda *a: fused_adam_gpu.adam_rows_lazy(*a, **flags),
+             (w, w, w, w, h, sds(s.lazy_chunk, dtype=i32)))]
+  failures = []
+  for label, fn, args in progs:
+    try:
+      _lowers_for_cuda(fn, *args)
+    except Exception as e:
+      failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+  assert not failures, f"{name} {s}:\n" + "\n".join(failures)
