@@ -100,47 +100,53 @@ def all_shapes():
 SHAPES = {s.name: s for s in all_shapes()}
 
 
-def kernel_programs(s: Shapes):
-  """(label, fn, abstract args) of every TPU kernel a step of these shapes calls."""
-  f32, i32 = jnp.float32, jnp.int32
+def kernel_programs(s: Shapes, gpu: bool = False):
+  """(label, fn, abstract args) of every kernel a step of these shapes calls, TPU flavour (or GPU:
+  the *_gpu modules)."""
+  if gpu:
+    from pallas_kernels import fused_adam_gpu as adam, sparse_ops_gpu as ops
+    from pallas_kernels import topk_encoder_gpu as enc
+  else:
+    adam, ops, enc = fused_adam, sparse_ops, topk_encoder
+  i32 = jnp.int32
   x, w, bias = sds(s.b, s.d), sds(s.n, s.d), sds(s.n)
-  progs = [(f"topk k={s.k}", lambda x, w, b: topk_encoder.topk(x, w, b, s.k), (x, w, bias))]
-  if s.k_aux:
-    progs.append((f"AuxK topk k_aux={s.k_aux}",
-                  lambda x, w, b: topk_encoder.topk(x, w, b, s.k_aux), (x, w, bias)))
+  widths = sorted({s.k, *s.aux_widths})   # the main top-k, AuxK at each of its widths
+  progs = [(f"topk k={kk}", lambda x, w, b, kk=kk: enc.topk(x, w, b, kk), (x, w, bias))
+           for kk in widths]
   for width, size in s.lists:   # AuxK over a dead list: the encoder rows of the list only
     progs.append((f"AuxK k_aux={width} list {size}",
-                  lambda x, w, b, width=width: topk_encoder.topk(x, w, b, width),
+                  lambda x, w, b, width=width: enc.topk(x, w, b, width),
                   (x, sds(size, s.d), sds(size))))
-  for kk in sorted({s.k, *s.aux_widths}):
+  for kk in widths:
     idx, c = sds(s.b, kk, dtype=i32), sds(s.b, kk)
-    progs += [(f"gather_dot K={kk}", sparse_ops.gather_dot, (x, w, idx)),
-              (f"gather_sum K={kk}", sparse_ops.gather_sum, (c, w, idx)),
+    progs += [(f"gather_dot K={kk}", ops.gather_dot, (x, w, idx)),
+              (f"gather_sum K={kk}", ops.gather_sum, (c, w, idx)),
               (f"scatter_outer K={kk}",
-               lambda c, x, idx: sparse_ops.scatter_outer(c, x, idx, s.n), (c, x, idx))]
-  h = sds(8, dtype=f32)
-  for project in (False, True):
-    progs.append((f"adam_rows project={project}",
-                  lambda w, g, m, v, h, p=project: fused_adam.adam_rows(w, g, m, v, h, project=p,
-                                                                        renorm=p),
-                  (w, w, w, w, h)))
-  progs.append(("adam_rows bias", fused_adam.adam_rows, (sds(s.n, 1),) * 4 + (h,)))
+               lambda c, x, idx: ops.scatter_outer(c, x, idx, s.n), (c, x, idx))]
+  h = sds(8)
+  for p in (False, True):   # W_enc; W_dec (projected and renormalized)
+    progs.append((f"adam_rows project={p}",
+                  lambda *a, p=p: adam.adam_rows(*a, project=p, renorm=p), (w, w, w, w, h)))
   progs.append((f"adam_rows_lazy {s.lazy_chunk} ids",
-                lambda w, g, m, v, h, ids: fused_adam.adam_rows_lazy(w, g, m, v, h, ids,
-                                                                     project=True, renorm=True),
+                lambda *a: adam.adam_rows_lazy(*a, project=True, renorm=True),
                 (w, w, w, w, h, sds(s.lazy_chunk, dtype=i32))))
   return progs
 
 
-@pytest.mark.parametrize("name", list(SHAPES))
-def test_every_kernel_lowers_for_tpu(name):
+def lower_all(name, progs, lower):
+  """lower(fn, *args) for every program; one report names every one that fails."""
   failures = []
-  for label, fn, args in kernel_programs(SHAPES[name]):
+  for label, fn, args in progs:
     try:
-      export_tpu(fn, *args)
-    except Exception as e:   # collect them all: one report names every kernel that fails
+      lower(fn, *args)
+    except Exception as e:
       failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
   assert not failures, f"{name} {SHAPES[name]}:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_every_kernel_lowers_for_tpu(name):
+  lower_all(name, kernel_programs(SHAPES[name]), export_tpu)
 
 
 def _pallas_calls(jaxpr):
@@ -255,30 +261,6 @@ def test_gpu_kernels_lower_for_cuda(name, monkeypatch):
   """Every GPU kernel a step of these shapes calls lowers through Pallas -> Triton for CUDA (an
   abstract H100 answers the lowering's device query, as in tests/test_pallas_gpu.py)."""
   from test_pallas_gpu import _lowers_for_cuda
-  from pallas_kernels import fused_adam_gpu, sparse_ops_gpu, topk_encoder_gpu
+  from pallas_kernels import sparse_ops_gpu
   monkeypatch.setattr(sparse_ops_gpu, "INTERPRET", False)
-  s = SHAPES[name]
-  x, w, bias, i32 = sds(s.b, s.d), sds(s.n, s.d), sds(s.n), jnp.int32
-  progs = [(f"topk k={kk}", lambda x, w, b, kk=kk: topk_encoder_gpu.topk(x, w, b, kk),
-            (x, w, bias)) for kk in sorted({s.k, *s.aux_widths})]
-  progs += [(f"AuxK k_aux={width} list {size}",
-             lambda x, w, b, width=width: topk_encoder_gpu.topk(x, w, b, width),
-             (x, sds(size, s.d), sds(size))) for width, size in s.lists]
-  for kk in sorted({s.k, *s.aux_widths}):
-    idx, c = sds(s.b, kk, dtype=i32), sds(s.b, kk)
-    progs += [(f"gather_dot K={kk}", sparse_ops_gpu.gather_dot, (x, w, idx)),
-              (f"gather_sum K={kk}", sparse_ops_gpu.gather_sum, (c, w, idx)),
-              (f"scatter_outer K={kk}",
-               lambda c, x, idx: sparse_ops_gpu.scatter_outer(c, x, idx, s.n), (c, x, idx))]
-  h = sds(8)
-  flags = dict(project=True, renorm=True)
-  progs += [("adam_rows", lambda *a: fused_adam_gpu.adam_rows(*a, **flags), (w, w, w, w, h)),
-            ("adam_rows_lazy", lambda *a: fused_adam_gpu.adam_rows_lazy(*a, **flags),
-             (w, w, w, w, h, sds(s.lazy_chunk, dtype=i32)))]
-  failures = []
-  for label, fn, args in progs:
-    try:
-      _lowers_for_cuda(fn, *args)
-    except Exception as e:
-      failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-  assert not failures, f"{name} {s}:\n" + "\n".join(failures)
+  lower_all(name, kernel_programs(SHAPES[name], gpu=True), _lowers_for_cuda)
