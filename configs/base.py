@@ -34,7 +34,8 @@ def get_config():
   c.train = ml_collections.ConfigDict()
   c.train.steps = 10_000
   c.train.batch_size = 4096      # tokens per step, global across all devices
-  c.train.lr = config_dict.placeholder(float)  # None: 1e-4 * sqrt(2^14 / n)
+  c.train.lr = config_dict.placeholder(float)  # peak rate; None: 2.5 / sqrt(d * steps), see
+                                               # optim.LR_CONSTANT (logged, in config.json)
   c.train.b1 = 0.9
   c.train.b2 = 0.999
   c.train.eps = 6.25e-10
@@ -51,8 +52,9 @@ def get_config():
   c.train.auxk_compact = True    # AuxK over a list of the dead latents when few are dead (at most
                                  # ~n/8 per shard): its top-k and sparse ops over the list's rows,
                                  # not all n (same update; 1.9x faster AuxK steps on CPU, README)
-  c.train.warmup_steps = 0
-  c.train.decay_frac = 0.0       # linear decay to 0 over this final fraction of steps
+  c.train.warmup_steps = -1      # linear warmup; -1: 5% of the steps, at most 1000
+  c.train.decay_frac = 1.0       # linear decay to 0 over this final fraction of steps (1.0: from
+                                 # the end of warmup to the last step, as sparsify)
   c.train.seed = 0
   c.train.log_every = 50
   c.train.eval_every = 0         # 0: evaluate only at the end
@@ -64,7 +66,8 @@ def get_config():
   c.data.source = "npy"          # "synthetic" | "npy" | "store"
   c.data.path = ""               # .npy file or activation store
   c.data.normalize = "d"         # inputs scaled to mean squared norm: "d" | "unit" | "none"
-  c.data.normalize_about = "zero"  # that norm measured about the data's "mean" or about "zero"
+  c.data.normalize_about = "mean"  # that norm measured about the data's "mean" (offset-blind:
+                                   # b_pre takes the offset) or about "zero"
   c.data.eval_rows = 16384       # held-out rows for eval/* (0: no eval)
   c.data.eval_batches = 4
   c.data.shuffle_seed = 0

@@ -22,8 +22,6 @@ def get_config():
   c.sae.dead_tokens = 200_000
   c.train.steps = 800
   c.train.batch_size = 2048
-  c.train.lr = 3e-3
-  c.train.decay_frac = 0.2
   c.train.log_every = 100
   c.checkpoint.every_steps = 400
   return c

@@ -26,7 +26,7 @@ def test_two_step_run_writes_config_and_metrics(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   config = json.load(open(os.path.join(wd, "config.json")))
   assert config["sae"]["n"] == 128 and config["train"]["steps"] == 2
-  assert config["resolved"]["k_aux"] == 16 and config["resolved"]["lr"] == 3e-3
+  assert config["resolved"]["k_aux"] == 16
   records = _records(wd)
   assert [r["step"] for r in records] == [1, 2]
   for rec in records:
@@ -91,3 +91,25 @@ def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert "skipped 2 batches holding NaN/inf rows" in r.stderr
   assert all(np.isfinite(rec["train/fvu"]) for rec in _records(wd))
+
+
+def test_automatic_lr_is_deterministic_and_logged(tmp_path):
+  """No train.lr: two runs of the same config and data choose the same rate, from d and steps,
+  and say so in config.json (with its source) and in every metrics record (train/lr)."""
+  from jaxsae import optim
+  got = []
+  for name in ("a", "b"):
+    wd = str(tmp_path / name)
+    r = run_cli([*TINY, f"--workdir={wd}", "--config.train.steps=4", "--config.train.log_every=1",
+                 "--config.checkpoint.every_steps=0"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    resolved = json.load(open(os.path.join(wd, "config.json")))["resolved"]
+    got.append((resolved, [rec["train/lr"] for rec in _records(wd)]))
+    assert "learning rate" in r.stderr and "automatic" in r.stderr
+  (resolved, rates), again = got
+  assert got[1] == got[0]
+  lr = optim.default_lr(32, 4)
+  assert resolved["lr"] == pytest.approx(lr) and resolved["lr_source"].startswith("automatic")
+  assert resolved["warmup_steps"] == 0   # 5% of 4 steps rounds to none
+  # Linear decay to 0 over the run: the rate each logged step ran at.
+  assert rates == pytest.approx([lr, 0.75 * lr, 0.5 * lr, 0.25 * lr], rel=1e-6)
