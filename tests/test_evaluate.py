@@ -22,6 +22,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from jaxsae import evaluate as ev, export as export_lib  # noqa: E402
+from jaxsae.evaluate import EvaluateError  # noqa: E402
 from jaxsae.data import lm  # noqa: E402
 
 D, LAYER, HOOK, T, B = 32, 1, "model.layers.1", 16, 4
@@ -295,7 +296,7 @@ def test_mismatched_saes_are_refused_before_the_model_runs(tiny_llama, texts, tm
                 tiny_llama),
   }
   for name, (sae, *needles) in cases.items():
-    with pytest.raises(ev.EvaluateError) as e:
+    with pytest.raises(EvaluateError) as e:
       run(sae, tiny_llama, texts)
     assert all(n in str(e.value) for n in needles), (name, str(e.value))
   assert not forwards
@@ -306,20 +307,25 @@ def test_mismatched_saes_are_refused_before_the_model_runs(tiny_llama, texts, tm
 
 
 def test_bad_inputs_get_one_line_errors(tiny_llama, texts, tmp_path):
+  from jaxsae.data.source import DataError
+  from jaxsae.sae_io import SaeError
   sae = random_sae(str(tmp_path / "sae"), tiny_llama)
   (tmp_path / "empty.txt").write_text("")
-
-  def cli(*args):
-    r = subprocess.run([sys.executable, "-m", "jaxsae.evaluate", f"--layer={LAYER}", *args],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1, r.stdout + r.stderr
-    return r.stderr.strip().splitlines()[-1]
-
-  assert "holds fewer than --seq_len=16 tokens" in cli(
-      f"--sae={sae}", f"--model={tiny_llama}", f"--text={tmp_path / 'empty.txt'}", "--seq_len=16")
-  assert f"{tmp_path / 'nope'}: no such file or folder" in cli(
-      f"--sae={tmp_path / 'nope'}", f"--model={tiny_llama}", f"--text={texts}")
-  assert "no such folder or .gguf file" in cli(
-      f"--sae={sae}", f"--model={tmp_path / 'nomodel'}", f"--text={texts}")
-  assert "names no files" in cli(f"--sae={sae}", f"--model={tiny_llama}",
-                                 f"--text={tmp_path / 'none*.txt'}")
+  cases = [(EvaluateError, "holds fewer than --seq_len=16 tokens: not one window",
+            dict(sae_path=sae, model=tiny_llama, text=str(tmp_path / "empty.txt"))),
+           (DataError, "no such folder or .gguf file",
+            dict(sae_path=sae, model=str(tmp_path / "nomodel"), text=texts)),
+           (DataError, "names no files",
+            dict(sae_path=sae, model=tiny_llama, text=str(tmp_path / "none*.txt"))),
+           (SaeError, f"{tmp_path / 'nope'}: no such file or folder",
+            dict(sae_path=str(tmp_path / "nope"), model=tiny_llama, text=texts))]
+  for error, needle, kw in cases:
+    with pytest.raises(error) as e:
+      ev.evaluate(layer=LAYER, seq_len=T, **kw)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+  # On the command line: one line on stderr, exit status 1.
+  r = subprocess.run([sys.executable, "-m", "jaxsae.evaluate", f"--sae={tmp_path / 'nope'}",
+                      f"--model={tiny_llama}", f"--layer={LAYER}", f"--text={texts}"],
+                     cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1 and r.stderr.strip() == \
+      f"jaxsae.evaluate: error: {tmp_path / 'nope'}: no such file or folder", r.stderr[-2000:]

@@ -61,8 +61,11 @@ def test_two_step_run_pictures_and_the_inspect_page(tmp_path):
   assert "d=32 n=128 k=4" in text   # the summary is on the page too
 
   # --out elsewhere, an explicit --eval, and a folder that is not a run.
-  r = run_module("jaxsae.plot", wd, f"--out={tmp_path / 'elsewhere'}",
-                 f"--eval={tmp_path / 'run' / 'eval.json'}")
-  assert r.returncode == 0 and len(os.listdir(tmp_path / "elsewhere")) == 6, r.stderr[-2000:]
-  r = run_module("jaxsae.plot", str(tmp_path / "nothing"))
-  assert r.returncode == 1 and "metrics.jsonl: no such file" in r.stderr
+  from jaxsae import plot
+  written = plot.write_plots(wd, str(tmp_path / "elsewhere"), [str(tmp_path / "run" / "eval.json")])
+  assert sorted(os.listdir(tmp_path / "elsewhere")) == sorted(CURVES + ["freq_hist.png"])
+  assert len(written) == 6
+  with pytest.raises(plot.PlotError, match="metrics.jsonl: no such file"):
+    plot.write_plots(str(tmp_path / "nothing"))
+  with pytest.raises(plot.PlotError, match="not the --json of"):
+    plot.write_plots(wd, str(tmp_path / "x"), [os.path.join(wd, "config.json")])
