@@ -170,6 +170,9 @@ def evaluate(sae_path: str, model: str, layer: int, text: str, tokens: int = 0,
 
   def kept(acts):   # [B, T] bool: rows the SAE is scored on and spliced into
     flat = acts.reshape(-1, d)
+    if not np.isfinite(flat).all():   # the dump refuses such rows too
+      raise EvaluateError(f"{int((~np.isfinite(flat).all(axis=1)).sum())} rows of block {layer}'s "
+                          "output hold NaN or inf (try --compute_dtype=float32)")
     mask = ~inputs.massive_rows(flat, massive_ratio) if filter_massive else np.ones(len(flat), bool)
     return mask.reshape(acts.shape[:2])
 
@@ -191,8 +194,7 @@ def evaluate(sae_path: str, model: str, layer: int, text: str, tokens: int = 0,
   fires, nonzero, massive = torch.zeros(sae.n, dtype=torch.int64, device=net.device), 0, 0
   for toks in tqdm.tqdm(batches, desc="evaluate", disable=not progress):
     ids = torch.from_numpy(toks.astype(np.int64)).to(net.device)
-    logits, acts = net.logits(toks)
-    clean = logits
+    clean, acts = net.logits(toks)
     sums["ce_clean"] += _next_token_stats(clean, ids)[0]
     keep = torch.from_numpy(kept(acts.cpu().numpy())).to(net.device)
     massive += int((~keep).sum())
@@ -215,7 +217,8 @@ def evaluate(sae_path: str, model: str, layer: int, text: str, tokens: int = 0,
   predictions = len(windows) * (seq_len - 1)
   r = {key: value / predictions for key, value in sums.items()}
   freq = fires.cpu().numpy() / rows
-  r.update(loss_recovered=(r["ce_zero"] - r["ce_spliced"]) / (r["ce_zero"] - r["ce_clean"]),
+  gap = r["ce_zero"] - r["ce_clean"]   # 0 only if zeroing the layer changes nothing at all
+  r.update(loss_recovered=(r["ce_zero"] - r["ce_spliced"]) / gap if gap else float("nan"),
            delta_loss=r["ce_spliced"] - r["ce_clean"], fvu=err / var, l0=nonzero / rows,
            dead_frac=float(np.mean(freq == 0)), dense_frac=float(np.mean(freq > dense_freq)),
            tokens=len(windows) * seq_len)
