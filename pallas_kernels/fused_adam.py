@@ -59,8 +59,9 @@ def _divisor_block(m: int, target: int) -> int:
 
 
 def _row_block(n: int, d: int) -> int:
-  """Rows per grid step: ~1 MiB of f32 per operand block, dividing n."""
-  return _divisor_block(n, max(sparse_ops.SUBLANES, (1 << 18) // max(d, 1)))
+  """Rows per grid step: ~512 KiB of f32 per operand block (7 operands, double-buffered: ~7 MiB
+  of VMEM), dividing n."""
+  return _divisor_block(n, max(sparse_ops.SUBLANES, (1 << 17) // max(d, 1)))
 
 
 def adam_rows(w, g, mu, nu, h, *, project=False, renorm=False):

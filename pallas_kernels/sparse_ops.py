@@ -132,7 +132,9 @@ INTERPRET = True  # what CPU runs; tests set pltpu.InterpretParams() for bounds 
 # SMEM in bounded pieces, as pipelined blocks or by DMA from HBM.
 SUBLANES, LANES = 8, 128
 GATHER_INDICES = 2048   # indices per grid step of gather_dot / gather_sum (an 8 KiB SMEM block)
-GATHER_COLS = 256       # K columns per grid step (K itself when it is at most this)
+GATHER_COLS = 256       # K columns per grid step (K itself when it is at most this) ...
+VMEM_BLOCK_BYTES = 2 << 20   # ... and fewer where d is wide: a VMEM buffer of W or output rows
+                             # stays near this (double-buffered, so ~2x), whatever d is
 SCATTER_CHUNK = 512     # sorted (latent, token, coef) triples scatter_outer DMAs to SMEM at once
 
 
@@ -161,12 +163,13 @@ def _legal_1d(size: int, total: int) -> bool:
       size >= LANES and size & (size - 1) == 0)
 
 
-def gather_blocks(b: int, k: int) -> tuple[int, int]:
+def gather_blocks(b: int, k: int, row_bytes: int = 0) -> tuple[int, int]:
   """(tb, kc): tokens and K columns per grid step of the gather kernels. tb divides B and is a
   multiple of 8 (or B), kc divides K and is a multiple of 128 (or K), and the tb*kc indices of a
   step form a legal 1-D SMEM block of about GATHER_INDICES (the nearest legal size where B and K
-  leave no closer one; all B*K only for a B that is no multiple of 8 and a K that fits nothing)."""
-  first = lane_block(k, GATHER_COLS)
+  leave no closer one; all B*K only for a B that is no multiple of 8 and a K that fits nothing).
+  row_bytes (one W row): kc shrinks (to 128) so that kc rows stay near VMEM_BLOCK_BYTES."""
+  first = lane_block(k, max(LANES, min(GATHER_COLS, VMEM_BLOCK_BYTES // max(row_bytes, 1))))
   for kc in [first] + [c for c in range(LANES, k, LANES) if k % c == 0 and c != first] + [k]:
     tbs = [tb for tb in range(1, b + 1) if b % tb == 0 and (tb % SUBLANES == 0 or tb == b)
            and _legal_1d(tb * kc, b * k)]
@@ -199,7 +202,7 @@ def _gather_call(name, lhs, w, idx, poison):
   computes on the other, so VMEM holds 2 * kc rows whatever B and K are."""
   b, k = idx.shape
   d = w.shape[1]
-  tb, kc = gather_blocks(b, k)
+  tb, kc = gather_blocks(b, k, d * w.dtype.itemsize)
   nk = k // kc
   dot = name == "gather_dot"
   out_cols = k if dot else d
@@ -277,7 +280,7 @@ def scatter_outer(coef, x, idx, n, *, poison=False):
   The sorted pairs stay in HBM; the kernel DMAs them to SMEM SCATTER_CHUNK at a time."""
   b, k = idx.shape
   d = x.shape[1]
-  rb = sublane_block(n, 256)
+  rb = sublane_block(n, min(256, max(SUBLANES, VMEM_BLOCK_BYTES // (4 * d))))
   ch = SCATTER_CHUNK
   flat = idx.reshape(-1).astype(jnp.int32)
   order = jnp.argsort(flat)

@@ -35,9 +35,15 @@ def column_tile(n: int, k: int, want: int) -> int:
   return max(fits) if fits else min(legal)
 
 
+W_BLOCK_BYTES = 2 << 20   # one [tile, d-piece] block of W (double-buffered: 4 MiB of VMEM)
+
+
 def tile_candidates(xc, w, b, k, *, col_tile=2048, row_tile=128, compute_dtype=jnp.float32):
   """Kernel: per (token block, column tile) top-k -> values, indices [B, (n / tile) * k].
 
+  Grid (token blocks, column tiles, pieces of d): the GEMM accumulates pre[tb, tn] over pieces of
+  d in a VMEM scratch (W blocks of at most about W_BLOCK_BYTES, whatever d is: at d=4096 a whole
+  [2048, 4096] f32 block would be 32 MiB, twice over), and the last piece extracts the top-k.
   The kernel writes candidates as [tiles, B, k] (a block (tb, k) of its last two dimensions is
   legal on TPU for any k, where a (tb, k) block of [B, tiles * k] is not unless k % 128 == 0);
   they are transposed to [B, tiles * k] outside."""
@@ -45,41 +51,53 @@ def tile_candidates(xc, w, b, k, *, col_tile=2048, row_tile=128, compute_dtype=j
   n = w.shape[0]
   tn = column_tile(n, k, col_tile)
   tb = sparse_ops.sublane_block(bsz, row_tile)
-  tiles = n // tn
+  td = sparse_ops.lane_block(d, max(sparse_ops.LANES, W_BLOCK_BYTES // (tn * w.dtype.itemsize)))
+  tiles, pieces = n // tn, d // td
 
-  def kernel(x_ref, w_ref, b_ref, v_out, i_out):
-    t = pl.program_id(1)
-    pre = jax.lax.dot_general(x_ref[...].astype(compute_dtype), w_ref[...].astype(compute_dtype),
-                              (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    pre = pre + b_ref[...].astype(jnp.float32)
-    cols = jax.lax.broadcasted_iota(jnp.int32, pre.shape, 1)
-    slots = jax.lax.broadcasted_iota(jnp.int32, (tb, k), 1)
+  def kernel(x_ref, w_ref, b_ref, v_out, i_out, acc):
+    t, c = pl.program_id(1), pl.program_id(2)
 
-    def extract(j, carry):
-      pre, vals, ids = carry
-      best = jnp.max(pre, axis=1, keepdims=True)
-      # Lowest column holding the max: ties resolve to the lower index, as lax.top_k does.
-      at = jnp.min(jnp.where(pre == best, cols, tn), axis=1, keepdims=True)
-      vals = jnp.where(slots == j, best, vals)   # column j of the lists, kept in vregs
-      ids = jnp.where(slots == j, at + t * tn, ids)
-      return jnp.where(cols == at, -jnp.inf, pre), vals, ids
+    @pl.when(c == 0)
+    def _():
+      acc[...] = jnp.zeros((tb, tn), jnp.float32)
 
-    _, vals, ids = jax.lax.fori_loop(
-        0, k, extract, (pre, jnp.full((tb, k), -jnp.inf, jnp.float32),
-                        jnp.zeros((tb, k), jnp.int32)))
-    v_out[...] = vals
-    i_out[...] = ids
+    acc[...] += jax.lax.dot_general(
+        x_ref[...].astype(compute_dtype), w_ref[...].astype(compute_dtype),
+        (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
-  out_block = pl.BlockSpec((None, tb, k), lambda i, t: (t, i, 0))
+    @pl.when(c == pieces - 1)
+    def _():
+      pre = acc[...] + b_ref[...].astype(jnp.float32)
+      cols = jax.lax.broadcasted_iota(jnp.int32, pre.shape, 1)
+      slots = jax.lax.broadcasted_iota(jnp.int32, (tb, k), 1)
+
+      def extract(j, carry):
+        pre, vals, ids = carry
+        best = jnp.max(pre, axis=1, keepdims=True)
+        # Lowest column holding the max: ties resolve to the lower index, as lax.top_k does.
+        at = jnp.min(jnp.where(pre == best, cols, tn), axis=1, keepdims=True)
+        vals = jnp.where(slots == j, best, vals)   # column j of the lists, kept in vregs
+        ids = jnp.where(slots == j, at + t * tn, ids)
+        return jnp.where(cols == at, -jnp.inf, pre), vals, ids
+
+      _, vals, ids = jax.lax.fori_loop(
+          0, k, extract, (pre, jnp.full((tb, k), -jnp.inf, jnp.float32),
+                          jnp.zeros((tb, k), jnp.int32)))
+      v_out[...] = vals
+      i_out[...] = ids
+
+  out_block = pl.BlockSpec((None, tb, k), lambda i, t, c: (t, i, 0))
   cand_v, cand_i = pl.pallas_call(
-      kernel, grid=(bsz // tb, tiles),
-      in_specs=[pl.BlockSpec((tb, d), lambda i, t: (i, 0)),
-                pl.BlockSpec((tn, d), lambda i, t: (t, 0)),
-                pl.BlockSpec((1, tn), lambda i, t: (0, t))],
+      kernel, grid=(bsz // tb, tiles, pieces),
+      in_specs=[pl.BlockSpec((tb, td), lambda i, t, c: (i, c)),
+                pl.BlockSpec((tn, td), lambda i, t, c: (t, c)),
+                pl.BlockSpec((1, tn), lambda i, t, c: (0, t))],
       out_specs=[out_block, out_block],
       out_shape=[jax.ShapeDtypeStruct((tiles, bsz, k), jnp.float32),
                  jax.ShapeDtypeStruct((tiles, bsz, k), jnp.int32)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+      scratch_shapes=[pltpu.VMEM((tb, tn), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=sparse_ops._interpret())(xc, w, b.reshape(1, n))
   flat = lambda a: a.transpose(1, 0, 2).reshape(bsz, tiles * k)
   return flat(cand_v), flat(cand_i)

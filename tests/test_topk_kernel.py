@@ -56,3 +56,16 @@ def test_column_tiles_are_legal_tpu_blocks():
   x, w, b = _inputs(4)
   with pytest.raises(ValueError, match="smaller than k"):
     topk_encoder.tile_candidates(x, w[:6], b[:6], 8)
+
+
+def test_exact_top_k_over_pieces_of_d(monkeypatch):
+  """W blocks smaller than d: pre accumulates over 4 pieces of 128 columns (the [tile, d] block of
+  a wide d would not fit VMEM), over 2 column tiles and 2 token blocks."""
+  monkeypatch.setattr(topk_encoder, "W_BLOCK_BYTES", 128 * 128 * 4)
+  ks = jax.random.split(jax.random.PRNGKey(5), 3)
+  x, w = jax.random.normal(ks[0], (16, 512)), jax.random.normal(ks[1], (N, 512))
+  b = jax.random.normal(ks[2], (N,))
+  vals, idx = topk_encoder.topk(x, w, b, 8, col_tile=128, row_tile=8)
+  ref_v, ref_i = topk_encoder.topk_reference(x, w, b, 8)
+  np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_i))
+  np.testing.assert_allclose(np.asarray(vals), np.asarray(ref_v), rtol=1e-5, atol=1e-4)

@@ -16,7 +16,9 @@ configs kernels=pallas accepts on a GPU (config_check: every list at most topk_e
 
 A second check walks each kernel's pallas_call and adds up what it keeps in SMEM (scalar-prefetched
 arrays, SMEM blocks twice for double buffering, SMEM scratch): SMEM is ~1 MiB and fixed, so no
-kernel may put an array there whose length grows with B*K or n.
+kernel may put an array there whose length grows with B*K or n. A third adds up its VMEM blocks and
+scratch, which must stay under the default scoped VMEM limit whatever d, n and k are (the values a
+kernel body holds are Mosaic's to place and are not counted).
 """
 import dataclasses
 import importlib
@@ -34,6 +36,8 @@ from pallas_kernels import fused_adam, sparse_ops, topk_encoder
 
 V5P = jax.sharding.AbstractDevice(device_kind="TPU v5p", num_cores=1, platform="tpu")
 SMEM_BUDGET = 64 << 10   # bytes per kernel; the chip has ~1 MiB, shared with Mosaic's own use
+VMEM_BUDGET = 12 << 20   # blocks (double-buffered) + scratch per kernel: under the smallest default
+                         # scoped VMEM limit (16 MiB), with room for Mosaic's own values
 
 # Shipped configs and the (data, model) mesh each is written for (the config docstrings).
 CONFIGS = {"quickstart": (1, 1), "smollm2_fixture": (1, 1), "base": (1, 1),
@@ -183,17 +187,43 @@ def smem_bytes(eqn) -> int:
   return total + sum(_nbytes(v.aval) for v in scratch if _in_smem(v.aval))
 
 
+def vmem_bytes(eqn) -> int:
+  """VMEM a pallas_call holds: its pipelined (VMEM) blocks, x2 for double buffering, and VMEM
+  scratch."""
+  gm = eqn.params["grid_mapping"]
+  pipelined = lambda aval: not any(m in str(aval.memory_space).lower()
+                                   for m in ("any", "smem", "hbm", "semaphore"))
+  total = sum(2 * _nbytes(bm.block_aval) for bm in gm.block_mappings if pipelined(bm.block_aval))
+  kernel = eqn.params["jaxpr"]
+  scratch = kernel.invars[len(kernel.invars) - gm.num_scratch_operands:]
+  return total + sum(_nbytes(v.aval) for v in scratch
+                     if "vmem" in str(getattr(v.aval, "memory_space", "")).lower())
+
+
+def _use(name, measure):
+  """{kernel label: the most `measure` gives over its pallas_calls} at config `name`'s shapes."""
+  seen = {}
+  for label, fn, args in kernel_programs(SHAPES[name]):
+    for eqn in _pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr):
+      seen[label] = max(seen.get(label, 0), measure(eqn))
+  assert len(seen) == len(kernel_programs(SHAPES[name]))
+  return seen
+
+
 @pytest.mark.parametrize("name", ["dict_16m", "gpt2_small"])
 def test_smem_use_is_bounded(name):
   """At the largest shapes (16M latents: B=8192, k_aux=2048; gpt2_small: B=16384 on one chip) each
   kernel keeps at most SMEM_BUDGET in SMEM: indices arrive in bounded pieces."""
-  seen = {}
-  for label, fn, args in kernel_programs(SHAPES[name]):
-    for eqn in _pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr):
-      seen[label] = max(seen.get(label, 0), smem_bytes(eqn))
-  assert len(seen) == len(kernel_programs(SHAPES[name]))
-  over = {label: b for label, b in seen.items() if b > SMEM_BUDGET}
+  over = {label: b for label, b in _use(name, smem_bytes).items() if b > SMEM_BUDGET}
   assert not over, f"kernels over {SMEM_BUDGET} bytes of SMEM: {over}"
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_vmem_use_is_bounded(name):
+  """Blocks and scratch stay under VMEM_BUDGET at every config (at d=4096 a whole [2048, d] f32
+  block of W in the top-k kernel alone would be 64 MiB double-buffered)."""
+  over = {label: b for label, b in _use(name, vmem_bytes).items() if b > VMEM_BUDGET}
+  assert not over, f"kernels over {VMEM_BUDGET >> 20} MiB of VMEM: {over}"
 
 
 @pytest.fixture
