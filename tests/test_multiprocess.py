@@ -112,6 +112,9 @@ RESUME_ARGS = ["--config=configs/quickstart.py", "--config.sae.d=32", "--config.
                "--config.sae.k=4", "--config.data.synthetic.num_features=64",
                "--config.train.batch_size=128", "--config.train.init_rows=512",
                "--config.data.eval_rows=0", "--config.train.decay_frac=0",
+               # a fixed lr and no warmup: the automatic ones depend on train.steps, which the
+               # interrupted run (1e6) and the rerun (300) do not share
+               "--config.train.lr=3e-3", "--config.train.warmup_steps=0",
                "--config.train.log_every=25", "--config.checkpoint.every_steps=0"]
 
 
