@@ -4,6 +4,13 @@ dictionary_learning's top-k SAEs.
   python bench/quality.py                                   # fixture + synthetic, LR sweep
   python bench/quality.py --datasets=fixture,store,synthetic --store=STORE
   python bench/quality.py --datasets=fixture --lrs=2e-4,6e-4,2e-3,6e-3 --trainers=sparsify
+  python bench/quality.py --datasets=smollm2-L25 --stores=smollm2-L25=/tmp/jaxsae/datasets/smollm2-L25 \
+      --lrs=default,3e-3,6e-3,1.2e-2 --trainers=jaxsae,sparsify   # stores made by bench/make_datasets.sh
+
+--lrs=default trains each trainer alone at its own default learning rate (jaxsae: its automatic
+rate; sparsify and dictionary_learning: 2e-4 * sqrt(2^14 / n); SAELens: 3e-4); those rows carry
+"lr_choice": "default". The table opens with a summary: per dataset and trainer, the best swept
+rate and the default, and the default's FVU over the best's.
 
 For each dataset and learning rate, the --trainers train in lockstep in one process: every batch
 comes from jaxsae's own data pipeline (the store loader with its chunk-level held-out split, or the
@@ -12,8 +19,9 @@ step, so all see identical data in identical order, under identical machine load
 step time is measured on its own, per step). All have the same n, k, batch, steps, learning rate
 and dead-latent rule. Trainers (bench/peers.py):
   jaxsae           the full recipe (below)
-  saelens          SAELens's TopKTrainingSAE + SAETrainer, input scaled as jaxsae's
-                   (bench/saelens_peer.py)
+  saelens          SAELens's TopKTrainingSAE + SAETrainer on raw inputs (its own default,
+                   normalize_activations="none"; rows before 2026-12-04 were on jaxsae-scaled
+                   inputs and say so in their variant) (bench/saelens_peer.py)
   sparsify         EleutherAI sparsify's SparseCoder + its Trainer's step with its `adam` option
                    (torch Adam, its linear decay to 0 over the run, no warmup), AuxK alpha =
                    jaxsae's (1/32), raw inputs (bench/sparsify_peer.py)
@@ -24,8 +32,7 @@ and dead-latent rule. Trainers (bench/peers.py):
                    it: its Adam, geometric-median b_dec, AuxK (alpha 1/32) and grad clip; jaxsae's
                    warmup and final decay; inputs at its unit mean squared norm where jaxsae
                    normalizes (by jaxsae's estimate), raw where jaxsae does not
-                   (bench/dictlearn_peer.py). Its own default LR, 2e-4 * sqrt(2^14 / n), is not
-                   in the default sweep: pass it in --lrs / --synthetic_lrs
+                   (bench/dictlearn_peer.py)
 
 Reported per run: held-out FVU (sum ||x - x_hat||^2 / sum ||x - mean||^2 over all held-out rows,
 in raw units, the same numpy code for both), held-out L0, dead fraction (latents that did not fire
@@ -34,14 +41,15 @@ summed step times including the first, compiling, step), and for synthetic data 
 true features of the best cosine with a unit decoder row) and the fraction recovered above 0.9.
 
 jaxsae runs as `configs/smollm2_fixture.py` (real data) or `configs/quickstart.py` (synthetic)
-configure it: tied init, geometric-median b_pre, AuxK, decoder projection, inputs scaled to mean
-squared norm d. It is driven through `jaxsae.train.setup()` and its compiled `steps.train`, i.e.
+configure it, with configs/base.py's recipe: tied init, geometric-median b_pre, AuxK, decoder
+projection, inputs scaled (about their mean) to mean squared norm d, linear decay to 0. It is driven through `jaxsae.train.setup()` and its compiled `steps.train`, i.e.
 train_and_evaluate's step without its logging and checkpoints.
 
 Results go to --out (JSON lines; a rerun skips the runs already there) and a markdown table.
 Datasets:
   fixture    ../shared/data/smollm2-135m-L15.acts.f16.npy as a store (made on first use with
              `python -m jaxsae.dump --from-npy`, as configs/smollm2_fixture.py says)
+  NAME       a --stores NAME=PATH store (sae.d read from it); --n sets n on every real dataset
   store      --store: a store dumped from SmolLM2-135M with `python -m jaxsae.dump` (d=576)
   synthetic  configs/quickstart.py's ground-truth data (d=128, 1024 true features)
 """

@@ -52,7 +52,8 @@ def get_config():
   c.train.auxk_compact = True    # AuxK over a list of the dead latents when few are dead (at most
                                  # ~n/8 per shard): its top-k and sparse ops over the list's rows,
                                  # not all n (same update; 1.9x faster AuxK steps on CPU, README)
-  c.train.warmup_steps = -1      # linear warmup; -1: 5% of the steps, at most 1000
+  c.train.warmup_steps = 0       # linear warmup steps; -1: 5% of the run, at most 1000 (on the
+                                 # fixture at lr 1.2e-2 it cost 2% held-out FVU: bench/RESULTS.md)
   c.train.decay_frac = 1.0       # linear decay to 0 over this final fraction of steps (1.0: from
                                  # the end of warmup to the last step, as sparsify)
   c.train.seed = 0

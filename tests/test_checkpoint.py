@@ -13,8 +13,8 @@ from test_cli import TINY
 from jaxsae import checkpoint, train
 from jaxsae.export import StepReader, checkpoint_dir, complete_steps
 
-ARGS = [*TINY, "--config.train.decay_frac=0", "--config.train.log_every=2",
-        "--config.checkpoint.every_steps=2"]
+ARGS = [*TINY, "--config.train.decay_frac=0", "--config.train.lr=3e-3",
+        "--config.train.log_every=2", "--config.checkpoint.every_steps=2"]
 
 
 def test_restore_onto_other_meshes_is_bit_exact(tiny_config, tmp_path):

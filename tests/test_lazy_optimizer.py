@@ -82,6 +82,7 @@ def _setup(n, d, *, kernels, flavour, monkeypatch):
   """(config, the optax optimizer, fresh params) for optim.fused_update on one shard."""
   c = base.get_config()
   c.sae.n, c.sae.d, c.train.lr = n, d, 1e-3
+  c.train.decay_frac = 0.0   # a constant rate: the hyperparameters H the references use
   if kernels == "pallas":
     monkeypatch.setattr(pallas_kernels, "FLAVOR", flavour)
   tx = optim.make_optimizer(c)

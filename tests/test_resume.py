@@ -1,8 +1,9 @@
 """Killed, preempted and resumed training runs, through the real CLI and real signals.
 
 Every resumed run must end with exactly (bit for bit) the state of an uninterrupted run of the same
-command: same data order, same updates. The lr schedule is constant (decay_frac=0) so that a run
-stopped by SIGTERM can be resumed with a different train.steps and still be compared.
+command: same data order, same updates. The lr is fixed and constant (train.lr, decay_frac=0; the
+automatic one depends on train.steps) so that a run stopped by SIGTERM can be resumed with a
+different train.steps and still be compared.
 """
 import json
 import os
@@ -21,8 +22,9 @@ from test_cli import TINY
 from jaxsae.export import StepReader, checkpoint_dir, complete_steps
 
 STEPS = 300
-ARGS = [*TINY, "--config.train.decay_frac=0", "--config.train.log_every=25",
-        "--config.checkpoint.every_steps=25", "--config.data.eval_rows=0"]
+ARGS = [*TINY, "--config.train.decay_frac=0", "--config.train.lr=3e-3",
+        "--config.train.log_every=25", "--config.checkpoint.every_steps=25",
+        "--config.data.eval_rows=0"]
 
 
 def start(workdir, *extra):
