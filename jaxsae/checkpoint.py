@@ -17,7 +17,6 @@ The only randomness of a run is its init (train.seed, recorded in the config); n
 import dataclasses
 import importlib.metadata
 import json
-import os
 import signal
 import threading
 from typing import Any, Optional
@@ -29,6 +28,7 @@ from absl import logging
 from etils import epath
 
 # The on-disk layout is shared with export.py, which reads checkpoints without importing JAX.
+from jaxsae import paths
 from jaxsae.export import StepReader, checkpoint_dir, complete_steps
 
 # Array chunks on disk are at most this large, so export and inspect read them a block at a time.
@@ -288,11 +288,11 @@ class Preemption:
 def trim_metrics(workdir: str, step: int):
   """Drops metrics.jsonl records past `step` (logged after the checkpoint a run resumes from), so
   the resumed run's records follow on without duplicates."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  text = paths.read_text(path)
+  if text is None:
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = text.splitlines(keepends=True)
   keep = []
   for line in lines:
     try:
@@ -301,7 +301,4 @@ def trim_metrics(workdir: str, step: int):
     except (ValueError, KeyError):   # a line cut short by a kill
       pass
   if len(keep) != len(lines):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
+    paths.write_text(path, "".join(keep))

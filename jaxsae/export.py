@@ -34,6 +34,8 @@ import numpy as np
 import tensorstore as ts
 from absl import app, flags
 
+from jaxsae import paths
+
 FORMATS = ("saelens", "sparsify", "npz")
 DTYPES = {"float32": (np.dtype(np.float32), "F32"), "bfloat16": (np.dtype(ml_dtypes.bfloat16), "BF16")}
 BLOCK_BYTES = 64 << 20   # float32 bytes of latent rows read, folded and written at a time
@@ -45,16 +47,25 @@ class ExportError(ValueError):
 
 # ---- reading a checkpoint step without JAX ----------------------------------------------------
 
+COMMIT_FILE = "commit_success.txt"   # Orbax's mark of a finished step on gs://
+
+
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")   # as jaxsae/checkpoint.py
+  """workdir/checkpoints: an absolute local path, or a URL (gs://...); see jaxsae/paths.py."""
+  return paths.join(workdir, "checkpoints")   # as jaxsae/checkpoint.py
 
 
 def complete_steps(directory: str) -> list[int]:
-  """Steps renamed into place by Orbax (complete); unfinished saves carry a tmp suffix."""
-  try:
-    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-  except FileNotFoundError:
+  """Steps Orbax finished. Locally a step is renamed into place once complete (an unfinished save
+  carries a tmp suffix); on gs:// it is written under its own name and marked complete last by a
+  commit_success.txt file (Orbax's CommitFileTemporaryPath: GCS has no atomic folder rename)."""
+  folder = paths.of(directory)
+  if not folder.is_dir():
     return []
+  steps = [p for p in folder.iterdir() if p.name.isdigit()]
+  if str(directory).startswith("gs://"):
+    steps = [p for p in steps if (p / COMMIT_FILE).exists()]
+  return sorted(int(p.name) for p in steps)
 
 
 class StepReader:
@@ -72,11 +83,9 @@ class StepReader:
     if step not in steps:
       raise ExportError(f"no checkpoint of step {step} in {directory}; steps there: "
                         f"{', '.join(map(str, steps))}")
-    self.step, self.path = step, os.path.join(directory, str(step))
-    with open(os.path.join(self.path, "run", "metadata")) as f:
-      self.run = json.load(f)
-    with open(os.path.join(self.path, "state", "_METADATA")) as f:
-      meta = json.load(f)
+    self.step, self.path = step, paths.join(directory, str(step))
+    self.run = json.loads(paths.of(paths.join(self.path, "run", "metadata")).read_text())
+    meta = json.loads(paths.of(paths.join(self.path, "state", "_METADATA")).read_text())
     # Orbax stores the array at tree path (params, W_enc) under the name "params.W_enc".
     self.names = sorted(".".join(str(k["key"]) for k in leaf["key_metadata"])
                         for leaf in meta["tree_metadata"].values()
@@ -88,11 +97,11 @@ class StepReader:
 
   def array(self, name: str) -> ts.TensorStore:
     """The saved array at a state path such as "params.W_enc" (read lazily, uncached)."""
-    state = os.path.join(self.path, "state")
+    state = paths.kvstore_url(paths.join(self.path, "state"))
     if self._ocdbt:
-      kvstore = {"driver": "ocdbt", "base": f"file://{state}/", "path": name}
+      kvstore = {"driver": "ocdbt", "base": state, "path": name}
     else:
-      kvstore = {"driver": "file", "path": os.path.join(state, name)}
+      kvstore = state + name
     return ts.open({"driver": self._driver, "kvstore": kvstore,
                     "context": {"cache_pool": {"total_bytes_limit": 0}}},
                    open=True, read=True).result()
@@ -174,27 +183,24 @@ def write_safetensors(path: str, sae: FoldedSae, tensors: list, dtype: str, meta
   head = json.dumps(header, separators=(",", ":")).encode()
   head += b" " * (-len(head) % 8)   # data starts 8-byte aligned
   base = 8 + len(head)
-  tmp = f"{path}.tmp{os.getpid()}"   # a killed export never leaves a torn file under `path`
-  fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
-  try:
-    os.pwrite(fd, struct.pack("<Q", len(head)) + head, 0)
-    os.ftruncate(fd, base + offset)
-    for source, transposed, shape, start in layout:
-      for first, block in sae.blocks(source):
-        block = np.asarray(block, np.float32).astype(np_dtype)
-        if not transposed:   # rows [first, first + len) are one contiguous byte range
-          os.pwrite(fd, block.tobytes(), base + start + first * int(np.prod(shape[1:])) * size)
-          continue
-        band = np.ascontiguousarray(block.T)     # [d, rows]: column band of the [d, n] tensor
-        for i in range(shape[0]):
-          os.pwrite(fd, band[i].tobytes(), base + start + (i * shape[1] + first) * size)
-    os.fsync(fd)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-  finally:
-    os.close(fd)
-  os.replace(tmp, path)
+  # A killed export never leaves a torn file under `path`; a URL's file is written locally first.
+  with paths.local_output(path) as tmp:
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+    try:
+      os.pwrite(fd, struct.pack("<Q", len(head)) + head, 0)
+      os.ftruncate(fd, base + offset)
+      for source, transposed, shape, start in layout:
+        for first, block in sae.blocks(source):
+          block = np.asarray(block, np.float32).astype(np_dtype)
+          if not transposed:   # rows [first, first + len) are one contiguous byte range
+            os.pwrite(fd, block.tobytes(), base + start + first * int(np.prod(shape[1:])) * size)
+            continue
+          band = np.ascontiguousarray(block.T)     # [d, rows]: column band of the [d, n] tensor
+          for i in range(shape[0]):
+            os.pwrite(fd, band[i].tobytes(), base + start + (i * shape[1] + first) * size)
+      os.fsync(fd)
+    finally:
+      os.close(fd)
 
 
 def write_npz(path: str, sae: FoldedSae):
@@ -203,8 +209,7 @@ def write_npz(path: str, sae: FoldedSae):
   W_enc [d, n] is stored with fortran_order=True: its bytes are then exactly the [n, d] row-major
   blocks the checkpoint yields, and np.load returns the [d, n] array as usual.
   """
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
+  with paths.local_output(path) as tmp:
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
       for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         shape = _shape(name, name == "W_enc", sae.d, sae.n)
@@ -213,10 +218,6 @@ def write_npz(path: str, sae: FoldedSae):
               f, {"descr": "<f4", "fortran_order": name == "W_enc", "shape": shape})
           for _, block in sae.blocks(name):
             f.write(np.asarray(block, "<f4").tobytes())
-  except BaseException:
-    os.unlink(tmp)
-    raise
-  os.replace(tmp, path)
 
 
 # ---- formats ------------------------------------------------------------------------------------
@@ -240,14 +241,14 @@ def export(workdir: str, fmt: str, out: str, dtype: str = "float32", step: int =
     if dtype != "float32":
       raise ExportError("--format=npz holds float32 only (numpy has no bfloat16 .npy type)")
     write_npz(out, sae)
-    _write_json(os.path.splitext(out)[0] + ".metadata.json", meta)
+    _write_json(str(paths.of(out).with_suffix(".metadata.json")), meta)
     return meta
-  os.makedirs(out, exist_ok=True)
+  paths.of(out).mkdir(parents=True, exist_ok=True)
   if fmt == "saelens":
     tensors = [("W_enc", "W_enc", True), ("b_enc", "b_enc", False), ("W_dec", "W_dec", False),
                ("b_dec", "b_dec", False)]
-    write_safetensors(os.path.join(out, "sae_weights.safetensors"), sae, tensors, dtype, st_meta)
-    _write_json(os.path.join(out, "cfg.json"), {
+    write_safetensors(paths.join(out, "sae_weights.safetensors"), sae, tensors, dtype, st_meta)
+    _write_json(paths.join(out, "cfg.json"), {
         "architecture": "topk", "d_in": reader.d, "d_sae": reader.n, "k": reader.k,
         "dtype": dtype, "device": "cpu", "apply_b_dec_to_input": True,
         "normalize_activations": "none",
@@ -255,8 +256,8 @@ def export(workdir: str, fmt: str, out: str, dtype: str = "float32", step: int =
   else:
     tensors = [("encoder.weight", "W_enc", False), ("encoder.bias", "b_enc", False),
                ("W_dec", "W_dec", False), ("b_dec", "b_dec", False)]
-    write_safetensors(os.path.join(out, "sae.safetensors"), sae, tensors, dtype, st_meta)
-    _write_json(os.path.join(out, "cfg.json"), {
+    write_safetensors(paths.join(out, "sae.safetensors"), sae, tensors, dtype, st_meta)
+    _write_json(paths.join(out, "cfg.json"), {
         "activation": "topk", "expansion_factor": max(1, reader.n // reader.d),
         # Decoder rows are unit norm in scaled units; folding divides them by s.
         "normalize_decoder": bool(meta["input_scale"] == 1.0), "num_latents": reader.n,
@@ -267,10 +268,7 @@ def export(workdir: str, fmt: str, out: str, dtype: str = "float32", step: int =
 
 
 def _write_json(path: str, obj):
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+  paths.write_text(path, json.dumps(obj, indent=2))
 
 
 # ---- command line -------------------------------------------------------------------------------

@@ -2,12 +2,13 @@
 step log on every process. Keys are fixed; benchmarks and dashboards read them."""
 import json
 import math
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxsae import paths
 
 # Every log record carries these keys (eval/* only where evaluated).
 TRAIN_KEYS = ("step", "tokens", "train/fvu", "train/explained_variance", "train/l0",
@@ -16,27 +17,55 @@ TRAIN_KEYS = ("step", "tokens", "train/fvu", "train/explained_variance", "train/
 
 
 class Writer:
-  """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
+  """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard.
 
-  def __init__(self, workdir: str, enabled: bool):
+  A local metrics.jsonl is appended to line by line. An object in a bucket (gs://) cannot be
+  appended to: its records are kept and the whole object rewritten, at most every
+  `rewrite_every_s` seconds (GCS allows about one write a second to an object) and on flush().
+  """
+
+  def __init__(self, workdir: str, enabled: bool, rewrite_every_s: float = 10.0):
     self._enabled = enabled
     self._jsonl = self._tb = None
+    self._remote = paths.is_url(workdir)
+    self._path = paths.join(workdir, "metrics.jsonl")
+    self._rewrite_every_s, self._written_at, self._dirty = rewrite_every_s, 0.0, False
     if enabled:
       from tensorboardX import SummaryWriter  # lazy: only process 0 writes events
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      if self._remote:
+        self._text = paths.read_text(self._path) or ""
+      else:
+        self._jsonl = paths.of(self._path).open("a")
+      # tensorboardX writes gs:// (google-cloud-storage) and s3:// (boto3) itself.
+      self._tb = SummaryWriter(paths.join(workdir, "tb"))
 
   def write(self, record: dict):
     if not self._enabled:
       return
-    self._jsonl.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if self._remote:
+      self._text += line
+      self._dirty = True
+      if time.monotonic() - self._written_at >= self._rewrite_every_s:
+        self.flush()
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
         self._tb.add_scalar(key, value, record["step"])
 
+  def flush(self):
+    """Everything written so far is in metrics.jsonl (the loop calls it before each checkpoint)."""
+    if self._enabled and self._remote and self._dirty:
+      paths.write_text(self._path, self._text)
+      self._written_at, self._dirty = time.monotonic(), False
+
   def close(self):
     if self._enabled:
-      self._jsonl.close()
+      self.flush()
+      if self._jsonl is not None:
+        self._jsonl.close()
       self._tb.close()
 
 

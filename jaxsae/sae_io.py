@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from jaxsae import export as export_lib
+from jaxsae import export as export_lib, paths
 
 SAELENS_FILE, SPARSIFY_FILE = "sae_weights.safetensors", "sae.safetensors"
 TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -78,13 +78,17 @@ class SaeWeights:
 
 def load(path: str, step: int = -1) -> SaeWeights:
   """The SAE at `path` (see the module docstring); `step` picks a workdir's checkpoint."""
-  if not os.path.exists(path):
+  remote = paths.is_url(path)   # gs://...: a workdir is read there; exports from a local copy
+  if not remote and not os.path.exists(path):
     raise SaeError(f"{path}: no such file or folder")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  if paths.of(export_lib.checkpoint_dir(path)).is_dir():
     try:
       return from_reader(export_lib.StepReader(path, step))
     except export_lib.ExportError as e:   # no such step, or no complete checkpoint yet
       raise SaeError(str(e)) from None
+  if remote:
+    raise SaeError(f"{path}: no jaxsae workdir (checkpoints/) there; an exported SAE on a bucket "
+                   "is read from a local copy")
   if path.endswith(".npz"):
     return _npz(path)
   if os.path.isdir(path):
@@ -111,7 +115,7 @@ def from_reader(reader: export_lib.StepReader) -> SaeWeights:
   model = "" if meta["model"] in ("npy", "store") else meta["model"]
   return SaeWeights(parts["W_enc"].T, parts["b_enc"], parts["W_dec"], parts["b_dec"], reader.k,
                     meta["input_scale"], _text(model), _text(meta["hook"]),
-                    "jaxsae workdir", os.path.abspath(reader.path), meta)
+                    "jaxsae workdir", paths.normalize(reader.path), meta)
 
 
 def _npz(path: str) -> SaeWeights:

@@ -1,7 +1,6 @@
 """train_and_evaluate(config, workdir): the whole training job, importable and testable."""
 import dataclasses
 import json
-import os
 import time
 
 import jax
@@ -12,7 +11,7 @@ from jax.sharding import NamedSharding
 
 from jaxsae import checkpoint as checkpoint_lib, config_check, data as data_lib
 from jaxsae import mesh as mesh_lib, metrics as metrics_lib
-from jaxsae import model, optim, plan as plan_lib, state as state_lib, stats
+from jaxsae import model, optim, paths, plan as plan_lib, state as state_lib, stats
 from jaxsae.step import StepFns
 
 
@@ -24,10 +23,7 @@ class TrainingError(RuntimeError):
 
 def _write_json(path: str, obj):
   """Atomic: readers never see a half-written file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  paths.write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def resolved_config(config, spec: model.SaeSpec, mesh) -> dict:
@@ -125,10 +121,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   spec, mesh, data, steps, state = run.spec, run.mesh, run.data, run.steps, run.state
   batch_sharding = run.batch_sharding
   lead = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  paths.of(workdir).mkdir(parents=True, exist_ok=True)   # a no-op on an object store (gs://)
   resolved = resolved_config(config, spec, mesh)
-  if lead:
-    _write_json(os.path.join(workdir, "config.json"), resolved)
+  if lead:   # process 0 writes the shared files (config.json, metrics, events)
+    _write_json(paths.join(workdir, "config.json"), resolved)
   total_steps, batch_size = config.train.steps, config.train.batch_size
   checkpoints = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep,
                                             config.checkpoint.async_save)
@@ -153,6 +149,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   save_every = config.checkpoint.every_steps
 
   def save(step):
+    writer.flush()   # the records a resumed run keeps are stored before its checkpoint
     checkpoints.save(step, state, data.train.get_state(), {
         "config": resolved, "data": data.metadata, "metrics": last_record,
         "tokens": step * batch_size, "jaxsae_version": checkpoint_lib.version()})
