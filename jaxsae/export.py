@@ -52,7 +52,7 @@ COMMIT_FILE = "commit_success.txt"   # Orbax's mark of a finished step on gs://
 
 def checkpoint_dir(workdir: str) -> str:
   """workdir/checkpoints: an absolute local path, or a URL (gs://...); see jaxsae/paths.py."""
-  return paths.join(workdir, "checkpoints")   # as jaxsae/checkpoint.py
+  return paths.join(paths.normalize(workdir), "checkpoints")   # as jaxsae/checkpoint.py
 
 
 def complete_steps(directory: str) -> list[int]:

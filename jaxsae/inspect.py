@@ -4,18 +4,17 @@ r"""Summarizes a run or an exported SAE, and shows what chosen latents fire on.
   python -m jaxsae.inspect PATH --store=STORE --latents=3,17 [--tokenizer=TOK] [--top=10]
       [--max_rows=200000] [--html=latents.html]
 
-PATH is a training workdir or an export (a saelens/sparsify folder, or a .npz). The summary gives
-the config, step, tokens, last metrics and the fraction of dead latents. With --store (an activation
-store from `python -m jaxsae.dump`, with token ids), the SAE encodes the store's first --max_rows
-rows and lists each chosen latent's top-activating tokens in their context. Token ids are decoded
-by --tokenizer (a tokenizer.json, an HF folder or a .gguf), by default the store's model when that
-path exists; without one the ids are printed.
+PATH is a training workdir (local or gs://) or an export (a saelens/sparsify folder, or a .npz;
+local). The summary gives the config, step, tokens, last metrics and the fraction of dead latents.
+With --store (an activation store from `python -m jaxsae.dump`, with token ids), the SAE encodes the
+store's first --max_rows rows and lists each chosen latent's top-activating tokens in their
+context. Token ids are decoded by --tokenizer (a tokenizer.json, an HF folder or a .gguf), by
+default the store's model when that path exists; without one the ids are printed.
 
 Run it as `python -m jaxsae.inspect` (a script inside jaxsae/ named inspect.py would shadow the
 standard library's `inspect` if run by path).
 """
 import base64
-import glob
 import html
 import json
 import os
@@ -24,7 +23,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from jaxsae import export as export_lib, sae_io
+from jaxsae import export as export_lib, paths, sae_io
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 3
 BLOCK_FLOATS = 16 << 20   # pre-activations computed per block of store rows (64 MiB of float32)
@@ -46,7 +45,7 @@ def _read_workdir(path: str, step: int, with_weights: bool):
   meta["dead_frac"] = float(np.mean(since >= window))
   meta["dead_window_tokens"] = window
   meta["steps_saved"] = export_lib.complete_steps(export_lib.checkpoint_dir(path))
-  last = _last_metrics(os.path.join(path, "metrics.jsonl"))
+  last = _last_metrics(paths.join(path, "metrics.jsonl"))
   if last:
     meta["metrics"] = last
   return sae, meta, reader.config
@@ -54,21 +53,19 @@ def _read_workdir(path: str, step: int, with_weights: bool):
 
 def _last_metrics(path: str) -> dict:
   last = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          last = json.loads(line)
-        except ValueError:   # a line cut short by a kill
-          pass
+  for line in (paths.read_text(path) or "").splitlines():
+    try:
+      last = json.loads(line)
+    except ValueError:   # a line cut short by a kill
+      pass
   return last
 
 
 def load(path: str, step: int = -1, with_weights: bool = False):
   """(Sae or None, metadata, config) of a workdir or an export."""
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  if paths.of(export_lib.checkpoint_dir(path)).is_dir():
     return _read_workdir(path, step, with_weights)
-  if path.endswith(".npz") or os.path.exists(os.path.join(path, "cfg.json")):
+  if path.endswith(".npz") or paths.of(paths.join(path, "cfg.json")).exists():
     sae = sae_io.load(path)
     return sae, sae.meta, sae.cfg
   raise InspectError(f"{path} is neither a workdir (no checkpoints/) nor an export (no cfg.json)")
@@ -173,9 +170,8 @@ def render_html(examples: dict, store, decode, title: str, about: str = "", imag
   if about:
     parts.append(f"<pre>{html.escape(about)}</pre>")
   for image in images:
-    with open(image, "rb") as f:
-      data = base64.b64encode(f.read()).decode()
-    name = html.escape(os.path.basename(image))
+    data = base64.b64encode(paths.of(image).read_bytes()).decode()
+    name = html.escape(paths.of(image).name)
     parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{name}">'
                  f"<figcaption>{name}</figcaption></figure>")
   for latent, items in examples.items():
@@ -232,9 +228,9 @@ def main(argv):
       print()
       print(render_text(examples, store, decode))
     if FLAGS.html:
-      plots = FLAGS.plots or os.path.join(path, "plots")
-      images = sorted(glob.glob(os.path.join(plots, "*.png")))
-      with open(FLAGS.html, "w") as f:
+      plots = FLAGS.plots or paths.join(path, "plots")
+      images = sorted(paths.join(plots, p.name) for p in paths.of(plots).glob("*.png"))
+      with paths.of(FLAGS.html).open("w") as f:
         f.write(render_html(examples, store, decode, f"{path}", about, images))
       print(f"wrote {FLAGS.html}" + (f" ({len(images)} pictures from {plots})" if images else ""))
   except (InspectError, export_lib.ExportError, sae_io.SaeError, OSError, ValueError) as e:

@@ -36,16 +36,21 @@ def is_url(path) -> bool:
   return "://" in path and not path.startswith("file://")
 
 
+def _local_or_url(path) -> str:
+  path = os.fspath(path)
+  return path[len("file://"):] if path.startswith("file://") else path
+
+
 def normalize(path) -> str:
   """The canonical string of a path: absolute if local, the URL without a trailing / if remote."""
-  path = os.fspath(path)
-  if path.startswith("file://"):
-    path = path[len("file://"):]
+  path = _local_or_url(path)
   return path.rstrip("/") if is_url(path) else os.path.abspath(path)
 
 
 def join(path, *names: str) -> str:
-  return "/".join([normalize(path).rstrip("/"), *names])
+  """path/name/...: a local path joined as os.path.join does (relative stays relative)."""
+  path = _local_or_url(path)
+  return "/".join([path.rstrip("/"), *names]) if is_url(path) else os.path.join(path, *names)
 
 
 def of(path) -> epath.Path:

@@ -8,14 +8,15 @@ each evaluation written by `python -m jaxsae.evaluate --json=...`, the histogram
 log10 firing frequencies (freq_hist.png, or freq_hist_<name>.png when there are several). By
 default the evaluations are the JSON files in WORKDIR that hold one, and DIR is WORKDIR/plots,
 where `python -m jaxsae.inspect WORKDIR --html=PAGE` finds the pictures and puts them in its page.
-Needs matplotlib (the `plot` extra).
+WORKDIR, DIR and the evaluations may be on gs:// (jaxsae/paths.py). Needs matplotlib (the `plot`
+extra).
 """
-import glob
 import json
-import os
 import sys
 
 from absl import app, flags
+
+from jaxsae import paths
 
 # (file name, title, y label, [(metrics key, legend)], log-scale y)
 CURVES = (
@@ -44,16 +45,16 @@ def _pyplot():
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  text = paths.read_text(path)
+  if text is None:
     raise PlotError(f"{path}: no such file (is {workdir} a training workdir?)")
   records = []
-  with open(path) as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except ValueError:   # a line cut short by a kill
-        pass
+  for line in text.splitlines():
+    try:
+      records.append(json.loads(line))
+    except ValueError:   # a line cut short by a kill
+      pass
   if not records:
     raise PlotError(f"{path} holds no records yet")
   return records
@@ -62,11 +63,10 @@ def read_metrics(workdir: str) -> list[dict]:
 def find_evaluations(workdir: str) -> list[str]:
   """JSON files directly in workdir written by jaxsae.evaluate (they hold a freq_hist)."""
   found = []
-  for path in sorted(glob.glob(os.path.join(workdir, "*.json"))):
+  for path in sorted(paths.join(workdir, p.name) for p in paths.of(workdir).glob("*.json")):
     try:
-      with open(path) as f:
-        if "freq_hist" in json.load(f):
-          found.append(path)
+      if "freq_hist" in json.loads(paths.of(path).read_text()):
+        found.append(path)
     except (OSError, ValueError):
       pass
   return found
@@ -92,7 +92,7 @@ def plot_curves(records: list[dict], out: str) -> list[str]:
     if len(lines) > 1:
       ax.legend()
     fig.tight_layout()
-    written.append(_save(fig, plt, os.path.join(out, f"{name}.png")))
+    written.append(_save(fig, plt, paths.join(out, f"{name}.png")))
   return written
 
 
@@ -112,29 +112,29 @@ def plot_frequencies(evaluation: dict, path: str) -> str:
 
 
 def _save(fig, plt, path: str) -> str:
-  fig.savefig(path, dpi=100)
+  with paths.of(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
   return path
 
 
 def write_plots(workdir: str, out: str = "", evaluations=None) -> list[str]:
   """Every picture of the module docstring; returns the paths written."""
-  out = out or os.path.join(workdir, "plots")
+  out = out or paths.join(workdir, "plots")
   records = read_metrics(workdir)
   evaluations = find_evaluations(workdir) if evaluations is None else evaluations
-  os.makedirs(out, exist_ok=True)
+  paths.of(out).mkdir(parents=True, exist_ok=True)
   written = plot_curves(records, out)
   for path in evaluations:
     try:
-      with open(path) as f:
-        evaluation = json.load(f)
+      evaluation = json.loads(paths.of(path).read_text())
     except (OSError, ValueError) as e:
       raise PlotError(f"{path}: cannot read it as JSON ({e})") from None
     if "freq_hist" not in evaluation:
       raise PlotError(f"{path} is not the --json of `python -m jaxsae.evaluate` (no freq_hist)")
     name = "freq_hist" if len(evaluations) == 1 else \
-        f"freq_hist_{os.path.splitext(os.path.basename(path))[0]}"
-    written.append(plot_frequencies(evaluation, os.path.join(out, f"{name}.png")))
+        f"freq_hist_{paths.of(path).stem}"
+    written.append(plot_frequencies(evaluation, paths.join(out, f"{name}.png")))
   return written
 
 

@@ -25,7 +25,7 @@ from test_resume import assert_same_state, read_state
 from test_cli import TINY
 
 import gcs_fake
-from jaxsae import export as export_lib, paths, sae_io
+from jaxsae import export as export_lib, inspect as inspect_lib, paths, plot, sae_io
 from jaxsae.export import checkpoint_dir, complete_steps
 
 BUCKET = "jaxsae-test"
@@ -119,9 +119,14 @@ def test_train_kill_9_resume_and_export_on_gcs(gcs, tmp_path):
   with np.load(io.BytesIO(paths.of(f"{out}/sae.npz").read_bytes())) as z:
     assert np.array_equal(z["W_dec"], want["W_dec"])
   assert json.loads(paths.of(f"{out}/sae.metadata.json").read_text())["steps"] == STEPS
-  # What evaluate and inspect read a workdir through.
+  # What evaluate reads a workdir through, and the pictures of the run, written beside it.
   sae = sae_io.load(wd)
   assert np.array_equal(sae.w_dec, want["W_dec"]) and sae.path == f"{ckpts}/{STEPS}"
+  _, meta, _ = inspect_lib.load(wd)
+  assert meta["steps_saved"][-1] == STEPS and meta["metrics"]["step"] == STEPS
+  written = plot.write_plots(wd)
+  assert written and all(p.startswith(f"{wd}/plots/") and paths.of(p).stat().length > 0
+                         for p in written), written
 
 
 def test_activation_store_on_gcs(gcs):
@@ -142,7 +147,9 @@ def test_activation_store_on_gcs(gcs):
 # Every module that reads or writes a workdir, and what may not appear in it: builtin open(),
 # os.path and os file calls, glob, shutil (a URL is not a local path). A writer that needs a
 # seekable local file takes one from paths.local_output (export.py's os.open/os.pwrite).
-WORKDIR_MODULES = ("train.py", "checkpoint.py", "metrics.py", "export.py")
+WORKDIR_MODULES = ("train.py", "checkpoint.py", "metrics.py", "export.py", "plot.py")
+# inspect.py and sae_io.py read a gs:// workdir through jaxsae.paths too; their os.path calls are on
+# local files only (a tokenizer; exports, which are read from a local copy).
 FORBIDDEN = re.compile(r"(?<![\w.])open\(|\bos\.path\.|\bos\.(makedirs|mkdir|listdir|scandir|walk|"
                        r"replace|rename|remove|unlink|stat)\(|\bglob\.|\bshutil\.")
 
