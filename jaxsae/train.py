@@ -161,6 +161,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     elapsed = time.perf_counter() - t_start
     eta = elapsed / max(record["step"] - start_step, 1) * (total_steps - record["step"])
     writer.write(record)
+    if save_every and record["step"] % save_every == 0:
+      writer.flush()   # a checkpoint step's own record, logged one step after its save started
     logging.info(metrics_lib.step_line(record, total_steps, eta))
     checkpoints.check()   # a background save that failed stops the run here, naming its step
     return record
