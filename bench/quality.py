@@ -370,7 +370,9 @@ def summary(records: list[dict]) -> list[str]:
     ratio = (f"{default['eval_fvu'] / best['eval_fvu']:.3f}" if best and default else "-")
     lines.append(f"| {ds} | {n} | {rs[0]['tokens']:,} | {name} | {f(best)} | {f(default)} | "
                  f"{ratio} |")
-  return lines + [""]
+  return lines + ["", "Commands: `python bench/quality.py --datasets=D --trainers=T --lrs=default,LR,...` "
+                   "(`--stores=NAME=PATH` for the stores of bench/make_datasets.sh); bench/RESULTS.md "
+                   "gives the exact ones for each set of rows.", ""]
 
 
 def table(records: list[dict]) -> str:
