@@ -35,7 +35,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from jaxsae import sae_io
+from jaxsae import paths, sae_io
 from jaxsae.data import inputs
 from jaxsae.data.source import DataError
 
@@ -318,8 +318,7 @@ def main(argv):
     sys.exit(1)
   print(table(r))
   if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(r, f, indent=2)
+    paths.write_text(FLAGS.json, json.dumps(r, indent=2))   # a local file or a gs:// object
     print(f"wrote {FLAGS.json}")
 
 

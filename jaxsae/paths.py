@@ -108,3 +108,32 @@ def local_output(path):
       shutil.copyfileobj(src, dst, 16 << 20)
   finally:
     os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def local_copy(path):
+  """Yields a local path holding `path`: itself when local; for a URL, a temporary download of the
+  file (with its `<stem>.metadata.json` beside it, if any: the npz export's) or of the flat folder
+  (the saelens and sparsify exports), removed afterwards. For readers that need local files
+  (safetensors, numpy)."""
+  if not is_url(path):
+    yield normalize(path)
+    return
+  src = of(path)
+  if not src.exists():
+    raise FileNotFoundError(f"{path}: no such file or folder")
+  tmp = tempfile.mkdtemp(prefix="jaxsae-download-")
+  try:
+    dst = os.path.join(tmp, src.name)
+    if src.is_dir():
+      os.makedirs(dst)
+      files, into = [f for f in src.iterdir() if f.is_file()], dst
+    else:
+      sidecar = src.with_name(os.path.splitext(src.name)[0] + ".metadata.json")
+      files, into = [src] + ([sidecar] if sidecar.exists() else []), tmp
+    for f in files:
+      with f.open("rb") as r, open(os.path.join(into, f.name), "wb") as w:
+        shutil.copyfileobj(r, w, 16 << 20)
+    yield dst
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -86,9 +86,12 @@ def load(path: str, step: int = -1) -> SaeWeights:
       return from_reader(export_lib.StepReader(path, step))
     except export_lib.ExportError as e:   # no such step, or no complete checkpoint yet
       raise SaeError(str(e)) from None
-  if remote:
-    raise SaeError(f"{path}: no jaxsae workdir (checkpoints/) there; an exported SAE on a bucket "
-                   "is read from a local copy")
+  if remote:   # an export on a bucket: read from a temporary local copy
+    try:
+      with paths.local_copy(path) as local:
+        return dataclasses.replace(load(local), path=path)
+    except FileNotFoundError:
+      raise SaeError(f"{path}: no such file or folder") from None
   if path.endswith(".npz"):
     return _npz(path)
   if os.path.isdir(path):

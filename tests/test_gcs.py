@@ -122,6 +122,17 @@ def test_train_kill_9_resume_and_export_on_gcs(gcs, tmp_path):
   # What evaluate reads a workdir through, and the pictures of the run, written beside it.
   sae = sae_io.load(wd)
   assert np.array_equal(sae.w_dec, want["W_dec"]) and sae.path == f"{ckpts}/{STEPS}"
+  # Exports on the bucket read as the local export reads (through a temporary local copy).
+  ref = sae_io.load(str(tmp_path / "saelens"))
+  for url in (f"{out}/saelens", f"{out}/sae.npz"):
+    got = sae_io.load(url)
+    assert got.path == url and got.k == ref.k
+    for name in ("w_enc", "b_enc", "w_dec", "b_dec"):
+      np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=1e-5, atol=1e-6)
+  with pytest.raises(sae_io.SaeError, match="no such file"):
+    sae_io.load(f"{out}/missing.npz")
+  paths.write_text(f"{out}/eval.json", json.dumps({"fvu": 0.5}))   # evaluate --json's writer
+  assert json.loads(paths.read_text(f"{out}/eval.json")) == {"fvu": 0.5}
   _, meta, _ = inspect_lib.load(wd)
   assert meta["steps_saved"][-1] == STEPS and meta["metrics"]["step"] == STEPS
   written = plot.write_plots(wd)
