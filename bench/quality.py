@@ -191,8 +191,7 @@ def make_peer(trainer: str, run, config, spec, window: int):
   from jaxsae import optim
   mod = peers.load(PEER_OF[trainer])
   B, steps, lr = config.train.batch_size, config.train.steps, config.train.lr
-  warmup = optim.resolve_warmup(config.train)
-  decay = min(int(steps * config.train.decay_frac), steps - warmup)
+  warmup, decay = optim.schedule_steps(config.train)
   if trainer == "saelens":
     # Raw inputs: SAELens's own default (normalize_activations="none"), its best on real data.
     options = peer_options(_SAELENS_SET.value)
@@ -224,8 +223,9 @@ def default_lr(trainer: str, config) -> float:
     return optim.resolve_lr(c)[0]
   if trainer == "saelens":
     return 3e-4
-  scale = math.sqrt(2 ** 14 / config.sae.n)
-  return (5e-3 if trainer == "sparsify_signum" else 2e-4) * scale
+  from bench import sparsify_peer   # dictionary_learning's rule is sparsify's adam one
+  optimizer = "signum" if trainer == "sparsify_signum" else "adam"
+  return sparsify_peer.default_lr(config.sae.n, optimizer)
 
 
 def trainer_versions(trainer: str) -> dict:

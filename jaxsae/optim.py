@@ -56,13 +56,18 @@ WARMUP_FRAC = 0.05
 WARMUP_MAX = 1000
 
 
+def schedule_steps(train) -> tuple[int, int]:
+  """(warmup steps, decay steps) of the schedule; the decay never reaches into the warmup."""
+  warmup = resolve_warmup(train)
+  return warmup, min(int(train.steps * train.decay_frac), max(train.steps - warmup, 0))
+
+
 def learning_rate(config):
   """The schedule: linear warmup, constant, then linear decay to 0 over train.decay_frac of the
   run (1.0, the default: from the end of warmup to the last step, as sparsify)."""
   train = config.train
   lr, _ = resolve_lr(config)
-  warmup = resolve_warmup(train)
-  decay_steps = min(int(train.steps * train.decay_frac), max(train.steps - warmup, 0))
+  warmup, decay_steps = schedule_steps(train)
   flat = max(train.steps - warmup - decay_steps, 0)
   parts, bounds = [], []
   if warmup:

@@ -30,7 +30,8 @@ def resolved_config(config, spec: model.SaeSpec, mesh) -> dict:
   out = config.to_dict()
   lr, lr_source = optim.resolve_lr(config)
   out["resolved"] = {"lr": lr, "lr_source": lr_source,
-                     "warmup_steps": optim.resolve_warmup(config.train), "k_aux": spec.k_aux, "mesh_shape": dict(mesh.shape),
+                     "warmup_steps": optim.resolve_warmup(config.train), "k_aux": spec.k_aux,
+                     "mesh_shape": dict(mesh.shape),
                      "process_count": jax.process_count(), "jax_version": jax.__version__}
   return out
 
