@@ -42,7 +42,8 @@ true features of the best cosine with a unit decoder row) and the fraction recov
 
 jaxsae runs as `configs/smollm2_fixture.py` (real data) or `configs/quickstart.py` (synthetic)
 configure it, with configs/base.py's recipe: tied init, geometric-median b_pre, AuxK, decoder
-projection, inputs scaled (about their mean) to mean squared norm d, linear decay to 0. It is driven through `jaxsae.train.setup()` and its compiled `steps.train`, i.e.
+projection, inputs scaled (about their mean) to mean squared norm d, linear decay to 0. It is
+driven through `jaxsae.train.setup()` and its compiled `steps.train`, i.e.
 train_and_evaluate's step without its logging and checkpoints.
 
 Results go to --out (JSON lines; a rerun skips the runs already there) and a markdown table.
@@ -370,16 +371,18 @@ def summary(records: list[dict]) -> list[str]:
     ratio = (f"{default['eval_fvu'] / best['eval_fvu']:.3f}" if best and default else "-")
     lines.append(f"| {ds} | {n} | {rs[0]['tokens']:,} | {name} | {f(best)} | {f(default)} | "
                  f"{ratio} |")
-  return lines + ["", "Commands: `python bench/quality.py --datasets=D --trainers=T --lrs=default,LR,...` "
-                   "(`--stores=NAME=PATH` for the stores of bench/make_datasets.sh); bench/RESULTS.md "
-                   "gives the exact ones for each set of rows.", ""]
+  return lines + ["", "Commands: `python bench/quality.py --datasets=D --trainers=T "
+                   "--lrs=default,LR,...` (`--stores=NAME=PATH` for the stores of "
+                   "bench/make_datasets.sh); bench/RESULTS.md gives the exact ones for each set of "
+                   "rows.", ""]
 
 
 def table(records: list[dict]) -> str:
-  lines = summary(records) + ["All runs:", "",
-                              "| data | trainer | lr | tokens | eval FVU | eval L0 | dead | gt_mmcs | gt >0.9 | "
-           "setup s | train s | tok/s (median step) | load |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = summary(records) + [
+      "All runs:", "",
+      "| data | trainer | lr | tokens | eval FVU | eval L0 | dead | gt_mmcs | gt >0.9 | "
+      "setup s | train s | tok/s (median step) | load |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   f = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"
   for r in sorted(records, key=lambda r: (r["dataset"], r["lr"], label(r))):
     lines.append(

@@ -158,7 +158,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def emit(record):
     """Logs a finished interval (called once the step after it is already queued)."""
     record.update(interval.summary(record["step"], record["step"] * batch_size, batch_size))
-    record["train/lr"] = float(schedule(record["step"] - 1))   # the rate of the interval's last step
+    record["train/lr"] = float(schedule(record["step"] - 1))   # the interval's last step's rate
     elapsed = time.perf_counter() - t_start
     eta = elapsed / max(record["step"] - start_step, 1) * (total_steps - record["step"])
     writer.write(record)
