@@ -77,6 +77,9 @@ _RESULTS = flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__)
                                "markdown file to append to ('' to skip)")
 
 
+PEAK = "bf16 square matmul (the machine's peak)"
+
+
 class JaxVariant:
   """A jitted fn whose first result is fed back as its first argument; warm on first use."""
 
@@ -159,7 +162,12 @@ def main(_):
   w = jax.random.normal(key, (n, d), jnp.float32)
   gemm = jax.jit(lambda w, x: (w, jnp.einsum("bd,nd->bn", x.astype(cd), w.astype(cd),
                                              preferred_element_type=jnp.float32).astype(cd)))
-  variants = [("encoder GEMM alone (ceiling)", JaxVariant(gemm, w, x))]
+  # The machine's own peak: a large square bf16 matmul (MFU below is the step's encoder FLOPs,
+  # 2 B d n, against it; the GEMM ceiling above is the same FLOPs at this shape's own rate).
+  m = {"gpu": 8192, "cpu": 1024}.get(jax.default_backend(), 4096)
+  square = jax.jit(lambda a: (a, a @ a))
+  variants = [("encoder GEMM alone (ceiling)", JaxVariant(gemm, w, x)),
+              (PEAK, JaxVariant(square, jnp.ones((m, m), jnp.bfloat16)))]
 
   failed = {}   # variant name -> why it was not timed
 
@@ -282,6 +290,9 @@ def main(_):
   load1 = os.getloadavg()[0]
   rows = [(name, statistics.median(ts)) for name, ts in times.items() if name not in failed]
   t_gemm = rows[0][1]
+  peak = dict(rows).get(PEAK)
+  peak = 2 * m ** 3 / peak if peak else float("nan")
+  rows = [r for r in rows if r[0] != PEAK]
 
   device = jax.devices()[0]
   where = f"{device.platform}:{getattr(device, 'device_kind', '')} ({os.cpu_count()} cores)"
@@ -290,7 +301,8 @@ def main(_):
   print(f"load average (1 min) {load0:.2f} before, {load1:.2f} after; median of "
         f"{_ROUNDS.value} interleaved rounds of {_STEPS.value} steps")
   flops = 2 * b * d * n
-  print(f"matmul rate: {flops / t_gemm / 1e9:.1f} GFLOP/s ({_DTYPE.value})")
+  print(f"matmul rate: {flops / t_gemm / 1e9:.1f} GFLOP/s ({_DTYPE.value}, this GEMM); peak "
+        f"{peak / 1e9:.1f} GFLOP/s (bf16 {m}x{m} square); MFU = 2 B d n / time / peak")
   by_name = dict(rows)
 
   def peer_of(name, label):
@@ -299,7 +311,8 @@ def main(_):
 
   ratios = []
   for name, t in rows:
-    line = f"  {name:56s} {t * 1e3:9.1f} ms  {b / t:12,.0f} tok/s  {t_gemm / t:6.1%} of ceiling"
+    line = (f"  {name:56s} {t * 1e3:9.1f} ms  {b / t:12,.0f} tok/s  {t_gemm / t:6.1%} of ceiling"
+            f"  MFU {flops / t / peak:6.1%}")
     if name.startswith("jaxsae"):
       for label in labels:
         peer_t = by_name.get(peer_of(name, label))
@@ -313,8 +326,9 @@ def main(_):
     cmd = "python bench/throughput.py " + " ".join(sys.argv[1:])
     line = (f"| {datetime.date.today()} | {where} | jax {jax.__version__} | `{cmd.strip()}` | "
             f"d={d} n={n} k={k} B={b} {_DTYPE.value} {','.join(_KERNELS.value)} | "
-            f"{flops / t_gemm / 1e9:.1f} GFLOP/s | "
-            + " | ".join(f"{name}: {b / t:,.0f} tok/s ({t_gemm / t:.0%})" for name, t in rows[1:])
+            f"{flops / t_gemm / 1e9:.1f} GFLOP/s (peak {peak / 1e9:.1f}) | "
+            + " | ".join(f"{name}: {b / t:,.0f} tok/s ({t_gemm / t:.0%}, MFU {flops / t / peak:.0%})"
+                         for name, t in rows[1:])
             + "".join(f" | {name}: not timed ({why})" for name, why in failed.items())
             + "".join(f" | {name} / {label}: {r:.2f}x" for name, label, r in ratios)
             + (f" | {peer_info}" if peer_info else "") + f" | load {load0:.1f}-{load1:.1f}"

@@ -108,7 +108,8 @@ def get_config():
                                  # "80GiB"; "" asks the device (CPU: host RAM / local devices);
                                  # "off" skips the check
 
-  c.kernels = "xla"              # "xla" | "pallas"
+  c.kernels = "auto"             # "auto" | "xla" | "pallas"; auto: pallas on GPU, xla on TPU and
+                                 # CPU (config_check.resolve_kernels says why; logged at start-up)
   c.compute_dtype = "float32"    # dtype of the encoder GEMM: "float32" | "bfloat16"
   c.encoder_tile = 0             # >0: compute pre[B, n] in tiles of this many latents with a
                                  # running top-k (memory O(B x tile), topk.py); 0: in one piece

@@ -1,7 +1,7 @@
 """Checks a config before anything is built or compiled; every problem is named by its field."""
 from jaxsae import stats
 
-KERNELS = ("xla", "pallas")
+KERNELS = ("auto", "xla", "pallas")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ON_NONFINITE = ("stop", "skip")
 
@@ -67,6 +67,39 @@ def _problems(c):
     yield "checkpoint.every_steps must be >= 0 and checkpoint.max_to_keep >= 1"
 
 
+def _widest_gpu_topk(c) -> int:
+  """Latents the GPU top-k kernel would keep per token: sae.k (x4 with multi_topk) or k_aux."""
+  from jaxsae import model
+  s = c.sae
+  return max(4 * s.k if s.multi_topk else s.k,
+             model.resolve_k_aux(s.k_aux, s.d, s.n) if s.auxk_coef > 0 else 0)
+
+
+def resolve_kernels(c) -> tuple[str, str]:
+  """The sparse-op path a config runs, "xla" or "pallas", and why (logged, in config.json).
+
+  kernels="auto" picks from the backend, as measured (bench/RESULTS.md, H200, 2026-12-04):
+  - GPU: pallas. XLA:GPU's top_k sorts whole [B, n] rows for k=32 and its scatter-add is slow:
+    the xla step ran at 55k tokens/s against pallas's 535k (d=768, n=2^17, k=32, B=16384, bf16)
+    and needed most of the 141 GB for [B, n] buffers. Unless a top-k is wider than the kernel's
+    register list (MAX_K), which only xla can do.
+  - TPU: xla. The TPU kernels lower for TPU (tests/test_tpu_lowering.py) but have never been
+    timed on one; XLA:TPU's own top-k and scatters are the measured-nowhere-worse choice until then.
+  - CPU: xla. The Pallas kernels run there in interpret mode, for tests only.
+  """
+  if c.kernels != "auto":
+    return c.kernels, "set in the config"
+  import jax
+  backend = jax.default_backend()
+  if backend != "gpu":
+    return "xla", f"auto on {backend}"
+  from pallas_kernels import topk_encoder_gpu
+  if _widest_gpu_topk(c) > topk_encoder_gpu.MAX_K:
+    return "xla", (f"auto on gpu: a top-k of {_widest_gpu_topk(c)} is wider than the Pallas "
+                   f"kernel's {topk_encoder_gpu.MAX_K}")
+  return "pallas", "auto on gpu"
+
+
 def _backend_problems(c):
   import jax
   backend = jax.default_backend()
@@ -78,15 +111,12 @@ def _backend_problems(c):
     return
   import pallas_kernels
   if pallas_kernels.flavor() == "gpu":
-    from jaxsae import model
     from pallas_kernels import topk_encoder_gpu
-    s = c.sae
-    widest = max(4 * s.k if s.multi_topk else s.k,
-                 model.resolve_k_aux(s.k_aux, s.d, s.n) if s.auxk_coef > 0 else 0)
+    widest = _widest_gpu_topk(c)
     if widest > topk_encoder_gpu.MAX_K:
       yield (f"kernels=pallas on GPU: the top-k kernel keeps each row's top-k in registers, up to "
              f"k={topk_encoder_gpu.MAX_K}; this config selects {widest} latents per token "
-             f"(sae.k, x4 with multi_topk, or sae.k_aux): use kernels=xla")
+             f"(sae.k, x4 with multi_topk, or sae.k_aux): use kernels=xla or auto")
 
 
 def validate(config):

@@ -33,7 +33,7 @@ import re
 import sys
 
 from jaxsae import mesh as mesh_lib
-from jaxsae import model, optim, topk
+from jaxsae import config_check, model, optim, topk
 
 UPDATE_TEMPS = 5       # f32 [n_l, d] buffers the optimizer pass holds besides the gradients
 LAZY_TEMPS = 5         # f32 [chunk, d] buffers of the lazy optimizer's gathered rows
@@ -82,7 +82,7 @@ class Problem:
   @classmethod
   def from_config(cls, config):
     spec = model.SaeSpec.from_config(config)
-    ratio = spec.dense_op_ratio if config.kernels == "xla" else 0
+    ratio = spec.dense_op_ratio if config_check.resolve_kernels(config)[0] == "xla" else 0
     return cls(d=spec.d, n=spec.n, k=spec.k, batch=config.train.batch_size, k_aux=spec.k_aux,
                multi_topk=spec.multi_topk, opt_state=config.train.opt_state_dtype,
                encoder_tile=config.encoder_tile, dense_op_ratio=ratio,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsae import model, optim, topk
+from jaxsae import config_check, model, optim, topk
 from jaxsae.sparse import localize
 from jaxsae.state import TrainState
 
@@ -43,7 +43,7 @@ class StepFns:
 
   def __init__(self, config, spec: model.SaeSpec, specs, tx, state_shardings):
     self.spec, self.specs, self.tx = spec, specs, tx
-    self.kernels = config.kernels
+    self.kernels, _ = config_check.resolve_kernels(config)
     self.compute_dtype = DTYPES[config.compute_dtype]
     self.encoder_tile = config.encoder_tile   # 0: pre[B, n_local] in one piece (topk.py)
     self.axis = specs.latent_axis if specs.model_size > 1 else None
@@ -56,12 +56,12 @@ class StepFns:
         for size in (topk.compact_sizes(n_local, w) if config.train.auxk_compact else ()) + (0,)]
     self.lazy = bool(config.train.lazy_optimizer)   # optim.py: only the selected latent rows
     self.fused_optimizer = None
-    if self.lazy or (config.kernels == "pallas" and config.train.opt_state_dtype == "float32"):
+    if self.lazy or (self.kernels == "pallas" and config.train.opt_state_dtype == "float32"):
       # Pallas calls are not partitioned by XLA, and the lazy update works on each shard's own
       # touched rows: each device sweeps its own rows in shard_map.
       specs_of = lambda tree: jax.tree.map(lambda s: s.spec, tree)
       n_local = spec.n // specs.model_size
-      fused = functools.partial(optim.fused_update, config, kernels=config.kernels,
+      fused = functools.partial(optim.fused_update, config, kernels=self.kernels,
                                 chunk=optim.lazy_chunk_rows(n_local, self.batch_size,
                                                             spec.k_select, specs.model_size))
       opt_specs = specs_of(state_shardings.opt_state)

@@ -29,7 +29,9 @@ def _write_json(path: str, obj):
 def resolved_config(config, spec: model.SaeSpec, mesh) -> dict:
   out = config.to_dict()
   lr, lr_source = optim.resolve_lr(config)
-  out["resolved"] = {"lr": lr, "lr_source": lr_source,
+  kernels, kernels_source = config_check.resolve_kernels(config)
+  out["resolved"] = {"lr": lr, "lr_source": lr_source, "kernels": kernels,
+                     "kernels_source": kernels_source,
                      "warmup_steps": optim.resolve_warmup(config.train), "k_aux": spec.k_aux,
                      "mesh_shape": dict(mesh.shape),
                      "process_count": jax.process_count(), "jax_version": jax.__version__}
@@ -136,6 +138,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("training %s: d=%d n=%d k=%d k_aux=%d on mesh %s, %d steps of %d tokens, "
                "input scale %.4g", config.data.source, spec.d, spec.n, spec.k, spec.k_aux,
                dict(mesh.shape), total_steps, batch_size, run.input_scale)
+  logging.info("sparse ops: kernels=%s (%s), compute dtype %s", resolved["resolved"]["kernels"],
+               resolved["resolved"]["kernels_source"], config.compute_dtype)
   logging.info("learning rate %.4g (%s), warmup %d steps, linear decay to 0 over the last %g of "
                "the run", resolved["resolved"]["lr"], resolved["resolved"]["lr_source"],
                resolved["resolved"]["warmup_steps"], config.train.decay_frac)

@@ -73,8 +73,10 @@ def _blocks(bsz, n, d, k, row_tile, col_tile, depth_tile, col_split):
 
 
 def tile_candidates(xc, w, b, k, *, row_tile=None, col_tile=128, depth_tile=None, col_split=8192,
-                    compute_dtype=jnp.float32, poison=False):
+                    num_warps=None, num_stages=3, compute_dtype=jnp.float32, poison=False):
   """Kernel: each (token block, column split)'s top-k, sorted -> values, indices [B, splits * k].
+  The tile sizes, num_warps (None: 8 for tiles of 8192+ elements, else 4) and num_stages are
+  Triton's knobs (bench/kernels.py --topk_sweep times them on a GPU).
   poison: the outputs start as NaN and -1 (aliased inputs), so unwritten elements show (tests)."""
   bsz, d = xc.shape
   n = w.shape[0]
@@ -201,8 +203,8 @@ def tile_candidates(xc, w, b, k, *, row_tile=None, col_tile=128, depth_tile=None
   return pl.pallas_call(
       kernel, out_shape=shapes, grid=(pl.cdiv(bsz, tb), splits), input_output_aliases=aliases,
       interpret=sparse_ops_gpu._interpret(),
-      compiler_params=plt.CompilerParams(num_warps=8 if max(tn, kp) * tb >= 8192 else 4,
-                                         num_stages=3),
+      compiler_params=plt.CompilerParams(
+          num_warps=num_warps or (8 if max(tn, kp) * tb >= 8192 else 4), num_stages=num_stages),
   )(*args)
 
 

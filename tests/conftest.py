@@ -22,6 +22,30 @@ def run_cli(args, cwd=REPO, devices=1, timeout=300, env=None):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def assert_pallas_step_equals_xla(config, steps):
+  """Trains config for `steps` steps with kernels=xla and with kernels=pallas (top-k GEMM, sparse
+  ops, fused optimizer); the parameters and every step's metrics must agree (rtol 1e-5)."""
+  import numpy as np
+  from jaxsae import train
+  out = {}
+  for kernels in ("xla", "pallas"):
+    config.kernels = kernels
+    run = train.setup(config)
+    assert (run.steps.fused_optimizer is not None) == (kernels == "pallas")
+    state, metrics = run.state, []
+    for _ in range(steps):
+      state, m, _ = run.steps.train(state, jax.device_put(next(run.data.train),
+                                                          run.batch_sharding))
+      metrics.append(jax.device_get(m))
+    out[kernels] = (jax.device_get(state.params), metrics)
+  for name in out["xla"][0]:
+    np.testing.assert_allclose(out["pallas"][0][name], out["xla"][0][name], rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+  for step, (a, b) in enumerate(zip(out["pallas"][1], out["xla"][1])):
+    for key in b:
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7, err_msg=f"{key}, step {step}")
+
+
 @pytest.fixture
 def tiny_config():
   """The quickstart shrunk to a few seconds on one device."""

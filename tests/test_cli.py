@@ -111,5 +111,8 @@ def test_automatic_lr_is_deterministic_and_logged(tmp_path):
   lr = optim.default_lr(32, 4)
   assert resolved["lr"] == pytest.approx(lr) and resolved["lr_source"].startswith("automatic")
   assert resolved["warmup_steps"] == 0   # 5% of 4 steps rounds to none
+  # The default kernels=auto, resolved for this backend, is recorded and logged too.
+  assert (resolved["kernels"], resolved["kernels_source"]) == ("xla", "auto on cpu")
+  assert "kernels=xla (auto on cpu)" in r.stderr
   # Linear decay to 0 over the run: the rate each logged step ran at.
   assert rates == pytest.approx([lr, 0.75 * lr, 0.5 * lr, 0.25 * lr], rel=1e-6)

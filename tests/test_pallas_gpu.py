@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from jaxsae import config_check, model, topk
+from conftest import assert_pallas_step_equals_xla
+from jaxsae import config_check, model, topk, train
 from pallas_kernels import fused_adam_gpu, sparse_ops_gpu, topk_encoder_gpu
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -278,6 +279,32 @@ def test_config_check_on_gpu(tiny_config, monkeypatch):
     config_check.validate(tiny_config)
 
 
+def test_auto_kernels_by_backend(tiny_config, monkeypatch):
+  """kernels=auto: pallas on a GPU (xla there only for a top-k wider than the kernel's list),
+  xla on TPU and CPU; an explicit choice is kept. The step builds what was resolved."""
+  tiny_config.kernels = "auto"
+  for backend, want in (("cpu", "xla"), ("tpu", "xla"), ("gpu", "pallas")):
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    assert config_check.resolve_kernels(tiny_config) == (want, f"auto on {backend}")
+  tiny_config.sae.n, tiny_config.sae.k = 8192, topk_encoder_gpu.MAX_K + 1
+  kernels, why = config_check.resolve_kernels(tiny_config)
+  assert kernels == "xla" and f"wider than the Pallas kernel's {topk_encoder_gpu.MAX_K}" in why
+  config_check.validate(tiny_config)   # auto never picks what validate would refuse
+  tiny_config.kernels = "xla"
+  assert config_check.resolve_kernels(tiny_config) == ("xla", "set in the config")
+
+
+def test_auto_kernels_builds_the_pallas_step_on_gpu(tiny_config, gpu_flavor, monkeypatch):
+  """On a GPU backend, kernels=auto builds the Pallas step (the fused optimizer is the sign);
+  on CPU the xla one. (The GPU backend is faked: the step is built, not run.)"""
+  tiny_config.kernels = "auto"
+  run = train.setup(tiny_config)
+  assert run.steps.kernels == "xla" and run.steps.fused_optimizer is None
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  steps = train.StepFns(tiny_config, run.spec, run.specs, run.tx, run.shardings)
+  assert steps.kernels == "pallas" and steps.fused_optimizer is not None
+
+
 # ---- compiled on a GPU (skipped elsewhere) ---------------------------------------------------
 
 on_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (JAX_PLATFORMS=cuda)")
@@ -347,3 +374,14 @@ def test_gpu_topk_at_benchmark_shapes(compute_dtype, k):
   picked = np.asarray(jnp.take_along_axis(pre, jnp.asarray(idx), axis=1))
   np.testing.assert_allclose(picked[finite], vals[finite], rtol=1e-5, atol=1e-4)
   assert all(len(set(r)) == k for r in idx), "an index was selected twice"
+
+
+@on_gpu
+def test_gpu_train_20_steps_pallas_equals_xla(tiny_config):
+  """The whole step compiled on the GPU, 20 steps: kernels=pallas (Triton top-k GEMM, sparse ops,
+  fused Adam) against kernels=xla, at test_pallas_kernels.py's CPU tolerance. n=64 keeps the k-th
+  and (k+1)-th pre-activations far apart, so different summation orders cannot flip a selection."""
+  tiny_config.sae.d, tiny_config.sae.n = 72, 64   # d no power of 2: the blocks overhang and mask
+  tiny_config.train.batch_size = 32
+  tiny_config.sae.dead_tokens = 32
+  assert_pallas_step_equals_xla(tiny_config, steps=20)

@@ -9,7 +9,8 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import pallas_kernels
-from jaxsae import model, topk, train
+from conftest import assert_pallas_step_equals_xla
+from jaxsae import model, topk
 from pallas_kernels import sparse_ops
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -108,22 +109,7 @@ def test_train_step_with_pallas_equals_xla(tiny_config, monkeypatch, mesh, flavo
   tiny_config.sae.d, tiny_config.sae.n = (128 if flavor == "tpu" else 72), 64
   tiny_config.train.batch_size = 32
   tiny_config.sae.dead_tokens = 32
-  out = {}
-  for kernels in ("xla", "pallas"):
-    tiny_config.kernels = kernels
-    run = train.setup(tiny_config)
-    assert (run.steps.fused_optimizer is not None) == (kernels == "pallas")
-    state, metrics = run.state, []
-    for _ in range(3):
-      state, m, _ = run.steps.train(state, jax.device_put(next(run.data.train),
-                                                          run.batch_sharding))
-      metrics.append(jax.device_get(m))
-    out[kernels] = (jax.device_get(state.params), metrics)
-  for name in out["xla"][0]:
-    np.testing.assert_allclose(out["pallas"][0][name], out["xla"][0][name], rtol=1e-5, atol=1e-6)
-  for a, b in zip(out["pallas"][1], out["xla"][1]):
-    for key in b:
-      np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  assert_pallas_step_equals_xla(tiny_config, steps=3)
 
 
 def test_kernels_equal_references_over_many_grid_steps(monkeypatch):

@@ -2,11 +2,15 @@
 # The GPU benchmarks in one device call (10-minute limit): install the carried wheels, print the
 # machine and versions, then run, in order, each under its own timeout and inside one overall
 # budget, everything tee'd to $OUT:
-#   tests    JAX_PLATFORMS=cuda python3 -m pytest -q tests/test_pallas_gpu.py
+#   tests    JAX_PLATFORMS=cuda python3 -m pytest -q tests/test_pallas_gpu.py   (~150 s on the H200)
+#   tp16384  python3 bench/throughput.py --n=131072 --batch=16384 --dense=false \
+#                --compute_dtype=bfloat16 --kernels=pallas --peers=saelens,sparsify,dictlearn
+#   sweep    python3 bench/kernels.py --topk_sweep --batch=16384: the top-k kernel's knobs
+#   tp4096   tp16384 at --batch=4096
 #   kernels  python3 bench/kernels.py                          (its GPU defaults)
-#   tp4096   python3 bench/throughput.py --n=131072 --batch=4096 --aux_all --compute_dtype=bfloat16 \
-#                --kernels=xla,pallas --peers=saelens,sparsify,dictlearn
-#   tp16384  the same at --batch=16384, without --aux_all (and --dense=false)
+#   tpxla    (not in the default list) tp16384 with --kernels=xla,pallas: the xla path ran at a
+#            tenth of pallas's speed on 2026-12-04 and its [B, n] buffers filled jax's memory
+#            pool so that SAELens ran out of memory beside it; kernels=auto picks pallas on GPU
 #   tplazy   (not in the default list) B=16384 with --lazy: each jaxsae step also under
 #            train.lazy_optimizer, no peers
 #   loader   (not in the default list) python3 bench/loader.py --rows=1048576, warm, with 2 and
@@ -64,6 +68,7 @@ if [[ $DRY == 1 ]]; then
   SHAPE=(--d=64 --n=1024 --k=8)
   B1=256 B2=1024
   KSHAPE=(--d=64 --n=1024 --k=8 --batch=256)
+  SWEEP_SHAPE=(--d=64 --n=1024 --k=8 --k_aux=16 --batch=64 --reps=1 --interpret --flavor=gpu)
   LSHAPE=(--rows=16384 --chunk_rows=1024 --shard_rows=4096 --dims=64 --repeats=1)
   TEST_PLATFORM=cpu
 else
@@ -71,6 +76,7 @@ else
   SHAPE=(--n=131072)
   B1=4096 B2=16384
   KSHAPE=()
+  SWEEP_SHAPE=(--batch=16384)
   LSHAPE=(--rows=1048576)
   TEST_PLATFORM=cuda   # tests/conftest.py makes CPU the default platform unless this is set
 fi
@@ -127,14 +133,14 @@ EOF
 
 # ---- steps ------------------------------------------------------------------------------------
 STEPS=("$@")
-((${#STEPS[@]} == 0)) && STEPS=(tests kernels tp4096 tp16384)
+((${#STEPS[@]} == 0)) && STEPS=(tests tp16384 sweep tp4096 kernels)
 KERNELS_BENCH=${KERNELS_BENCH:-bench/kernels.py}
-TP_COMMON=(--compute_dtype=bfloat16 --kernels=xla,pallas --peers=saelens,sparsify,dictlearn
+TP_COMMON=(--compute_dtype=bfloat16 --peers=saelens,sparsify,dictlearn --dense=false
            --steps=10 --rounds=3 --wait_quiet=30 --max_load=8 --results="$RESULTS")
 for s in "${STEPS[@]}"; do
   case $s in
     tests)
-      run tests 120 env JAX_PLATFORMS=$TEST_PLATFORM "$PY" -m pytest -q -p no:cacheprovider \
+      run tests 200 env JAX_PLATFORMS=$TEST_PLATFORM "$PY" -m pytest -q -p no:cacheprovider \
           tests/test_pallas_gpu.py ;;
     kernels)
       if [[ -f $KERNELS_BENCH ]]; then
@@ -142,13 +148,17 @@ for s in "${STEPS[@]}"; do
       else
         say "kernels: $KERNELS_BENCH not found (set KERNELS_BENCH=...)"
       fi ;;
+    sweep)
+      run sweep 170 "$PY" bench/kernels.py --topk_sweep --sweep_budget=140 "${SWEEP_SHAPE[@]}" \
+          --results="$RESULTS" ;;
     tp4096)
-      run tp4096 170 "$PY" bench/throughput.py "${SHAPE[@]}" --batch=$B1 --aux_all \
-        "${TP_COMMON[@]}" ;;
+      run tp4096 150 "$PY" bench/throughput.py "${SHAPE[@]}" --batch=$B1 --kernels=pallas \
+          "${TP_COMMON[@]}" ;;
     tp16384)
-      # No dense-autodiff variant here: its [B, n] f32 buffers (~40 GB at this size) would stay in
-      # jax's memory pool and leave too little of an 80 GB H100 for the peers.
-      run tp16384 200 "$PY" bench/throughput.py "${SHAPE[@]}" --batch=$B2 --dense=false \
+      run tp16384 180 "$PY" bench/throughput.py "${SHAPE[@]}" --batch=$B2 --kernels=pallas \
+          "${TP_COMMON[@]}" ;;
+    tpxla)
+      run tpxla 200 "$PY" bench/throughput.py "${SHAPE[@]}" --batch=$B2 --kernels=xla,pallas \
           "${TP_COMMON[@]}" ;;
     tplazy)
       run tplazy 200 "$PY" bench/throughput.py "${SHAPE[@]}" --batch=$B2 --dense=false --lazy \
@@ -165,7 +175,7 @@ for s in "${STEPS[@]}"; do
           echo "cold: skipped, /proc/sys/vm/drop_caches is not writable"
         fi' loader "$PY" "${LSHAPE[@]}" --results="$RESULTS" ;;
     *)
-      say "unknown step $s (tests kernels tp4096 tp16384 tplazy loader)" ;;
+      say "unknown step $s (tests tp16384 sweep tp4096 kernels tpxla tplazy loader)" ;;
   esac
 done
 
