@@ -54,6 +54,9 @@ def get_config():
                                  # not all n (same update; 1.9x faster AuxK steps on CPU, README)
   c.train.warmup_steps = 0       # linear warmup steps; -1: 5% of the run, at most 1000 (on the
                                  # fixture at lr 1.2e-2 it cost 2% held-out FVU: bench/RESULTS.md)
+  c.train.b_pre_lr_ratio = -1.0  # b_pre's learning rate / the weights'; -1: 1 / (encoder_init_norm
+                                 # x sqrt(d)), which keeps b_pre's nearly noise-free drift from
+                                 # pushing latents below the top-k (optim.resolve_b_pre_ratio)
   c.train.decay_frac = 1.0       # linear decay to 0 over this final fraction of steps (1.0: from
                                  # the end of warmup to the last step, as sparsify)
   c.train.seed = 0

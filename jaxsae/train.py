@@ -30,7 +30,9 @@ def resolved_config(config, spec: model.SaeSpec, mesh) -> dict:
   out = config.to_dict()
   lr, lr_source = optim.resolve_lr(config)
   kernels, kernels_source = config_check.resolve_kernels(config)
+  b_pre_ratio, b_pre_source = optim.resolve_b_pre_ratio(config)
   out["resolved"] = {"lr": lr, "lr_source": lr_source, "kernels": kernels,
+                     "b_pre_lr_ratio": b_pre_ratio, "b_pre_lr_ratio_source": b_pre_source,
                      "kernels_source": kernels_source,
                      "warmup_steps": optim.resolve_warmup(config.train), "k_aux": spec.k_aux,
                      "mesh_shape": dict(mesh.shape),
@@ -141,8 +143,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("sparse ops: kernels=%s (%s), compute dtype %s", resolved["resolved"]["kernels"],
                resolved["resolved"]["kernels_source"], config.compute_dtype)
   logging.info("learning rate %.4g (%s), warmup %d steps, linear decay to 0 over the last %g of "
-               "the run", resolved["resolved"]["lr"], resolved["resolved"]["lr_source"],
-               resolved["resolved"]["warmup_steps"], config.train.decay_frac)
+               "the run; b_pre at %.3g of it (%s)", resolved["resolved"]["lr"],
+               resolved["resolved"]["lr_source"], resolved["resolved"]["warmup_steps"],
+               config.train.decay_frac, resolved["resolved"]["b_pre_lr_ratio"],
+               resolved["resolved"]["b_pre_lr_ratio_source"])
   schedule = optim.learning_rate(config)
 
   writer = metrics_lib.Writer(workdir, lead)

@@ -111,6 +111,7 @@ def test_automatic_lr_is_deterministic_and_logged(tmp_path):
   lr = optim.default_lr(32, 4)
   assert resolved["lr"] == pytest.approx(lr) and resolved["lr_source"].startswith("automatic")
   assert resolved["warmup_steps"] == 0   # 5% of 4 steps rounds to none
+  assert resolved["b_pre_lr_ratio_source"].startswith("automatic") and "b_pre at" in r.stderr
   # The default kernels=auto, resolved for this backend, is recorded and logged too.
   assert (resolved["kernels"], resolved["kernels_source"]) == ("xla", "auto on cpu")
   assert "kernels=xla (auto on cpu)" in r.stderr

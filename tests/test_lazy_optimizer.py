@@ -155,8 +155,9 @@ def test_untouched_rows_keep_their_bits(case, chunk, monkeypatch):
     if name in optim.LATENT_PARAMS:
       rows = fused_adam.adam_rows_reference(*(np.asarray(a)[touched] for a in args), H, **flags)
       _check_lazy(args[:1] + args[2:], after, touched, rows)
-    else:
-      dense = fused_adam.adam_rows_reference(*(a[:, None] for a in args), H)
+    else:   # b_pre, at its own share of the rate (optim.resolve_b_pre_ratio)
+      h = fused_adam.hyper(1e-3 * optim.resolve_b_pre_ratio(cfg)[0], 0.9, 0.999, 6.25e-10, 5)
+      dense = fused_adam.adam_rows_reference(*(a[:, None] for a in args), h)
       for a, b in zip(after, dense):
         _close(a, b[:, 0], name)
   assert int(adam.count) == 5

@@ -97,6 +97,32 @@ def test_automatic_lr_and_schedule():
   assert float(optim.learning_rate(c)(12345)) == pytest.approx(1e-3)
 
 
+def test_b_pre_steps_at_its_own_share_of_the_rate(tiny_config):
+  """b_pre_lr_ratio unset: 1 / (encoder_init_norm sqrt(d)). Adam's first step moves every element
+  with a nonzero gradient by ~lr: the weights by lr, b_pre by ratio * lr; ratio 1 is one rate."""
+  c = base.get_config()
+  c.sae.d, c.sae.encoder_init_norm = 576, 0.3
+  ratio, source = optim.resolve_b_pre_ratio(c)
+  assert ratio == pytest.approx(1 / (0.3 * 24)) and "automatic" in source
+  c.train.b_pre_lr_ratio = 0.5
+  assert optim.resolve_b_pre_ratio(c) == (0.5, "set in the config")
+
+  tiny_config.train.decay_frac = 0.0   # the first step at the peak rate, lr = 3e-3
+  moved = {}
+  for setting in (-1, 1.0):
+    tiny_config.train.b_pre_lr_ratio = setting
+    run = train.setup(tiny_config)
+    before = jax.device_get(run.state.params)
+    state, _, _ = run.steps.train(run.state, jax.device_put(next(run.data.train),
+                                                            run.batch_sharding))
+    after = jax.device_get(state.params)
+    moved[setting] = {name: np.abs(after[name] - before[name]).max() for name in ("b_pre", "b_enc")}
+  auto = 1 / (0.3 * np.sqrt(32))   # tiny_config's d=32: 0.59
+  assert moved[1.0]["b_pre"] == pytest.approx(3e-3, rel=1e-3)
+  assert moved[-1]["b_pre"] == pytest.approx(auto * 3e-3, rel=1e-3)
+  assert moved[-1]["b_enc"] == pytest.approx(3e-3, rel=1e-3) == moved[1.0]["b_enc"]
+
+
 def test_dead_latents_are_tracked_and_trained_by_auxk(tiny_config):
   """A latent silent for dead_tokens tokens counts as dead, and AuxK, alone, trains its rows:
   one step from the same state with and without AuxK moves exactly the dead rows differently."""
