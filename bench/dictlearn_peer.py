@@ -97,7 +97,10 @@ class Peer(peers.TorchPeer):
                device: str = "cpu", seed: int = 0):
     import torch
     top_k = _library()
-    decay_start = steps - decay_steps if decay_steps else None
+    # Its schedule refuses a decay that starts at the warmup's end (decay_start > warmup_steps),
+    # which is jaxsae's default (no warmup, decay over the whole run): it then starts one step
+    # later, at warmup + 1 (the rates differ by under lr / steps).
+    decay_start = max(steps - decay_steps, warmup_steps + 1) if decay_steps else None
     self.trainer = top_k.TopKTrainer(
         steps=steps, activation_dim=d, dict_size=n, k=k, layer=0, lm_name="jaxsae-bench", lr=lr,
         auxk_alpha=auxk_alpha, warmup_steps=warmup_steps, decay_start=decay_start, seed=seed,

@@ -125,6 +125,13 @@ def synthetic_config(lr: float):
   return c
 
 
+def run_key(r: dict) -> tuple:
+  """What makes two runs the same run (a rerun skips those already in --out): dataset, n, rate (or
+  "default"), trainer, steps and variant."""
+  lr = "default" if r.get("lr_choice") == "default" or r["lr"] == "default" else r["lr"]
+  return r["dataset"], r["n"], lr, r["trainer"], r["steps"], r.get("variant", "")
+
+
 def literal(text: str):
   """A flag's value as a Python literal (1.0, False, (2, 2)), else as the plain string."""
   import ast
@@ -422,8 +429,7 @@ def main(_):
     own = [f"saelens.{item}" for item in _SAELENS_SET.value] if trainer == "saelens" else []
     return ",".join(_SET.value + own)
 
-  have = {(r["dataset"], "default" if r.get("lr_choice") == "default" else r["lr"],
-           r["trainer"], r["steps"], r.get("variant", "")) for r in done}
+  have = {run_key(r) for r in done}
   unknown = set(_TRAINERS.value) - {"jaxsae", *PEER_OF}
   if unknown:
     raise app.UsageError(f"--trainers: unknown {sorted(unknown)}")
@@ -472,7 +478,8 @@ def main(_):
     else:
       config.train.lr = lr_key = float(lr)
     lr = config.train.lr
-    todo = [t for t in trainers if (ds, lr_key, t, steps, variant(t)) not in have]
+    todo = [t for t in trainers if run_key(dict(
+        dataset=ds, n=config.sae.n, lr=lr_key, trainer=t, steps=steps, variant=variant(t))) not in have]
     if not todo:
       continue
     if ds == "fixture":

@@ -80,3 +80,14 @@ def test_default_learning_rates_are_each_trainers_own():
   assert quality.default_lr("dictlearn", c) == pytest.approx(4e-4)
   assert quality.default_lr("sparsify_signum", c) == pytest.approx(1e-2)
   assert quality.default_lr("saelens", c) == 3e-4
+
+
+def test_a_run_at_another_n_or_variant_is_not_skipped():
+  row = dict(dataset="smollm2-L25", n=4096, lr=6e-3, trainer="jaxsae", steps=150)
+  have = {quality.run_key(row)}
+  assert quality.run_key(dict(row)) in have
+  for change in (dict(n=16384), dict(steps=1250), dict(variant="train.seed=1"), dict(lr=1.2e-2),
+                 dict(lr="default")):
+    assert quality.run_key(dict(row, **change)) not in have, change
+  assert quality.run_key(dict(row, lr=8.5e-3, lr_choice="default")) == quality.run_key(
+      dict(row, lr="default"))
