@@ -100,8 +100,8 @@ def ceilings(n, d):
   return 2 * big.size * 4 / t_copy, matmul_rate()
 
 
-# --topk_sweep: (row_tile, col_tile, depth_tile, num_warps, col_split); None is the kernel's default,
-# which comes first (the values every other configuration is checked against).
+# --topk_sweep: (row_tile, col_tile, depth_tile, num_warps, col_split); None is the kernel's
+# default, which comes first (the values every other configuration is checked against).
 SWEEP = [(None, 128, None, None, 8192)] + [
     (tb, tn, bk, warps, split)
     for tb, tn in ((128, 128), (64, 128), (128, 64), (64, 256))
@@ -240,7 +240,7 @@ def table(batches, n, d, k, k_aux, mods, pallas_ok, flavor, backend):
   """The kernels against their ceilings, per batch size: markdown blocks."""
   import jax
   bandwidth, matmul = ceilings(n, d)
-  dev = jax.devices()[0]
+  dev = jax.devices()[0]   # for the table's heading
   blocks = []
   for b in batches:
     rows = []

@@ -478,8 +478,8 @@ def main(_):
     else:
       config.train.lr = lr_key = float(lr)
     lr = config.train.lr
-    todo = [t for t in trainers if run_key(dict(
-        dataset=ds, n=config.sae.n, lr=lr_key, trainer=t, steps=steps, variant=variant(t))) not in have]
+    todo = [t for t in trainers if run_key(dict(dataset=ds, n=config.sae.n, lr=lr_key, trainer=t,
+                                                steps=steps, variant=variant(t))) not in have]
     if not todo:
       continue
     if ds == "fixture":

@@ -327,8 +327,8 @@ def main(_):
     line = (f"| {datetime.date.today()} | {where} | jax {jax.__version__} | `{cmd.strip()}` | "
             f"d={d} n={n} k={k} B={b} {_DTYPE.value} {','.join(_KERNELS.value)} | "
             f"{flops / t_gemm / 1e9:.1f} GFLOP/s (peak {peak / 1e9:.1f}) | "
-            + " | ".join(f"{name}: {b / t:,.0f} tok/s ({t_gemm / t:.0%}, MFU {flops / t / peak:.0%})"
-                         for name, t in rows[1:])
+            + " | ".join(f"{name}: {b / t:,.0f} tok/s ({t_gemm / t:.0%}, "
+                         f"MFU {flops / t / peak:.0%})" for name, t in rows[1:])
             + "".join(f" | {name}: not timed ({why})" for name, why in failed.items())
             + "".join(f" | {name} / {label}: {r:.2f}x" for name, label, r in ratios)
             + (f" | {peer_info}" if peer_info else "") + f" | load {load0:.1f}-{load1:.1f}"

@@ -96,8 +96,9 @@ def resolve_kernels(c) -> tuple[str, str]:
   if backend != "gpu":
     return "xla", f"auto on {backend}"
   from pallas_kernels import topk_encoder_gpu
-  if _widest_gpu_topk(c) > topk_encoder_gpu.MAX_K:
-    return "xla", (f"auto on gpu: a top-k of {_widest_gpu_topk(c)} is wider than the Pallas "
+  widest = _widest_gpu_topk(c)
+  if widest > topk_encoder_gpu.MAX_K:
+    return "xla", (f"auto on gpu: a top-k of {widest} is wider than the Pallas "
                    f"kernel's {topk_encoder_gpu.MAX_K}")
   return "pallas", "auto on gpu"
 

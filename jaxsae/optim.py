@@ -102,6 +102,12 @@ def resolve_b_pre_ratio(config) -> tuple[float, str]:
       f"automatic: 1 / (encoder_init_norm={s.encoder_init_norm:g} x sqrt(d={s.d}))")
 
 
+def lr_ratios(config) -> dict:
+  """Per-parameter factors on the schedule's rate (the others take 1): what make_optimizer and
+  fused_update both apply."""
+  return {"b_pre": resolve_b_pre_ratio(config)[0]}
+
+
 def scale_by_learning_rates(schedule, ratios: dict) -> optax.GradientTransformation:
   """optax.scale_by_learning_rate(schedule) with a per-parameter factor (ratios: name -> factor,
   1 for the others); the same state (ScaleByScheduleState), so checkpoints and fused_update keep
@@ -134,7 +140,7 @@ OPT_STATE_DTYPES = ("float32", "bfloat16")
 
 def make_optimizer(config) -> optax.GradientTransformation:
   t = config.train
-  rates = scale_by_learning_rates(learning_rate(config), {"b_pre": resolve_b_pre_ratio(config)[0]})
+  rates = scale_by_learning_rates(learning_rate(config), lr_ratios(config))
   if t.opt_state_dtype == "float32":
     adam = optax.chain(optax.scale_by_adam(b1=t.b1, b2=t.b2, eps=t.eps), rates)
   elif t.opt_state_dtype == "bfloat16":
@@ -292,9 +298,9 @@ def fused_update(config, params, grads, opt_state, touched=None, *, kernels="pal
   fa = _adam_module(kernels)
   empty, (adam, sched) = opt_state
   count = optax.safe_increment(adam.count)
-  lr = learning_rate(config)(sched.count)
-  hyper = lambda rate: fa.hyper(rate, train.b1, train.b2, train.eps, count)
-  h = hyper(lr)
+  lr, ratios = learning_rate(config)(sched.count), lr_ratios(config)
+  hyper = lambda name: fa.hyper(lr * ratios.get(name, 1.0), train.b1, train.b2, train.eps, count)
+  h = hyper(None)   # the weights' (W_enc, W_dec, b_enc)
   args = {name: (w, grads[name], adam.mu[name], adam.nu[name]) for name, w in params.items()}
   flags = lambda name: dict(project=name == "W_dec", renorm=name == "W_dec")
   out = {}
@@ -309,9 +315,8 @@ def fused_update(config, params, grads, opt_state, touched=None, *, kernels="pal
       continue
     pallas_sweep = kernels == "pallas" and a[0].ndim == 2
     keep = touched if name in LATENT_PARAMS else None
-    h_name = hyper(lr * resolve_b_pre_ratio(config)[0]) if name == "b_pre" else h
-    out[name] = _as_rows(fa.adam_rows if pallas_sweep else fa.adam_rows_reference, a, h_name,
-                         flags(name), keep)
+    out[name] = _as_rows(fa.adam_rows if pallas_sweep else fa.adam_rows_reference, a,
+                         hyper(name), flags(name), keep)
   new = {key: {name: out[name][i] for name in params} for i, key in enumerate(("w", "mu", "nu"))}
   state = (empty, (optax.ScaleByAdamState(count=count, mu=new["mu"], nu=new["nu"]),
                    optax.ScaleByScheduleState(count=optax.safe_increment(sched.count))))

@@ -31,9 +31,9 @@ def resolved_config(config, spec: model.SaeSpec, mesh) -> dict:
   lr, lr_source = optim.resolve_lr(config)
   kernels, kernels_source = config_check.resolve_kernels(config)
   b_pre_ratio, b_pre_source = optim.resolve_b_pre_ratio(config)
-  out["resolved"] = {"lr": lr, "lr_source": lr_source, "kernels": kernels,
+  out["resolved"] = {"lr": lr, "lr_source": lr_source,
                      "b_pre_lr_ratio": b_pre_ratio, "b_pre_lr_ratio_source": b_pre_source,
-                     "kernels_source": kernels_source,
+                     "kernels": kernels, "kernels_source": kernels_source,
                      "warmup_steps": optim.resolve_warmup(config.train), "k_aux": spec.k_aux,
                      "mesh_shape": dict(mesh.shape),
                      "process_count": jax.process_count(), "jax_version": jax.__version__}

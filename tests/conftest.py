@@ -43,7 +43,8 @@ def assert_pallas_step_equals_xla(config, steps):
                                err_msg=name)
   for step, (a, b) in enumerate(zip(out["pallas"][1], out["xla"][1])):
     for key in b:
-      np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7, err_msg=f"{key}, step {step}")
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7,
+                                 err_msg=f"{key}, step {step}")
 
 
 @pytest.fixture
