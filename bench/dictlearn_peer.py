@@ -56,8 +56,8 @@ LABEL = "dictionary_learning"
 DIST = "dictionary-learning"
 
 
-def _library():
-  """dictionary_learning.trainers.top_k, imported without running dictionary_learning/__init__.py.
+def _library(module: str = "top_k"):
+  """dictionary_learning.trainers.<module>, imported without running dictionary_learning/__init__.py.
 
   That __init__ imports .buffer, which imports nnsight (and through it transformers and more) at
   module level; the trainers never use it. An empty module made from the package's own spec (its
@@ -72,7 +72,12 @@ def _library():
     package = importlib.util.module_from_spec(spec)   # not executed
     package.__version__ = importlib.metadata.version(DIST)
     sys.modules["dictionary_learning"] = package
-  return importlib.import_module("dictionary_learning.trainers.top_k")
+  return importlib.import_module(f"dictionary_learning.trainers.{module}")
+
+
+# architecture -> (its module, its trainer class)
+TRAINERS = {"topk": ("top_k", "TopKTrainer"), "batchtopk": ("batch_top_k", "BatchTopKTrainer"),
+            "matryoshka_batchtopk": ("matryoshka_batch_top_k", "MatryoshkaBatchTopKTrainer")}
 
 
 def unit_norm_factor(x: np.ndarray) -> float:
@@ -94,17 +99,30 @@ class Peer(peers.TorchPeer):
   def __init__(self, d: int, n: int, k: int, lr: float | None, batch: int, steps: int,
                dead_tokens: int, *, norm_factor: float | None = None, warmup_steps: int = 0,
                decay_steps: int = 0, auxk_alpha: float = 1 / 32, autocast: bool = False,
-               device: str = "cpu", seed: int = 0):
+               device: str = "cpu", seed: int = 0, architecture: str = "topk",
+               prefixes: tuple = ()):
+    """architecture "batchtopk" / "matryoshka_batchtopk": its BatchTopKTrainer /
+    MatryoshkaBatchTopKTrainer (prefixes: the nested dictionaries' sizes below n, turned into its
+    group_fractions, equal group weights: its default), with threshold_start_step at a tenth of
+    the run (its default, 1000, would leave a run of <= 1000 steps without an inference
+    threshold: every positive latent would fire)."""
     import torch
-    top_k = _library()
+    module, name = TRAINERS[architecture]
+    extra = {}
+    if architecture != "topk":
+      extra["threshold_start_step"] = steps // 10
+    if architecture == "matryoshka_batchtopk":
+      bounds = (0,) + tuple(prefixes) + (n,)
+      extra["group_fractions"] = [(b - a) / n for a, b in zip(bounds, bounds[1:])]
     # Its schedule refuses a decay that starts at the warmup's end (decay_start > warmup_steps),
     # which is jaxsae's default (no warmup, decay over the whole run): it then starts one step
     # later, at warmup + 1 (the rates differ by under lr / steps).
     decay_start = max(steps - decay_steps, warmup_steps + 1) if decay_steps else None
-    self.trainer = top_k.TopKTrainer(
+    self.trainer = getattr(_library(module), name)(
         steps=steps, activation_dim=d, dict_size=n, k=k, layer=0, lm_name="jaxsae-bench", lr=lr,
         auxk_alpha=auxk_alpha, warmup_steps=warmup_steps, decay_start=decay_start, seed=seed,
-        device=device)
+        device=device, **extra)
+    self.architecture = architecture
     self.trainer.dead_feature_threshold = dead_tokens
     self.ae = self.trainer.ae
     self.norm_factor, self.dead_tokens, self.device = norm_factor, dead_tokens, device
@@ -118,8 +136,10 @@ class Peer(peers.TorchPeer):
     schedule = "linear warmup, " if warmup_steps else ""
     schedule += "constant" + (f", linear decay to 0 over the last {decay_steps} steps"
                               if decay_steps else "")
-    self.recipe = (f"dictionary_learning TopKTrainer: Adam eps 1e-8 lr {self.trainer.lr:.3g} "
-                   f"({schedule}), grad clip 1.0; nn.Linear init, unit decoder columns, encoder = "
+    self.recipe = (f"dictionary_learning {name}: Adam eps 1e-8 lr {self.trainer.lr:.3g} "
+                   f"({schedule}), "
+                   + (f"threshold from step {extra['threshold_start_step']}, " if extra else "") +
+                   f"grad clip 1.0; nn.Linear init, unit decoder columns, encoder = "
                    f"decoder^T, b_dec = geometric median of the first batch; AuxK k_aux={d // 2} "
                    f"alpha={auxk_alpha:g} on post-ReLU dead latents; decoder grads projected, "
                    f"decoder renormalized after each step; "
@@ -159,7 +179,28 @@ class Peer(peers.TorchPeer):
     f = self.ae.encode(x)
     return self.ae.decode(f), (f != 0).sum(-1)
 
+  def _tensors(self) -> tuple:
+    """(W_enc [d, n], b_enc, W_dec [n, d], b_dec) as numpy: nn.Linear layers (top-k, BatchTopK)
+    or its Matryoshka SAE's own parameters."""
+    get = lambda t: t.detach().float().cpu().numpy()
+    ae = self.ae
+    if hasattr(ae, "W_enc"):
+      return get(ae.W_enc), get(ae.b_enc), get(ae.W_dec), get(ae.b_dec)
+    return get(ae.encoder.weight).T, get(ae.encoder.bias), get(ae.decoder.weight).T, get(ae.b_dec)
+
+  def sae_weights(self):
+    """The SAE in raw units (after `finish`): relu(pre), its top k (or, BatchTopK, those above
+    its threshold), then the decoder; sae_io has no reader for dictionary_learning's ae.pt, so
+    the tensors are taken directly."""
+    from jaxsae import sae_io
+    w_enc, b_enc, w_dec, b_dec = self._tensors()
+    jump = self.architecture != "topk"
+    threshold = np.full(len(b_enc), float(self.ae.threshold), np.float32) if jump else None
+    return sae_io.SaeWeights(w_enc, b_enc, w_dec, b_dec, 0 if jump else int(self.ae.k),
+                             kind="dictionary_learning", path="dictlearn (its tensors)",
+                             threshold=threshold)
+
   def decoder_directions(self) -> np.ndarray:
-    """Unit-norm decoder rows [n, d] (its nn.Linear stores the decoder as [d, n])."""
-    w = self.ae.decoder.weight.detach().float().cpu().numpy().T
+    """Unit-norm decoder rows [n, d]."""
+    w = self._tensors()[2]
     return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)

@@ -8,12 +8,14 @@
 Every peer module has `versions() -> dict`, `LABEL` (its name in tables) and a `Peer` class with
 `step(batch)` (a numpy array or a torch tensor already on the peer's device), `to_device(array)`,
 `sync()`, `make_dead(frac)` (the first frac of latents dead and kept dead, for timing AuxK),
-`finish()`, `dead_frac()`, `reconstruct(x)`, `decoder_directions()` and `recipe`.
+`finish()`, `dead_frac()`, `reconstruct(x)`, `decoder_directions()`, `sae_weights()` (the
+trained SAE in raw units as a jaxsae.sae_io.SaeWeights, for jaxsae.evaluate) and `recipe`.
 
 Scripts reach this module as `bench.peers` with the repository root on sys.path and bench/ off it
 (each script's `__main__` block does that; see bench/__init__.py for why).
 """
 import importlib
+import os
 
 import numpy as np
 
@@ -22,6 +24,29 @@ MODULES = {"saelens": "bench.saelens_peer", "sparsify": "bench.sparsify_peer",
 INSTALL = {"saelens": "pip install 'sae-lens>=6,<7'",
            "sparsify": "pip install eai-sparsify==1.3.3",
            "dictlearn": "pip install --no-deps dictionary-learning==0.1.0 einops"}
+
+
+def saved_and_read(save, label: str):
+  """The SAE that `save(folder)` writes in its library's own format, read back by jaxsae.sae_io
+  (the reader a user's saved SAE goes through), labelled `label`."""
+  import dataclasses
+  import tempfile
+  from jaxsae import sae_io
+  with tempfile.TemporaryDirectory() as tmp:
+    folder = os.path.join(tmp, "sae")
+    save(folder)
+    return dataclasses.replace(sae_io.load(folder), path=label)
+
+
+def numpy_reconstruct(sae, x: np.ndarray, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+  """(x_hat, l0 per row) of raw rows through a jaxsae.sae_io.SaeWeights's numpy encode: how the
+  JumpReLUs (BatchTopK SAEs at inference) are scored."""
+  outs, l0s = [], []
+  for i in range(0, len(x), batch):
+    z = sae.encode_dense(x[i:i + batch])
+    outs.append(z @ sae.w_dec + sae.b_dec)
+    l0s.append((z > 0).sum(-1))
+  return np.concatenate(outs), np.concatenate(l0s)
 
 
 def load(name: str):

@@ -22,6 +22,11 @@ and dead-latent rule. Trainers (bench/peers.py):
   saelens          SAELens's TopKTrainingSAE + SAETrainer on raw inputs (its own default,
                    normalize_activations="none"; rows before 2026-12-04 were on jaxsae-scaled
                    inputs and say so in their variant) (bench/saelens_peer.py)
+With --set=sae.architecture=batchtopk or matryoshka_batchtopk (and sae.matryoshka_prefixes),
+jaxsae trains that architecture and so do saelens (its BatchTopKTrainingSAE /
+MatryoshkaBatchTopKTrainingSAE) and dictlearn (its BatchTopKTrainer / MatryoshkaBatchTopKTrainer);
+every one of them is scored as the JumpReLU it is at inference (rows hold k latents on average:
+see eval L0); sparsify has neither architecture and is refused.
   sparsify         EleutherAI sparsify's SparseCoder + its Trainer's step with its `adam` option
                    (torch Adam, its linear decay to 0 over the run, no warmup), AuxK alpha =
                    jaxsae's (1/32), raw inputs (bench/sparsify_peer.py)
@@ -93,6 +98,13 @@ _SET = flags.DEFINE_list("set", [],
                          "config overrides for these runs, e.g. sae.auxk_coef=1.0: recorded as "
                          "the runs' `variant` and shown as trainer[variant]; peers that read the "
                          "field (n, k, batch, lr, AuxK alpha) follow it")
+_LM_TEXT = flags.DEFINE_string(
+    "lm_text", "", "held-out text (files, globs or folders, as jaxsae.dump takes them; not the "
+    "training text) on which every SAE trained on a model's store is scored inside that model by "
+    "jaxsae.evaluate: loss recovered, delta loss, KL; the model, layer and windows are the store's. "
+    "'' skips it. A rerun with it retrains the runs already there that lack these figures")
+_LM_TOKENS = flags.DEFINE_integer("lm_tokens", 16384, "tokens of --lm_text scored")
+_LM_BATCH = flags.DEFINE_integer("lm_batch_size", 8, "windows per forward pass when scoring")
 _SAELENS_SET = flags.DEFINE_list(
     "saelens_set", [], "SAELens's own TopKTrainingSAEConfig fields for the saelens runs, e.g. "
     "rescale_acts_by_decoder_norm=False, decoder_init_norm=1.0, aux_loss_coefficient=0.03125: "
@@ -115,6 +127,21 @@ def real_config(path: str, lr: float):
   c.train.steps, c.train.lr = _STEPS.value, lr
   c.mesh.shape = (1, 1)
   return c
+
+
+def lm_target(config):
+  """What jaxsae.evaluate needs to score SAEs of this run's store inside its model (the model,
+  layer, window length and massive-row filter the dump recorded), or None: synthetic data, or a
+  store made --from-npy, has no model to run."""
+  from jaxsae.data.store import read_metadata
+  if config.data.source != "store":
+    return None
+  info = (read_metadata(config.data.path) or {}).get("info") or {}
+  if info.get("source") != "model" or not info.get("model"):
+    return None
+  return {"model": info["model"], "layer": int(info["layer"]), "seq_len": int(info["seq_len"]),
+          "filter_massive": bool(info.get("filter_massive", True)),
+          "massive_ratio": float(info.get("massive_ratio", 10.0))}
 
 
 def synthetic_config(lr: float):
@@ -190,6 +217,9 @@ def ensure_fixture_store(path: str):
 
 PEER_OF = {"saelens": "saelens", "sparsify": "sparsify", "sparsify_signum": "sparsify",
            "dictlearn": "dictlearn"}
+# Peers with their own BatchTopK and Matryoshka BatchTopK: they train the architecture jaxsae's
+# config names (--set=sae.architecture=...); sparsify has neither.
+ARCHITECTURE_PEERS = ("saelens", "dictlearn")
 
 
 def make_peer(trainer: str, run, config, spec, window: int):
@@ -206,14 +236,16 @@ def make_peer(trainer: str, run, config, spec, window: int):
     coef = options.pop("aux_loss_coefficient", 1.0)
     return mod.Peer(spec.d, spec.n, spec.k, lr, B, steps, window, input_scale=None,
                     decay_steps=decay, warmup_steps=warmup, seed=config.train.seed,
-                    aux_loss_coefficient=coef, sae_options=options)
+                    aux_loss_coefficient=coef, sae_options=options,
+                    architecture=spec.architecture, prefixes=spec.prefixes)
   if trainer == "dictlearn":
     # Its normalize_activations target is mean squared norm 1; jaxsae's scale s gives s * x mean
     # squared norm d ("d") or 1 ("unit"), so the mean squared norm it estimated is target / s^2.
     target = {"d": spec.d, "unit": 1.0}.get(config.data.normalize)
     norm = math.sqrt(target) / run.input_scale if target else None
     return mod.Peer(spec.d, spec.n, spec.k, lr, B, steps, spec.dead_tokens, norm_factor=norm,
-                    warmup_steps=warmup, decay_steps=decay, seed=config.train.seed)
+                    warmup_steps=warmup, decay_steps=decay, seed=config.train.seed,
+                    architecture=spec.architecture, prefixes=spec.prefixes)
   return mod.Peer(spec.d, spec.n, spec.k, lr, B, steps, spec.dead_tokens,
                   optimizer="adam" if trainer == "sparsify" else "signum",
                   auxk_alpha=spec.auxk_coef, warmup_steps=warmup,
@@ -275,7 +307,33 @@ def gt_recovery(w_unit, truth):
   return float(best.mean()), float(np.mean(best > 0.9))
 
 
-def run_pair(dataset: str, config, trainers) -> list[dict]:
+def jaxsae_weights(params, scale: float, k: int, target: dict | None, threshold=None):
+  """jaxsae's SAE in raw units (the input scale folded in as its exports fold it); a BatchTopK
+  SAE (threshold given) as its JumpReLU."""
+  import numpy as np
+  from jaxsae import sae_io
+  p = {name: np.asarray(a, np.float32) for name, a in params.items()}
+  where = {"model": target["model"], "hook": f"model.layers.{target['layer']}"} if target else {}
+  return sae_io.SaeWeights(
+      p["W_enc"].T * scale, p["b_enc"], p["W_dec"] / scale, p["b_pre"] / scale,
+      0 if threshold is not None else k, kind="jaxsae", path="jaxsae (its params)",
+      threshold=None if threshold is None else np.full(p["b_enc"].shape, threshold), **where)
+
+
+def lm_figures(saes: list, target: dict) -> list[dict]:
+  """jaxsae.evaluate's figures for each SAE, over the same --lm_text windows, as lm_* fields."""
+  from jaxsae import evaluate
+  results = evaluate.evaluate_many(
+      saes, target["model"], target["layer"], _LM_TEXT.value, _LM_TOKENS.value,
+      target["seq_len"], _LM_BATCH.value, device="cpu", filter_massive=target["filter_massive"],
+      massive_ratio=target["massive_ratio"], allow_other_model=True)
+  keys = ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "loss_recovered", "delta_loss", "kl",
+          "fvu", "l0", "tokens")
+  return [{**{"lm_" + key: r[key] for key in keys}, "lm_text": _LM_TEXT.value,
+           "lm_sae": r["sae"]} for r in results]
+
+
+def run_pair(dataset: str, config, trainers, lm: dict | None = None) -> list[dict]:
   import jax
   import numpy as np
   from jaxsae import mesh as mesh_lib, train
@@ -323,7 +381,7 @@ def run_pair(dataset: str, config, trainers) -> list[dict]:
             "batch": B, "steps": steps, "tokens": steps * B, "dead_tokens": spec.dead_tokens,
             "eval_rows": 0 if held is None else len(held), "load_start": load0, "load_end": load1,
             "date": time.strftime("%Y-%m-%d %H:%M")}
-  out = []
+  out, saes = [], []
   for t in trainers:
     rec = dict(common, trainer=t, setup_s=setup_s[t], train_s=float(np.sum(step_s[t])),
                step_s_median=float(np.median(step_s[t][1:] or step_s[t])),
@@ -332,14 +390,23 @@ def run_pair(dataset: str, config, trainers) -> list[dict]:
     if t == "jaxsae":
       params = jax.device_get(state.params)
       rec["dead_frac"] = float(np.mean(np.asarray(state.since_fired) >= spec.dead_tokens))
-      rec["recipe"] = (f"tied init (encoder norm {spec.encoder_init_norm:g}), geometric-median "
+      rec["recipe"] = (("BatchTopK (JumpReLU at inference), " if spec.batchtopk else "") +
+                       f"tied init (encoder norm {spec.encoder_init_norm:g}), geometric-median "
                        f"b_pre, AuxK k_aux={spec.k_aux} "
                        f"alpha={spec.auxk_coef:g} relu={spec.auxk_relu}, projected unit "
                        f"decoder, lr decay over the last {config.train.decay_frac:g}, Adam eps "
                        f"{config.train.eps:g}")
       w_unit = params["W_dec"] / np.linalg.norm(params["W_dec"], axis=1, keepdims=True)
+      threshold = None if state.threshold is None else float(state.threshold)
+      weights = jaxsae_weights(params, run.input_scale, spec.k, lm, threshold)
       if held is not None:
-        x_hat, l0 = jaxsae_reconstruct(params, run.input_scale, spec.k, held)
+        if threshold is None:
+          x_hat, l0 = jaxsae_reconstruct(params, run.input_scale, spec.k, held)
+        else:   # BatchTopK: the JumpReLU it exports
+          from bench import peers as peers_lib
+          x_hat, l0 = peers_lib.numpy_reconstruct(weights, held)
+      if lm:
+        saes.append(weights)
     else:
       peer = peers[t]
       peer.finish()
@@ -348,12 +415,18 @@ def run_pair(dataset: str, config, trainers) -> list[dict]:
       w_unit = peer.decoder_directions()
       if held is not None:
         x_hat, l0 = peer.reconstruct(held)
+      if lm:
+        saes.append(peer.sae_weights())
     if held is not None:
       rec["eval_fvu"], rec["eval_l0"] = fvu(held, x_hat), float(np.mean(l0))
     if run.data.ground_truth is not None:
       rec["gt_mmcs"], rec["gt_recovered_frac"] = gt_recovery(w_unit, run.data.ground_truth)
     out.append(rec)
   run.data.close()
+  if lm:
+    t0 = time.perf_counter()
+    for rec, figures in zip(out, lm_figures(saes, lm)):
+      rec.update(figures, lm_eval_s=time.perf_counter() - t0)
   return out
 
 
@@ -384,8 +457,29 @@ def summary(records: list[dict]) -> list[str]:
                    "rows.", ""]
 
 
+def lm_table(records: list[dict]) -> list[str]:
+  """The runs scored inside their model (--lm_text): loss recovered, delta loss and KL beside FVU."""
+  scored = [r for r in records if "lm_loss_recovered" in r]
+  if not scored:
+    return []
+  lines = ["Inside the model (`--lm_text`): each SAE spliced into the model it was trained on, over "
+           "the same held-out text windows (not the training text), scored by "
+           "`jaxsae.evaluate.evaluate_many`. Loss recovered = (CE_zero - CE_spliced) / (CE_zero - "
+           "CE_clean); delta loss = CE_spliced - CE_clean and KL(clean || spliced) in nats per "
+           "token; FVU here is over the text's activations.", "",
+           "| data | n | trainer | lr | held-out FVU | text FVU | loss recovered | delta loss | KL | "
+           "CE clean / zero | tokens |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in sorted(scored, key=lambda r: (r["dataset"], r["n"], r["lr"], label(r))):
+    lr = f"{r['lr']:.3g}" + (" (default)" if r.get("lr_choice") == "default" else "")
+    lines.append(f"| {r['dataset']} | {r['n']} | {label(r)} | {lr} | {r['eval_fvu']:.4f} | "
+                 f"{r['lm_fvu']:.4f} | {r['lm_loss_recovered']:.4f} | {r['lm_delta_loss']:.4f} | "
+                 f"{r['lm_kl']:.4f} | {r['lm_ce_clean']:.3f} / {r['lm_ce_zero']:.3f} | "
+                 f"{r['lm_tokens']:,} |")
+  return lines + [""]
+
+
 def table(records: list[dict]) -> str:
-  lines = summary(records) + [
+  lines = summary(records) + lm_table(records) + [
       "All runs:", "",
       "| data | trainer | lr | tokens | eval FVU | eval L0 | dead | gt_mmcs | gt >0.9 | "
       "setup s | train s | tok/s (median step) | load |",
@@ -418,6 +512,7 @@ def main(_):
   if os.path.exists(_OUT.value):
     with open(_OUT.value) as f:
       done = [json.loads(line) for line in f if line.strip()]
+    done = list({run_key(r): r for r in done}.values())   # a rerun's row replaces the older one
   if _SAELENS_SET.value:   # a bad item stops the run before any training
     if "saelens" not in _TRAINERS.value:
       raise app.UsageError("--saelens_set needs saelens in --trainers")
@@ -429,10 +524,17 @@ def main(_):
     own = [f"saelens.{item}" for item in _SAELENS_SET.value] if trainer == "saelens" else []
     return ",".join(_SET.value + own)
 
-  have = {run_key(r) for r in done}
+  have = {run_key(r): r for r in done}
   unknown = set(_TRAINERS.value) - {"jaxsae", *PEER_OF}
   if unknown:
     raise app.UsageError(f"--trainers: unknown {sorted(unknown)}")
+  architecture = next((item.partition("=")[2].strip().strip("'\"") for item in _SET.value
+                       if item.partition("=")[0].strip() == "sae.architecture"), "topk")
+  lacking = [t for t in _TRAINERS.value if t != "jaxsae" and architecture != "topk"
+             and PEER_OF[t] not in ARCHITECTURE_PEERS]
+  if lacking:
+    raise app.UsageError(f"--trainers {lacking}: no {architecture} there (only "
+                         f"{', '.join(ARCHITECTURE_PEERS)} train it)")
   print(f"jax {jax.__version__}, " + ", ".join(
       f"{t} {trainer_versions(t)}" for t in _TRAINERS.value if t != "jaxsae")
         + f", {os.cpu_count()} cores", flush=True)
@@ -478,14 +580,22 @@ def main(_):
     else:
       config.train.lr = lr_key = float(lr)
     lr = config.train.lr
-    todo = [t for t in trainers if run_key(dict(dataset=ds, n=config.sae.n, lr=lr_key, trainer=t,
-                                                steps=steps, variant=variant(t))) not in have]
+    lm = lm_target(config) if _LM_TEXT.value else None
+
+    def missing(t):
+      r = have.get(run_key(dict(dataset=ds, n=config.sae.n, lr=lr_key, trainer=t, steps=steps,
+                                variant=variant(t))))
+      return r is None or (lm is not None and "lm_loss_recovered" not in r)
+
+    todo = [t for t in trainers if missing(t)]
     if not todo:
       continue
     if ds == "fixture":
       ensure_fixture_store(path)
     print(f"{ds} lr={lr:g}: {', '.join(todo)}", flush=True)
-    for rec in run_pair(ds, config, todo):
+    if _LM_TEXT.value and lm is None:
+      print(f"{ds}: no model recorded with its data, so no loss recovered or KL", flush=True)
+    for rec in run_pair(ds, config, todo, lm):
       rec.update(jax=jax.__version__, **trainer_versions(rec["trainer"]))
       if lr_key == "default":
         rec["lr_choice"] = "default"
@@ -494,7 +604,7 @@ def main(_):
       print(json.dumps(rec), flush=True)
       with open(_OUT.value, "a") as f:
         f.write(json.dumps(rec) + "\n")
-      done.append(rec)
+      done = [r for r in done if run_key(r) != run_key(rec)] + [rec]
   text = table(done)
   print(text)
   if _TABLE.value:

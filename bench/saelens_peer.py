@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from bench import peers
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 LABEL = "SAELens"
@@ -42,22 +44,32 @@ class Peer:
   def __init__(self, d: int, n: int, k: int, lr: float, batch: int, steps: int,
                dead_window_steps: int, input_scale: float | None = None, decay_steps: int = 0,
                warmup_steps: int = 0, device: str = "cpu", seed: int = 0, aux_loss_coefficient: float = 1.0,
-               autocast: bool = False, sae_options: dict | None = None):
+               autocast: bool = False, sae_options: dict | None = None,
+               architecture: str = "topk", prefixes: tuple = ()):
     """sae_options: other TopKTrainingSAEConfig fields (e.g. rescale_acts_by_decoder_norm,
-    decoder_init_norm), to find out which of SAELens's choices make a difference."""
+    decoder_init_norm), to find out which of SAELens's choices make a difference. architecture
+    "batchtopk": its BatchTopKTrainingSAE (k on average over the batch; its running threshold
+    makes it a JumpReLU at inference, as its save_inference_model writes it);
+    "matryoshka_batchtopk": its MatryoshkaBatchTopKTrainingSAE with matryoshka_widths = the
+    prefixes and n."""
     import torch
-    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    import sae_lens
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(seed)
     scaled = input_scale is not None and input_scale != 1.0
-    cfg = TopKTrainingSAEConfig(
+    name = {"topk": "TopK", "batchtopk": "BatchTopK",
+            "matryoshka_batchtopk": "MatryoshkaBatchTopK"}[architecture]
+    batchtopk = self.jumprelu = architecture != "topk"
+    if prefixes:
+      sae_options = {"matryoshka_widths": [*prefixes, n], **(sae_options or {})}
+    cfg = getattr(sae_lens, f"{name}TrainingSAEConfig")(
         d_in=d, d_sae=n, k=k, dtype="float32", device=device,
         aux_loss_coefficient=aux_loss_coefficient,
         normalize_activations="expected_average_only_in" if scaled else "none",
         **(sae_options or {}))
-    self.sae = TopKTrainingSAE(cfg)
+    self.sae = getattr(sae_lens, f"{name}TrainingSAE")(cfg)
     tcfg = SAETrainerConfig(
         total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr,
         lr_end=lr / 10,   # what LanguageModelSAERunnerConfig sets (unused by a constant schedule)
@@ -72,7 +84,9 @@ class Peer:
       self.trainer.activation_scaler.scaling_factor = float(input_scale)
     self.device, self.window = device, dead_window_steps
     self._torch = torch
-    self.recipe = (f"SAELens TopKTrainingSAE: decoder init norm {cfg.decoder_init_norm}, b_dec=0, "
+    self.recipe = (f"SAELens {type(self.sae).__name__}: decoder init norm "
+                   f"{cfg.decoder_init_norm}, b_dec=0, "
+                   + (f"threshold lr {cfg.topk_threshold_lr}, " if batchtopk else "") +
                    f"rescale_acts_by_decoder_norm={cfg.rescale_acts_by_decoder_norm}, AuxK "
                    f"k_aux={d // 2} coef {aux_loss_coefficient:g}, grad clip 1.0, Adam eps 1e-8"
                    + (", bf16 autocast" if autocast else ""))
@@ -116,7 +130,10 @@ class Peer:
     return float((self.trainer.n_forward_passes_since_fired >= self.window).float().mean())
 
   def reconstruct(self, x: np.ndarray, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """(x_hat, l0 per row) of raw rows, through SAELens's inference forward (after `finish`)."""
+    """(x_hat, l0 per row) of raw rows, through SAELens's inference forward (after `finish`); a
+    BatchTopK SAE through the JumpReLU its save_inference_model writes."""
+    if self.jumprelu:
+      return peers.numpy_reconstruct(self.sae_weights(), x, batch)
     torch = self._torch
     outs, l0s = [], []
     self.sae.eval()
@@ -128,6 +145,11 @@ class Peer:
         l0s.append((z != 0).sum(-1).cpu().numpy())
     self.sae.train()
     return np.concatenate(outs), np.concatenate(l0s)
+
+  def sae_weights(self):
+    """The SAE as save_inference_model writes it, read by jaxsae.sae_io (after `finish`)."""
+    return peers.saved_and_read(self.sae.save_inference_model,
+                                "saelens (its save_inference_model)")
 
   def decoder_directions(self) -> np.ndarray:
     """Unit-norm decoder rows [n, d]."""

@@ -45,6 +45,8 @@ import os
 
 import numpy as np
 
+from bench import peers
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 LABEL = "sparsify"
@@ -202,6 +204,10 @@ class Peer:
         outs.append(self.sae.decode(acts, idx).float().cpu().numpy())
         l0s.append((acts > 0).sum(-1).cpu().numpy())
     return np.concatenate(outs), np.concatenate(l0s)
+
+  def sae_weights(self):
+    """The SAE as SparseCoder.save_to_disk writes it, read by jaxsae.sae_io (after `finish`)."""
+    return peers.saved_and_read(self.sae.save_to_disk, "sparsify (its save_to_disk)")
 
   def decoder_directions(self) -> np.ndarray:
     """Unit-norm decoder rows [n, d]."""

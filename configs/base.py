@@ -26,6 +26,13 @@ def get_config():
                                  # sparsify) or of the "residual" it rebuilds (OpenAI's train.py:
                                  # 1/FVU times stronger; model.loss_terms)
   c.sae.multi_topk = False       # add L(4k)/8 to the loss (Multi-TopK)
+  c.sae.architecture = "topk"    # "topk": k latents per row; "batchtopk": the B*k largest of the
+                                 # global batch, a JumpReLU at inference; "matryoshka_batchtopk":
+                                 # that, trained as nested dictionaries (model.py)
+  c.sae.batchtopk_cap = 4        # batchtopk: at most this many x k latents per row (rows that
+                                 # reach it are counted: sparsity/rows_at_cap)
+  c.sae.matryoshka_prefixes = (1 / 16, 1 / 4)  # "matryoshka_batchtopk": the nested dictionaries
+                                 # below n, as fractions of n (increasing, each < 1)
   c.sae.encoder_init_norm = 0.3  # encoder rows at init: the decoder's unit rows times this. 0.3,
                                  # not the paper's 1: lower or equal FVU on SmolLM2 at every LR
                                  # tried, far fewer dead latents on synthetic data; 0.1 is best at
@@ -57,6 +64,7 @@ def get_config():
   c.train.b_pre_lr_ratio = -1.0  # b_pre's learning rate / the weights'; -1: 1 / (encoder_init_norm
                                  # x sqrt(d)), which keeps b_pre's nearly noise-free drift from
                                  # pushing latents below the top-k (optim.resolve_b_pre_ratio)
+  c.train.encoder_lr_ratio = 1.0  # W_enc's learning rate / the other weights'
   c.train.decay_frac = 1.0       # linear decay to 0 over this final fraction of steps (1.0: from
                                  # the end of warmup to the last step, as sparsify)
   c.train.seed = 0

@@ -37,8 +37,12 @@ CHUNK_BYTES = 64 << 20
 # Config fields that define what a checkpoint *is*: resuming with another value would mix two SAEs
 # or two data streams in one run, so it is refused. Other fields (steps, lr, mesh, logging, kernels,
 # loader threads...) may change between a run and its resumption; the changes are logged.
-IDENTITY_FIELDS = ("sae.d", "sae.n", "sae.k", "sae.k_aux", "sae.multi_topk", "train.batch_size",
-                   "data.source", "data.path", "data.shuffle_seed", "data.normalize")
+IDENTITY_FIELDS = ("sae.d", "sae.n", "sae.k", "sae.k_aux", "sae.multi_topk", "sae.architecture",
+                   "sae.batchtopk_cap", "sae.matryoshka_prefixes", "train.batch_size", "data.source", "data.path",
+                   "data.shuffle_seed", "data.normalize")
+# Fields added since runs began recording their config: what a run that lacks them trained with.
+LEGACY_DEFAULTS = {"sae.architecture": "topk", "sae.batchtopk_cap": 4,
+                   "sae.matryoshka_prefixes": [1 / 16, 1 / 4]}
 IDENTITY_PREFIXES = ("data.synthetic.",)
 
 
@@ -125,7 +129,7 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
   for key in sorted(set(old) | set(new)):
     if key.startswith("resolved."):
       continue
-    a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+    a, b = old.get(key, LEGACY_DEFAULTS.get(key, "<unset>")), new.get(key, "<unset>")
     if a != b:
       line = f"{key}: {a!r} -> {b!r}"
       (refused if key in IDENTITY_FIELDS or key.startswith(IDENTITY_PREFIXES) else changed).append(

@@ -1,5 +1,5 @@
 """Checks a config before anything is built or compiled; every problem is named by its field."""
-from jaxsae import stats
+from jaxsae import model, stats
 
 KERNELS = ("auto", "xla", "pallas")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -20,6 +20,19 @@ def _problems(c):
     yield f"sae.k={s.k} must satisfy 0 < k <= sae.n={s.n}"
   if s.multi_topk and 4 * s.k > s.n:
     yield f"sae.multi_topk needs 4 * sae.k={4 * s.k} <= sae.n={s.n}"
+  if s.architecture not in model.ARCHITECTURES:
+    yield f"sae.architecture={s.architecture!r}: expected one of {model.ARCHITECTURES}"
+  elif s.architecture in model.BATCH_ARCHITECTURES:
+    if s.multi_topk:
+      yield "sae.multi_topk=True is for architecture='topk'; BatchTopK selects per batch"
+    if s.architecture == "matryoshka_batchtopk":
+      sizes = model.matryoshka_sizes(s)
+      if not sizes or any(not 0 < a < b for a, b in zip(sizes, sizes[1:] + (s.n,))):
+        yield (f"sae.matryoshka_prefixes={tuple(s.matryoshka_prefixes)}: fractions of sae.n="
+               f"{s.n} that are increasing, each of at least one latent and below 1")
+    if s.batchtopk_cap < 1 or s.batchtopk_cap * s.k > s.n:
+      yield (f"sae.batchtopk_cap={s.batchtopk_cap} must be >= 1 with batchtopk_cap * sae.k <= "
+             f"sae.n={s.n}")
   if s.k_aux < -1 or s.k_aux > s.n:
     yield f"sae.k_aux={s.k_aux} must be -1 (auto) or within 0..sae.n={s.n}"
   if s.auxk_coef < 0:
@@ -38,6 +51,8 @@ def _problems(c):
     yield f"train.lr={t.lr} must be positive (or unset for the automatic rate)"
   if not (t.b_pre_lr_ratio == -1 or t.b_pre_lr_ratio >= 0):
     yield f"train.b_pre_lr_ratio={t.b_pre_lr_ratio} must be >= 0 (or -1: automatic)"
+  if not t.encoder_lr_ratio > 0:
+    yield f"train.encoder_lr_ratio={t.encoder_lr_ratio} must be positive"
   if t.log_every <= 0:
     yield f"train.log_every={t.log_every} must be positive"
   if not 0 <= t.decay_frac <= 1:
@@ -70,10 +85,10 @@ def _problems(c):
 
 
 def _widest_gpu_topk(c) -> int:
-  """Latents the GPU top-k kernel would keep per token: sae.k (x4 with multi_topk) or k_aux."""
-  from jaxsae import model
+  """Latents the GPU top-k kernel would keep per token: sae.k (x4 with multi_topk, x cap with
+  batchtopk) or k_aux."""
   s = c.sae
-  return max(4 * s.k if s.multi_topk else s.k,
+  return max(model.select_width(s.k, s.multi_topk, s.architecture, s.batchtopk_cap),
              model.resolve_k_aux(s.k_aux, s.d, s.n) if s.auxk_coef > 0 else 0)
 
 
@@ -119,7 +134,8 @@ def _backend_problems(c):
     if widest > topk_encoder_gpu.MAX_K:
       yield (f"kernels=pallas on GPU: the top-k kernel keeps each row's top-k in registers, up to "
              f"k={topk_encoder_gpu.MAX_K}; this config selects {widest} latents per token "
-             f"(sae.k, x4 with multi_topk, or sae.k_aux): use kernels=xla or auto")
+             f"(sae.k, x4 with multi_topk, x batchtopk_cap with batchtopk, or sae.k_aux): use "
+             f"kernels=xla or auto")
 
 
 def validate(config):

@@ -101,8 +101,10 @@ class TorchSae:
   def __init__(self, sae, device):
     import torch
     self.k, self.n = sae.k, sae.n
+    # torch.tensor copies: arrays from jax (bench/quality.py) are read-only.
     self.w_enc, self.b_enc, self.w_dec, self.b_dec = (
-        torch.from_numpy(a).to(device) for a in (sae.w_enc, sae.b_enc, sae.w_dec, sae.b_dec))
+        torch.tensor(a, device=device) for a in (sae.w_enc, sae.b_enc, sae.w_dec, sae.b_dec))
+    self.threshold = None if sae.threshold is None else torch.tensor(sae.threshold, device=device)
     self.rows = max(1, ENCODE_FLOATS // sae.n)
 
   def __call__(self, x):
@@ -111,6 +113,12 @@ class TorchSae:
     out, fires, nonzero = [], torch.zeros(self.n, dtype=torch.int64, device=x.device), 0
     for a in range(0, len(x), self.rows):
       pre = (x[a:a + self.rows] - self.b_dec) @ self.w_enc + self.b_enc
+      if self.threshold is not None:   # JumpReLU: every latent above its threshold
+        z = torch.where(pre > self.threshold, pre.relu(), 0.0)
+        out.append(z @ self.w_dec + self.b_dec)
+        fires += (z > 0).sum(0)
+        nonzero += int((z > 0).sum())
+        continue
       vals, idx = pre.topk(self.k, dim=1)
       vals = vals.relu()
       # x_hat = sum_j z_j W_dec[j] over the k picks: a weighted bag of decoder rows.
@@ -146,21 +154,45 @@ def evaluate(sae_path: str, model: str, layer: int, text: str, tokens: int = 0,
              massive_ratio=None, dense_freq: float = 0.1, allow_other_model: bool = False,
              progress: bool = False) -> dict:
   """Every figure of the module docstring, as the dict --json writes."""
+  return evaluate_many([sae_path], model, layer, text, tokens, seq_len, batch_size, device,
+                       compute_dtype, step, filter_massive, massive_ratio, dense_freq,
+                       allow_other_model, progress)[0]
+
+
+def _dump_setting(saes, name: str, given, fallback):
+  """A filter setting: as given, else what the SAEs' runs record (they must agree), else fallback."""
+  if given is not None:
+    return given
+  recorded = {(s.meta.get("dump") or {}).get(name) for s in saes} - {None}
+  if len(recorded) > 1:
+    raise EvaluateError(f"the SAEs' runs were dumped with different {name} ({sorted(recorded)}): "
+                        f"pass --{name}")
+  return recorded.pop() if recorded else fallback
+
+
+def evaluate_many(saes: list, model: str, layer: int, text: str, tokens: int = 0,
+                  seq_len: int = 1024, batch_size: int = 8, device: str = "auto",
+                  compute_dtype: str = "float32", step: int = -1, filter_massive=None,
+                  massive_ratio=None, dense_freq: float = 0.1, allow_other_model: bool = False,
+                  progress: bool = False) -> list[dict]:
+  """`evaluate` for several SAEs of the same hook point (paths, or sae_io.SaeWeights) over the same
+  windows: the clean, zero- and mean-ablated runs are made once and shared, so scoring m SAEs
+  costs 3 + m forward passes per batch, not 4m. One result dict per SAE, in order."""
   import torch
   import tqdm
   from jaxsae.data import lm
-  sae = sae_io.load(sae_path, step)
+  names = [s.path if isinstance(s, sae_io.SaeWeights) else s for s in saes]
+  saes = [s if isinstance(s, sae_io.SaeWeights) else sae_io.load(s, step) for s in saes]
+  if not saes:
+    raise EvaluateError("no SAE to evaluate")
   if not text:
     raise EvaluateError("--text is required (the files to run the model on)")
   files = inputs.expand_files(text)
   net = lm.BlockOutput(model, layer, device, compute_dtype, whole_model=True)
-  notes = check(sae, net, model, layer, allow_other_model)
-  # The dump's filter settings the SAE's data was made with, when the run records them.
-  dumped = sae.meta.get("dump") or {}
-  if filter_massive is None:
-    filter_massive = bool(dumped.get("filter_massive", True))
-  if massive_ratio is None:
-    massive_ratio = float(dumped.get("massive_ratio", 10.0))
+  notes = [check(sae, net, model, layer, allow_other_model) for sae in saes]
+  # The dump's filter settings the SAEs' data was made with, when their runs record them.
+  filter_massive = bool(_dump_setting(saes, "filter_massive", filter_massive, True))
+  massive_ratio = float(_dump_setting(saes, "massive_ratio", massive_ratio, 10.0))
   windows = [w for w, _ in net.windows(files, seq_len, tokens)]
   if not windows:
     raise EvaluateError(f"--text={text!r} ({len(files)} files) holds fewer than --seq_len="
@@ -187,50 +219,60 @@ def evaluate(sae_path: str, model: str, layer: int, text: str, tokens: int = 0,
     raise EvaluateError("every evaluated row is massive: nothing to splice (--filter_massive=false?)")
   mean = torch.from_numpy((total / rows).astype(np.float32)).to(net.device)
 
-  # Pass 2: clean, spliced, zero- and mean-ablated runs of every batch.
-  tsae = TorchSae(sae, net.device)
-  sums = dict.fromkeys(("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl"), 0.0)
-  err = var = 0.0
-  fires, nonzero, massive = torch.zeros(sae.n, dtype=torch.int64, device=net.device), 0, 0
+  # Pass 2: the clean, zero- and mean-ablated runs of every batch, and each SAE's spliced run.
+  tsaes = [TorchSae(sae, net.device) for sae in saes]
+  shared = dict.fromkeys(("ce_clean", "ce_zero", "ce_mean"), 0.0)
+  per = [{"ce_spliced": 0.0, "kl": 0.0, "err": 0.0, "nonzero": 0,
+          "fires": torch.zeros(sae.n, dtype=torch.int64, device=net.device)} for sae in saes]
+  var, massive = 0.0, 0
   for toks in tqdm.tqdm(batches, desc="evaluate", disable=not progress):
     ids = torch.from_numpy(toks.astype(np.int64)).to(net.device)
     clean, acts = net.logits(toks)
-    sums["ce_clean"] += _next_token_stats(clean, ids)[0]
+    shared["ce_clean"] += _next_token_stats(clean, ids)[0]
     keep = torch.from_numpy(kept(acts.cpu().numpy())).to(net.device)
     massive += int((~keep).sum())
     x = acts[keep]
-    x_hat, f, nz = tsae(x)
-    fires, nonzero = fires + f, nonzero + nz
-    err += float(((x - x_hat) ** 2).sum(dtype=torch.float64))
     var += float(((x - mean) ** 2).sum(dtype=torch.float64))
-    spliced = acts.clone()
-    spliced[keep] = x_hat
-    for name, replacement in (("spliced", spliced),
-                              ("zero", torch.where(keep[..., None], 0.0, acts)),
+    for name, replacement in (("zero", torch.where(keep[..., None], 0.0, acts)),
                               ("mean", torch.where(keep[..., None], mean, acts))):
       logits, _ = net.logits(toks, lambda out, r=replacement: r)
-      ce, kl = _next_token_stats(logits, ids, clean if name == "spliced" else None)
-      sums["ce_" + name] += ce
-      sums["kl"] += kl
+      shared["ce_" + name] += _next_token_stats(logits, ids)[0]
       del logits
+    for tsae, s in zip(tsaes, per):
+      x_hat, f, nz = tsae(x)
+      s["fires"] += f
+      s["nonzero"] += nz
+      s["err"] += float(((x - x_hat) ** 2).sum(dtype=torch.float64))
+      spliced = acts.clone()
+      spliced[keep] = x_hat
+      logits, _ = net.logits(toks, lambda out, r=spliced: r)
+      ce, kl = _next_token_stats(logits, ids, clean)
+      s["ce_spliced"] += ce
+      s["kl"] += kl
+      del logits, spliced
     del clean
   predictions = len(windows) * (seq_len - 1)
-  r = {key: value / predictions for key, value in sums.items()}
-  freq = fires.cpu().numpy() / rows
-  gap = r["ce_zero"] - r["ce_clean"]   # 0 only if zeroing the layer changes nothing at all
-  r.update(loss_recovered=(r["ce_zero"] - r["ce_spliced"]) / gap if gap else float("nan"),
-           delta_loss=r["ce_spliced"] - r["ce_clean"], fvu=err / var, l0=nonzero / rows,
-           dead_frac=float(np.mean(freq == 0)), dense_frac=float(np.mean(freq > dense_freq)),
-           tokens=len(windows) * seq_len)
-  return {**{key: r[key] for key in KEYS},
-          "predictions": predictions, "sae_rows": rows, "massive_rows": massive,
-          "filter_massive": filter_massive, "massive_ratio": massive_ratio,
-          "dense_freq": dense_freq, "freq_hist": frequency_histogram(freq, rows),
-          "model": model, "layer": layer, "hook": net.hook_name, "sae": sae_path,
-          "sae_kind": sae.kind, "sae_step": sae.meta.get("steps"), "d": sae.d, "n": sae.n,
-          "k": sae.k, "input_scale": sae.input_scale, "seq_len": seq_len, "batch_size": batch_size, "windows": len(windows),
-          "text": text, "compute_dtype": compute_dtype, "notes": notes,
-          "jaxsae_version": _version()}
+  base = {key: value / predictions for key, value in shared.items()}
+  gap = base["ce_zero"] - base["ce_clean"]   # 0 only if zeroing the layer changes nothing at all
+  results = []
+  for sae, name, s, sae_notes in zip(saes, names, per, notes):
+    r = dict(base, ce_spliced=s["ce_spliced"] / predictions, kl=s["kl"] / predictions)
+    freq = s["fires"].cpu().numpy() / rows
+    r.update(loss_recovered=(r["ce_zero"] - r["ce_spliced"]) / gap if gap else float("nan"),
+             delta_loss=r["ce_spliced"] - r["ce_clean"], fvu=s["err"] / var,
+             l0=s["nonzero"] / rows, dead_frac=float(np.mean(freq == 0)),
+             dense_frac=float(np.mean(freq > dense_freq)), tokens=len(windows) * seq_len)
+    results.append({
+        **{key: r[key] for key in KEYS},
+        "predictions": predictions, "sae_rows": rows, "massive_rows": massive,
+        "filter_massive": filter_massive, "massive_ratio": massive_ratio,
+        "dense_freq": dense_freq, "freq_hist": frequency_histogram(freq, rows),
+        "model": model, "layer": layer, "hook": net.hook_name, "sae": name,
+        "sae_kind": sae.kind, "sae_step": sae.meta.get("steps"), "d": sae.d, "n": sae.n,
+        "k": sae.k, "input_scale": sae.input_scale, "seq_len": seq_len,
+        "batch_size": batch_size, "windows": len(windows), "text": text,
+        "compute_dtype": compute_dtype, "notes": sae_notes, "jaxsae_version": _version()})
+  return results
 
 
 def frequency_histogram(freq: np.ndarray, rows: int) -> dict:

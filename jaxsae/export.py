@@ -10,6 +10,12 @@ r"""Exports a checkpoint's SAE in the layouts the field's tools load (DESIGN.md 
   npz       PATH (a .npz) holds W_enc [d, n], W_dec [n, d], b_enc [n], b_dec [d], Gemma Scope's
             names and orientation (float32 only), and PATH minus .npz + .metadata.json beside it
 
+A BatchTopK SAE (sae.architecture="batchtopk", or "matryoshka_batchtopk") is a JumpReLU at inference: z = pre where pre >
+threshold, its running-average training threshold broadcast to every latent. It exports as
+SAELens's "jumprelu" architecture (plus a threshold [n] tensor; no k) and as an npz with a threshold
+[n] array (Gemma Scope's JumpReLU layout); sparsify's SparseCoder encodes k per row only, so that
+format is refused for it.
+
 jaxsae scales raw activations by a constant s before encoding (state.input_scale); an export takes
 and returns *raw* activations, so s is folded into the weights:
 
@@ -122,7 +128,22 @@ class StepReader:
             "d": self.d, "n": self.n, "k": self.k, "steps": self.step,
             "tokens": int(self.run.get("tokens", 0)), "metrics": self.run.get("metrics") or {},
             "input_scale": self.input_scale(), "jaxsae_version": self.run.get("jaxsae_version", ""),
-            "checkpoint": self.path}
+            "checkpoint": self.path, "architecture": self.architecture,
+            **({"threshold": self.threshold()} if self.has_threshold else {})}
+
+  @property
+  def has_threshold(self) -> bool:
+    """A BatchTopK or Matryoshka BatchTopK state holds its inference threshold."""
+    return "threshold" in self.names
+
+  @property
+  def architecture(self) -> str:
+    return self.config["sae"].get("architecture", "topk")
+
+  def threshold(self) -> float:
+    """A BatchTopK SAE's inference threshold (in the pre-activations' units, which folding the
+    input scale leaves unchanged)."""
+    return float(self.read("threshold"))
 
 
 class FoldedSae:
@@ -133,15 +154,18 @@ class FoldedSae:
     self.s = np.float32(reader.input_scale())
     self._w_enc, self._w_dec = reader.array("params.W_enc"), reader.array("params.W_dec")
     self._b_enc, self._b_pre = reader.array("params.b_enc"), reader.array("params.b_pre")
+    self.threshold = reader.threshold() if reader.has_threshold else None
     self.rows = max(1, block_bytes // (4 * self.d))
 
   def blocks(self, which: str):
     """(first index, block) pieces of one exported tensor: rows [r, d] of W_enc / W_dec (in the
     stored [n, d] orientation, folded), slices of b_enc [n], and b_dec [d] in one piece."""
-    if which == "b_enc":
+    if which in ("b_enc", "threshold"):
       step = self.rows * self.d   # the same byte budget
       for a in range(0, self.n, step):
-        yield a, self._b_enc[a:min(a + step, self.n)].read().result()
+        end = min(a + step, self.n)
+        yield a, (self._b_enc[a:end].read().result() if which == "b_enc" else
+                  np.full(end - a, self.threshold, np.float32))
     elif which == "b_dec":
       yield 0, self._b_pre.read().result() / self.s
     else:
@@ -160,8 +184,8 @@ class FoldedSae:
 
 def _shape(name, transposed, d, n):
   """Shape of an exported tensor; W_enc is [d, n] when transposed (SAELens, Gemma Scope)."""
-  return {"W_enc": (d, n) if transposed else (n, d), "W_dec": (n, d), "b_enc": (n,), "b_dec": (d,)
-          }[name]
+  return {"W_enc": (d, n) if transposed else (n, d), "W_dec": (n, d), "b_enc": (n,), "b_dec": (d,),
+          "threshold": (n,)}[name]
 
 
 def write_safetensors(path: str, sae: FoldedSae, tensors: list, dtype: str, metadata: dict):
@@ -211,7 +235,8 @@ def write_npz(path: str, sae: FoldedSae):
   """
   with paths.local_output(path) as tmp:
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-      for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+      for name in ("W_enc", "W_dec", "b_enc", "b_dec") + (
+          ("threshold",) if sae.threshold is not None else ()):
         shape = _shape(name, name == "W_enc", sae.d, sae.n)
         with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
           np.lib.format.write_array_header_1_0(
@@ -237,6 +262,10 @@ def export(workdir: str, fmt: str, out: str, dtype: str = "float32", step: int =
   sae = FoldedSae(reader, block_bytes)
   meta = dict(reader.describe(), format=fmt, dtype=dtype)
   st_meta = {k: _text(v) for k, v in meta.items()}
+  jumprelu = sae.threshold is not None
+  if jumprelu and fmt == "sparsify":
+    raise ExportError(f"{workdir} holds a BatchTopK SAE, a JumpReLU at inference; sparsify's "
+                      "SparseCoder encodes k latents per row only: export --format=saelens or npz")
   if fmt == "npz":
     if dtype != "float32":
       raise ExportError("--format=npz holds float32 only (numpy has no bfloat16 .npy type)")
@@ -246,10 +275,11 @@ def export(workdir: str, fmt: str, out: str, dtype: str = "float32", step: int =
   paths.of(out).mkdir(parents=True, exist_ok=True)
   if fmt == "saelens":
     tensors = [("W_enc", "W_enc", True), ("b_enc", "b_enc", False), ("W_dec", "W_dec", False),
-               ("b_dec", "b_dec", False)]
+               ("b_dec", "b_dec", False)] + ([("threshold", "threshold", False)] if jumprelu else [])
     write_safetensors(paths.join(out, "sae_weights.safetensors"), sae, tensors, dtype, st_meta)
     _write_json(paths.join(out, "cfg.json"), {
-        "architecture": "topk", "d_in": reader.d, "d_sae": reader.n, "k": reader.k,
+        **({"architecture": "jumprelu"} if jumprelu else {"architecture": "topk", "k": reader.k}),
+        "d_in": reader.d, "d_sae": reader.n,
         "dtype": dtype, "device": "cpu", "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "metadata": {"model_name": meta["model"], "hook_name": meta["hook"], **meta}})

@@ -4,6 +4,20 @@
   z     = ReLU(top-k(pre))                       k nonzeros per row
   x_hat = z @ W_dec + b_pre                      W_dec [n, d] with unit-norm rows, b_pre [d]
 
+BatchTopK (sae.architecture="batchtopk", Bussmann et al. 2024) keeps instead the B*k largest
+ReLU'd pre-activations of the whole global batch: k per row on average, more on rows that need
+them. Sparsely: each row's top cap*k are its candidates (topk.select), and a candidate is kept when
+it reaches the batch's B*k-th largest candidate (topk.kth_largest, over every data shard). A row
+whose every candidate is kept may have lost some to the cap: such rows are counted
+(sparsity/rows_at_cap), never dropped silently. At inference the SAE is a JumpReLU: z = pre where
+pre > theta, theta the running average of the training thresholds (TrainState.threshold).
+
+Matryoshka BatchTopK ("matryoshka_batchtopk", Bussmann et al. 2025, Nabeshima 2024) selects as
+BatchTopK and trains nested dictionaries: the loss is the mean over the prefixes (the first
+sae.matryoshka_prefixes[i] * n latents, and all n) of each prefix's reconstruction error, so the
+first latents must rebuild x alone and the later ones add detail (less feature absorption). Each
+prefix's reconstruction is the one decode with the pairs of later latents masked to 0.
+
 Both matrices are stored [n, d] (row gathers; DESIGN.md 3). `loss_terms` is the sparse training
 loss over selected latents; `dense_loss` computes the same loss by dense autodiff and is the
 reference the sparse backward is tested against.
@@ -30,6 +44,10 @@ class SaeSpec:
   auxk_relu: bool = False   # AuxK values through ReLU (the paper) if True; see loss_terms
   auxk_norm: str = "input"  # AuxK divided by the input's or the residual's variance; loss_terms
   encoder_init_norm: float = 1.0   # norm of the encoder rows at init (init_params)
+  architecture: str = "topk"       # "topk" | "batchtopk" (module docstring)
+  batchtopk_cap: int = 4           # batchtopk: candidates per row, in units of k
+  threshold_ema_steps: int = 1     # batchtopk: time constant of the inference threshold's average
+  prefixes: tuple = ()             # matryoshka: the nested dictionaries' sizes below n
 
   @classmethod
   def from_config(cls, config):
@@ -38,7 +56,11 @@ class SaeSpec:
     return cls(d=sae.d, n=sae.n, k=sae.k, k_aux=k_aux, auxk_coef=float(sae.auxk_coef),
                dead_tokens=int(sae.dead_tokens), multi_topk=bool(sae.multi_topk),
                dense_op_ratio=int(config.train.dense_op_ratio), auxk_relu=bool(sae.auxk_relu),
-               auxk_norm=str(sae.auxk_norm), encoder_init_norm=float(sae.encoder_init_norm))
+               auxk_norm=str(sae.auxk_norm), encoder_init_norm=float(sae.encoder_init_norm),
+               architecture=str(sae.architecture), batchtopk_cap=int(sae.batchtopk_cap),
+               threshold_ema_steps=threshold_ema_steps(config.train.steps),
+               prefixes=matryoshka_sizes(sae) if sae.architecture == "matryoshka_batchtopk"
+               else ())
 
   def ops_for(self, kernels: str, k: int, n_local: int) -> str:
     """Which primitives the sparse ops over k latents per token run: on the xla path, dense GEMMs
@@ -50,8 +72,36 @@ class SaeSpec:
 
   @property
   def k_select(self) -> int:
-    """Latents selected per token: 4k under Multi-TopK (the top-k are its first k)."""
-    return 4 * self.k if self.multi_topk else self.k
+    return select_width(self.k, self.multi_topk, self.architecture, self.batchtopk_cap)
+
+  @property
+  def batchtopk(self) -> bool:
+    """Selected per batch (BatchTopK and Matryoshka BatchTopK), a JumpReLU at inference."""
+    return self.architecture in BATCH_ARCHITECTURES
+
+
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
+BATCH_ARCHITECTURES = ("batchtopk", "matryoshka_batchtopk")
+
+
+def matryoshka_sizes(sae_config) -> tuple:
+  """sae.matryoshka_prefixes (fractions of n, increasing, below 1) as latent counts."""
+  return tuple(int(round(f * sae_config.n)) for f in sae_config.matryoshka_prefixes)
+
+
+def select_width(k: int, multi_topk: bool, architecture: str, batchtopk_cap: int) -> int:
+  """Latents selected per token: k; 4k under Multi-TopK (the top-k are its first k); cap * k
+  candidates under (Matryoshka) BatchTopK."""
+  if architecture in BATCH_ARCHITECTURES:
+    return batchtopk_cap * k
+  return 4 * k if multi_topk else k
+
+
+def threshold_ema_steps(steps: int) -> int:
+  """BatchTopK's inference threshold averages the last ~10% of the run's batch thresholds (at most
+  1000 steps, dictionary_learning's 1 - 0.999): long enough to smooth one batch's order
+  statistic, short enough to follow the encoder as it settles under the decaying rate."""
+  return int(min(1000, max(1, steps // 10)))
 
 
 def resolve_k_aux(k_aux: int, d: int, n: int) -> int:
@@ -76,12 +126,33 @@ def init_params(key, d: int, n: int, b_pre, encoder_norm: float = 1.0):
           "b_pre": jnp.asarray(b_pre, jnp.float32)}
 
 
-def encode(params, x, k, compute_dtype=jnp.float32):
-  """Inference encode of x [B, d] (already input-scaled): (z values [B, k] >= 0, indices [B, k])."""
+def encode(params, x, k, compute_dtype=jnp.float32, threshold=None):
+  """Inference encode of x [B, d] (already input-scaled): (z values [B, k] >= 0, indices [B, k]).
+  With a threshold (BatchTopK), the JumpReLU: of the top k (here the candidate width), those above
+  it."""
   xc = x - params["b_pre"]
   idx, _, _ = topk.select(xc, params["W_enc"], params["b_enc"], k, compute_dtype=compute_dtype)
   vals = sparse.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], idx)
+  if threshold is not None:
+    return jnp.where(vals > threshold, vals, 0.0), idx
   return jax.nn.relu(vals), idx
+
+
+def batchtopk_codes(vals, k: int, batch_axes=None, threshold=None):
+  """BatchTopK's codes of candidates vals [B, C] (module docstring): (z [B, C], the threshold used,
+  rows whose every candidate was kept). threshold None: the global batch's B*k-th largest ReLU'd
+  candidate, kept at or above it (training); else the JumpReLU's, kept above it (inference)."""
+  relu = jnp.where(vals > 0, vals, 0.0)   # +0.0 where not positive: topk.kth_largest's bits
+  if threshold is None:
+    rows = jnp.asarray(vals.shape[0], jnp.int32)
+    if batch_axes:
+      rows = jax.lax.psum(rows, batch_axes)
+    threshold = topk.kth_largest(jax.lax.stop_gradient(relu), rows * k, batch_axes)
+    keep = (relu >= threshold) & (relu > 0)
+  else:
+    keep = vals > threshold
+  z = jnp.where(keep, vals, 0.0)
+  return z, threshold, jnp.sum(jnp.all(keep, axis=1), dtype=jnp.float32)
 
 
 def decode(params, z, idx):
@@ -89,7 +160,7 @@ def decode(params, z, idx):
 
 
 def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeSpec,
-               axis=None, kernels="xla", batch_axes=None, aux_rows=None):
+               axis=None, kernels="xla", batch_axes=None, aux_rows=None, threshold=None):
   """Loss of one (local) batch given the selected latents, and its metrics.
 
   total_var is the summed squared deviation of the *global* batch from its mean, so the losses of
@@ -101,17 +172,29 @@ def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeS
   the mesh axes the batch is split over, for that variance. aux_rows: this shard's dead list
   (topk.dead_list), when aux_idx are positions in it (topk.select's aux_list): AuxK then works on
   those rows only, as dense GEMMs over the list where it is short (SaeSpec.ops_for).
-  Returns (loss, aux) with aux holding per-batch sums and z.
+  BatchTopK (spec.batchtopk): idx are each row's candidates, coded by batchtopk_codes over the
+  global batch (threshold None) or with the inference threshold given.
+  Returns (loss, aux) with aux holding per-batch sums, z and the columns of idx it codes.
   """
   n_local = params["W_enc"].shape[0]
   ops = lambda width: spec.ops_for(kernels, width, n_local)
   vals = sparse.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], idx, axis,
                           ops(idx.shape[1]))
-  z = jax.nn.relu(vals)
-  k = spec.k
+  extra = {}
+  if spec.batchtopk:
+    z, extra["threshold"], extra["at_cap"] = batchtopk_codes(vals, spec.k, batch_axes, threshold)
+    k = idx.shape[1]
+  else:
+    z, k = jax.nn.relu(vals), spec.k
   x_hat = sparse.decode(z[:, :k], idx[:, :k], params["W_dec"], axis, ops(k)) + params["b_pre"]
   sq = jnp.sum(jnp.square(x_hat - x))
   loss = sq / total_var
+  if spec.prefixes:   # Matryoshka: the mean of every nested dictionary's error (module docstring)
+    for size in spec.prefixes:
+      inner = jnp.where(idx[:, :k] < size, z[:, :k], 0.0)
+      x_in = sparse.decode(inner, idx[:, :k], params["W_dec"], axis, ops(k)) + params["b_pre"]
+      loss = loss + jnp.sum(jnp.square(x_in - x)) / total_var
+    loss = loss / (len(spec.prefixes) + 1)
   if spec.multi_topk:
     x_hat4 = sparse.decode(z, idx, params["W_dec"], axis, ops(idx.shape[1])) + params["b_pre"]
     loss = loss + jnp.sum(jnp.square(x_hat4 - x)) / total_var / 8
@@ -131,7 +214,7 @@ def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeS
     auxk_sq = jnp.sum(jnp.square(e_hat - resid))
     aux_var = centred_sq_sum(resid, batch_axes)[0] if spec.auxk_norm == "residual" else total_var
     loss = loss + spec.auxk_coef * aux_scale * auxk_sq / aux_var
-  return loss, {"sq": sq, "auxk_sq": auxk_sq, "z": z[:, :k]}
+  return loss, {"sq": sq, "auxk_sq": auxk_sq, "z": z[:, :k], **extra}
 
 
 def dense_loss(params, x, dead, total_var, spec: SaeSpec):
@@ -146,8 +229,17 @@ def dense_loss(params, x, dead, total_var, spec: SaeSpec):
 
   z = dense_code(pre, spec.k_select)
   zk = dense_code(pre, spec.k)
+  if spec.batchtopk:   # the B*k largest ReLU'd pre-activations of the whole batch, no cap
+    relu = jax.nn.relu(pre)
+    kth = jax.lax.top_k(relu.reshape(-1), x.shape[0] * spec.k)[0][-1]
+    zk = jnp.where((relu >= kth) & (relu > 0), relu, 0.0)
   x_hat = zk @ params["W_dec"] + params["b_pre"]
   loss = jnp.sum(jnp.square(x_hat - x)) / total_var
+  if spec.prefixes:   # each nested dictionary on its own: the first `size` latents
+    for size in spec.prefixes:
+      x_in = zk[:, :size] @ params["W_dec"][:size] + params["b_pre"]
+      loss += jnp.sum(jnp.square(x_in - x)) / total_var
+    loss /= len(spec.prefixes) + 1
   if spec.multi_topk:
     loss += jnp.sum(jnp.square(z @ params["W_dec"] + params["b_pre"] - x)) / total_var / 8
   if spec.k_aux:

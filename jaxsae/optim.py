@@ -105,7 +105,10 @@ def resolve_b_pre_ratio(config) -> tuple[float, str]:
 def lr_ratios(config) -> dict:
   """Per-parameter factors on the schedule's rate (the others take 1): what make_optimizer and
   fused_update both apply."""
-  return {"b_pre": resolve_b_pre_ratio(config)[0]}
+  ratios = {"b_pre": resolve_b_pre_ratio(config)[0]}
+  if config.train.encoder_lr_ratio != 1:
+    ratios["W_enc"] = float(config.train.encoder_lr_ratio)
+  return ratios
 
 
 def scale_by_learning_rates(schedule, ratios: dict) -> optax.GradientTransformation:
@@ -300,7 +303,6 @@ def fused_update(config, params, grads, opt_state, touched=None, *, kernels="pal
   count = optax.safe_increment(adam.count)
   lr, ratios = learning_rate(config)(sched.count), lr_ratios(config)
   hyper = lambda name: fa.hyper(lr * ratios.get(name, 1.0), train.b1, train.b2, train.eps, count)
-  h = hyper(None)   # the weights' (W_enc, W_dec, b_enc)
   args = {name: (w, grads[name], adam.mu[name], adam.nu[name]) for name, w in params.items()}
   flags = lambda name: dict(project=name == "W_dec", renorm=name == "W_dec")
   out = {}
@@ -309,7 +311,7 @@ def fused_update(config, params, grads, opt_state, touched=None, *, kernels="pal
     chunk = min(chunk or touched.shape[0], touched.shape[0])
     for name in LATENT_PARAMS:   # one matrix at a time: one set of gathered rows is live
       if args[name][0].ndim == 2:
-        out[name] = _lazy_rows(lazy_fn, args[name], h, touched, chunk, flags(name))
+        out[name] = _lazy_rows(lazy_fn, args[name], hyper(name), touched, chunk, flags(name))
   for name, a in args.items():
     if name in out:
       continue

@@ -74,17 +74,24 @@ class Problem:
   batch: int
   k_aux: int = 0              # 0: no AuxK
   multi_topk: bool = False
+  k_select: int = 0           # latents selected per row (model.select_width); 0: k, 4k multi-topk
   opt_state: str = "float32"  # Adam moment dtype
   encoder_tile: int = 0
   dense_op_ratio: int = 0     # model.SaeSpec.ops_for: dense [B, n_local] codes for wide ops
   lazy_optimizer: bool = False  # train.lazy_optimizer: the update gathers chunks of rows
+
+  @property
+  def selected(self) -> int:
+    """Latents selected per row."""
+    return self.k_select or (4 * self.k if self.multi_topk else self.k)
 
   @classmethod
   def from_config(cls, config):
     spec = model.SaeSpec.from_config(config)
     ratio = spec.dense_op_ratio if config_check.resolve_kernels(config)[0] == "xla" else 0
     return cls(d=spec.d, n=spec.n, k=spec.k, batch=config.train.batch_size, k_aux=spec.k_aux,
-               multi_topk=spec.multi_topk, opt_state=config.train.opt_state_dtype,
+               multi_topk=spec.multi_topk, k_select=spec.k_select,
+               opt_state=config.train.opt_state_dtype,
                encoder_tile=config.encoder_tile, dense_op_ratio=ratio,
                lazy_optimizer=bool(config.train.lazy_optimizer))
 
@@ -108,7 +115,7 @@ def estimate(p: Problem, data: int, model_size: int) -> Plan:
   """Per-device bytes of one train step of problem p on a (data, model) mesh."""
   n_l, b_l = -(-p.n // model_size), -(-p.batch // data)
   weights = 2 * n_l * p.d + n_l + p.d                    # W_enc, W_dec, b_enc, b_pre elements
-  k_sel = 4 * p.k if p.multi_topk else p.k
+  k_sel = p.selected
   cols = n_l if not p.encoder_tile or p.encoder_tile >= n_l \
       else min(n_l, max(p.encoder_tile, k_sel, p.k_aux))
   pre_copies = (2 if p.k_aux else 1) * (2 if cols < n_l else 1)   # AuxK mask; scan buffers
@@ -169,7 +176,9 @@ def smallest_fitting(p: Problem, memory: int) -> Plan | None:
 
 def table(plan: Plan, memory: int) -> str:
   p = plan.problem
-  lines = [f"d={p.d} n={p.n} k={p.k} k_aux={p.k_aux} batch={p.batch} "
+  k_sel = p.selected
+  lines = [f"d={p.d} n={p.n} k={p.k}" + (f" ({k_sel} selected per row)" if k_sel != p.k else "")
+           + f" k_aux={p.k_aux} batch={p.batch} "
            f"optimizer state {p.opt_state}{' (lazy)' if p.lazy_optimizer else ''} "
            f"encoder_tile={p.encoder_tile or 'off'}",
            f"per device on mesh (data={plan.data}, model={plan.model}), {plan.devices} devices:"]
@@ -296,6 +305,9 @@ def main(argv=None) -> int:
   ap.add_argument("--k-aux", type=int, default=-1,
                   help="AuxK latents (-1: power of two nearest d/2, 0: no AuxK)")
   ap.add_argument("--multi-topk", action="store_true")
+  ap.add_argument("--architecture", default="topk", choices=model.ARCHITECTURES,
+                  help="sae.architecture: the batch ones select --batchtopk-cap x k per row")
+  ap.add_argument("--batchtopk-cap", type=int, default=4, help="sae.batchtopk_cap")
   ap.add_argument("--encoder-tile", type=int, default=0, help="blocked encoder tile (0: off)")
   ap.add_argument("--lazy-optimizer", action="store_true",
                   help="train.lazy_optimizer: Adam on the selected rows only")
@@ -310,6 +322,7 @@ def main(argv=None) -> int:
       ap.error(f"--{name} must be positive")
   p = Problem(d=a.d, n=a.n, k=a.k, batch=a.batch, k_aux=model.resolve_k_aux(a.k_aux, a.d, a.n),
               multi_topk=a.multi_topk, opt_state=a.optimizer_state, encoder_tile=a.encoder_tile,
+              k_select=model.select_width(a.k, a.multi_topk, a.architecture, a.batchtopk_cap),
               lazy_optimizer=a.lazy_optimizer)
   if a.mesh:
     try:

@@ -12,7 +12,8 @@ Every SAE comes out in one convention, on *raw* activations x:
 
   z = relu(topk((x - b_dec) W_enc + b_enc, k)),   x_hat = z W_dec + b_dec
 
-with W_enc [d, n], W_dec [n, d], float32. What the formats do differently is folded into the
+with W_enc [d, n], W_dec [n, d], float32; or, for a JumpReLU SAE (a jaxsae BatchTopK export, a
+SAELens "jumprelu" folder, an npz with a threshold array), z = pre where pre > threshold [n], k 0. What the formats do differently is folded into the
 weights, exactly: jaxsae's input scale (already folded by the export, and here for a workdir),
 SAELens's apply_b_dec_to_input=False (b_dec W_enc moved into b_enc) and
 rescale_acts_by_decoder_norm (decoder norms moved into the encoder). sparsify's topk(relu(pre))
@@ -42,7 +43,7 @@ class SaeWeights:
   b_enc: np.ndarray          # [n]
   w_dec: np.ndarray          # [n, d]
   b_dec: np.ndarray          # [d]: subtracted before encoding, added after decoding
-  k: int
+  k: int                     # 0 for a JumpReLU SAE (threshold set)
   input_scale: float = 1.0   # the constant jaxsae trained with; already folded into the weights
   model: str = ""            # the model and hook point the SAE was trained on ("": not recorded)
   hook: str = ""
@@ -50,6 +51,7 @@ class SaeWeights:
   path: str = ""
   meta: dict = dataclasses.field(default_factory=dict)   # everything else the file records
   cfg: dict = dataclasses.field(default_factory=dict)    # the folder's cfg.json, if any
+  threshold: np.ndarray | None = None   # [n]: a JumpReLU SAE's, instead of k
 
   def __post_init__(self):
     for name in ("w_enc", "b_enc", "w_dec", "b_dec"):
@@ -58,7 +60,11 @@ class SaeWeights:
     if self.w_dec.shape != (n, d) or self.b_enc.shape != (n,) or self.b_dec.shape != (d,):
       raise SaeError(f"{self.path}: inconsistent shapes W_enc {self.w_enc.shape}, W_dec "
                      f"{self.w_dec.shape}, b_enc {self.b_enc.shape}, b_dec {self.b_dec.shape}")
-    if not 0 < self.k <= n:
+    if self.threshold is not None:
+      self.threshold = np.asarray(self.threshold, np.float32)
+      if self.threshold.shape != (n,):
+        raise SaeError(f"{self.path}: threshold of shape {self.threshold.shape}, not [n={n}]")
+    elif not 0 < self.k <= n:
       raise SaeError(f"{self.path}: k={self.k} is not in 1..n={n} (is k recorded?)")
 
   @property
@@ -70,8 +76,11 @@ class SaeWeights:
     return self.w_enc.shape[1]
 
   def encode_dense(self, x):
-    """[rows, n] codes: relu(top-k((x - b_dec) W_enc + b_enc)), zeros elsewhere."""
+    """[rows, n] codes: relu(top-k((x - b_dec) W_enc + b_enc)), zeros elsewhere (JumpReLU: pre
+    where it is above the threshold)."""
     pre = (np.asarray(x, np.float32) - self.b_dec) @ self.w_enc + self.b_enc
+    if self.threshold is not None:
+      return np.where(pre > self.threshold, np.maximum(pre, 0.0), 0.0)
     kth = np.partition(pre, -self.k, axis=1)[:, -self.k][:, None]
     return np.where(pre >= kth, np.maximum(pre, 0.0), 0.0)
 
@@ -116,9 +125,11 @@ def from_reader(reader: export_lib.StepReader) -> SaeWeights:
   meta["dump"] = ((reader.run.get("data") or {}).get("info") or {})
   # Without a model behind the data (a store dumped --from-npy), describe() names the source.
   model = "" if meta["model"] in ("npy", "store") else meta["model"]
-  return SaeWeights(parts["W_enc"].T, parts["b_enc"], parts["W_dec"], parts["b_dec"], reader.k,
-                    meta["input_scale"], _text(model), _text(meta["hook"]),
-                    "jaxsae workdir", paths.normalize(reader.path), meta)
+  threshold = None if folded.threshold is None else np.full(reader.n, folded.threshold)
+  return SaeWeights(parts["W_enc"].T, parts["b_enc"], parts["W_dec"], parts["b_dec"],
+                    0 if threshold is not None else reader.k, meta["input_scale"], _text(model),
+                    _text(meta["hook"]), "jaxsae workdir", paths.normalize(reader.path), meta,
+                    threshold=threshold)
 
 
 def _npz(path: str) -> SaeWeights:
@@ -127,15 +138,15 @@ def _npz(path: str) -> SaeWeights:
   missing = [name for name in TENSORS if name not in arrays]
   if missing:
     raise SaeError(f"{path}: no {', '.join(missing)} array (has {', '.join(sorted(arrays))})")
-  if "threshold" in arrays:
-    raise SaeError(f"{path} is a JumpReLU SAE (it has a threshold array); only top-k SAEs are read")
   meta_path = os.path.splitext(path)[0] + ".metadata.json"
   meta = _read_json(meta_path) if os.path.exists(meta_path) else {}
-  if "k" not in meta:
+  threshold = arrays.get("threshold")   # a JumpReLU SAE (Gemma Scope, jaxsae BatchTopK)
+  if threshold is None and "k" not in meta:
     raise SaeError(f"{path}: k is not recorded (jaxsae's npz export writes it to {meta_path})")
-  return SaeWeights(*(arrays[name] for name in TENSORS), int(meta["k"]),
+  return SaeWeights(*(arrays[name] for name in TENSORS),
+                    0 if threshold is not None else int(meta["k"]),
                     float(meta.get("input_scale", 1.0)), _text(meta.get("model")),
-                    _text(meta.get("hook")), "npz", path, meta)
+                    _text(meta.get("hook")), "npz", path, meta, threshold=threshold)
 
 
 def _header(file: str) -> tuple[dict, dict]:
@@ -151,8 +162,9 @@ def _saelens(path: str) -> SaeWeights:
   cfg = _read_json(os.path.join(path, "cfg.json"))
   t, meta = _header(os.path.join(path, SAELENS_FILE))
   where = f"{path}/cfg.json"
-  if cfg.get("architecture", "topk") != "topk":
-    raise SaeError(f"{where}: architecture={cfg['architecture']!r}; only top-k SAEs are read")
+  architecture = cfg.get("architecture", "topk")
+  if architecture not in ("topk", "jumprelu"):
+    raise SaeError(f"{where}: architecture={architecture!r}; only top-k and JumpReLU SAEs are read")
   norm = cfg.get("normalize_activations", "none")
   if norm != "none":
     raise SaeError(f"{where}: normalize_activations={norm!r} scales each input at run time; only "
@@ -160,7 +172,10 @@ def _saelens(path: str) -> SaeWeights:
   if cfg.get("reshape_activations", "none") != "none":
     raise SaeError(f"{where}: reshape_activations={cfg['reshape_activations']!r} (attention "
                    "heads); only residual-stream SAEs are read")
-  if "k" not in cfg:
+  jumprelu = architecture == "jumprelu"
+  if jumprelu and "threshold" not in t:
+    raise SaeError(f"{path}/{SAELENS_FILE}: a jumprelu SAE without a threshold tensor")
+  if not jumprelu and "k" not in cfg:
     raise SaeError(f"{where}: no k")
   w_enc, b_enc, w_dec, b_dec = (t[name] for name in TENSORS)
   if cfg.get("rescale_acts_by_decoder_norm", False):
@@ -172,9 +187,9 @@ def _saelens(path: str) -> SaeWeights:
   recorded = {**(cfg.get("metadata") or {}), **meta}
   model = recorded.get("model") or recorded.get("model_name") or cfg.get("model_name")
   hook = recorded.get("hook") or recorded.get("hook_name") or cfg.get("hook_name")
-  return SaeWeights(w_enc, b_enc, w_dec, b_dec, int(cfg["k"]),
+  return SaeWeights(w_enc, b_enc, w_dec, b_dec, 0 if jumprelu else int(cfg["k"]),
                     float(recorded.get("input_scale", 1.0)), _text(model), _text(hook),
-                    "saelens", path, recorded, cfg)
+                    "saelens", path, recorded, cfg, threshold=t.get("threshold"))
 
 
 def _sparsify(path: str) -> SaeWeights:

@@ -18,6 +18,9 @@ class TrainState:
   opt_state: Any
   since_fired: jax.Array   # int32 [n]: tokens since each latent last fired, saturating at dead_tokens
   input_scale: jax.Array   # float32 []: raw activations are multiplied by this before encoding
+  # BatchTopK's inference threshold (float32 [], model.py); None (no leaf, nothing checkpointed)
+  # for the other architectures, so their checkpoints keep their layout.
+  threshold: Any = None
 
 
 def state_specs(abstract: TrainState, tx, specs) -> TrainState:
@@ -26,7 +29,7 @@ def state_specs(abstract: TrainState, tx, specs) -> TrainState:
                               transform_non_params=lambda _: P(),
                               is_leaf=lambda s: isinstance(s, P))
   return TrainState(step=P(), params=specs.params, opt_state=opt, since_fired=specs.latent,
-                    input_scale=P())
+                    input_scale=P(), threshold=None if abstract.threshold is None else P())
 
 
 def _init_fn(spec: model.SaeSpec, tx):
@@ -34,7 +37,8 @@ def _init_fn(spec: model.SaeSpec, tx):
     params = model.init_params(key, spec.d, spec.n, b_pre, spec.encoder_init_norm)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       since_fired=jnp.zeros((spec.n,), jnp.int32),
-                      input_scale=jnp.asarray(input_scale, jnp.float32))
+                      input_scale=jnp.asarray(input_scale, jnp.float32),
+                      threshold=jnp.zeros((), jnp.float32) if spec.batchtopk else None)
   return init
 
 

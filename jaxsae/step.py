@@ -122,10 +122,13 @@ class StepFns:
       z = aux["z"]
       sums = {"sq": aux["sq"], "auxk_sq": aux["auxk_sq"],
               "l0": jnp.sum(z > 0).astype(jnp.float32)}
+      if spec.batchtopk:
+        sums.update(threshold=aux["threshold"], at_cap=aux["at_cap"])
       n_local = since_fired.shape[0]
-      latents = {"fired": self._marked(idx[:, :spec.k], z > 0, n_local)}
+      latents = {"fired": self._marked(idx[:, :z.shape[1]], z > 0, n_local)}
       if self.lazy:   # the rows the lazy optimizer updates: every selection, main and AuxK
-        touched = self._marked(idx, True, n_local)
+        # (BatchTopK: the kept candidates; the others have no gradient)
+        touched = self._marked(idx, z > 0 if spec.batchtopk else True, n_local)
         if aux_idx is not None:
           touched = jnp.maximum(touched, self._marked(aux_idx, aux_ok, n_local, rows))
         latents["touched"] = touched
@@ -143,19 +146,26 @@ class StepFns:
           [functools.partial(run, w, size) for w, size in self.aux_branches])
     else:
       grads, sums, latents = run(0, 0)
+    threshold = sums.pop("threshold", None)   # already global (topk.kth_largest)
     grads, sums, latents = self._psum_batch((grads, sums, latents))
     sums["total_var"] = total_var
+    if threshold is not None:
+      sums["threshold"] = threshold
     return grads, sums, {name: count > 0 for name, count in latents.items()}
 
-  def _local_eval(self, params, x):
+  def _local_eval(self, params, x, threshold):
+    """Held-out sums; a BatchTopK SAE is scored as the JumpReLU it is at inference (its candidates
+    above the state's threshold)."""
+    spec = self.spec
     total_var, _ = model.centred_sq_sum(x, self.specs.batch_axes)
     xc = x - params["b_pre"]
-    idx, _, _ = topk.select(xc, params["W_enc"], params["b_enc"], self.spec.k, axis=self.axis,
+    width = spec.k_select if spec.batchtopk else spec.k
+    idx, _, _ = topk.select(xc, params["W_enc"], params["b_enc"], width, axis=self.axis,
                             compute_dtype=self.compute_dtype, tile=self.encoder_tile,
                             kernels=self.kernels)
-    plain = dataclasses.replace(self.spec, multi_topk=False)
+    plain = dataclasses.replace(spec, multi_topk=False)
     _, aux = model.loss_terms(params, x, idx, None, None, total_var, 0.0, plain, self.axis,
-                              self.kernels)
+                              self.kernels, threshold=threshold)
     sums = self._psum_batch({"sq": aux["sq"], "l0": jnp.sum(aux["z"] > 0).astype(jnp.float32),
                              "rows": jnp.asarray(x.shape[0], jnp.float32)})
     return {**sums, "total_var": total_var}
@@ -186,8 +196,14 @@ class StepFns:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optim.renormalize_decoder(optax.apply_updates(state.params, updates))
       since = jnp.minimum(state.since_fired + self.batch_size, spec.dead_tokens)
-      return state.replace(params=params, opt_state=opt_state,
-                           since_fired=jnp.where(latents["fired"], 0, since))
+      new = state.replace(params=params, opt_state=opt_state,
+                          since_fired=jnp.where(latents["fired"], 0, since))
+      if spec.batchtopk:   # the inference threshold: a running average of the batches' (model.py)
+        beta = 1.0 - 1.0 / spec.threshold_ema_steps
+        t = sums["threshold"]
+        new = new.replace(threshold=jnp.where(state.step == 0, t,
+                                              beta * state.threshold + (1 - beta) * t))
+      return new
 
     new = jax.lax.cond(ok, update, lambda s: s, state)
     tv = sums["total_var"]
@@ -200,10 +216,13 @@ class StepFns:
     }
     if self.lazy:
       metrics["sparsity/touched_frac"] = jnp.mean(latents["touched"])
+    if spec.batchtopk:
+      metrics["sparsity/threshold"] = sums["threshold"]
+      metrics["sparsity/rows_at_cap"] = sums["at_cap"] / self.batch_size
     guard = {"nonfinite_rows": nonfinite_rows, "skipped": ~ok}
     return new.replace(step=state.step + 1), metrics, guard
 
   def _eval_sums(self, state: TrainState, batch):
     x = batch.astype(jnp.float32) * state.input_scale
-    return self._shard_map(self._local_eval, (self.specs.params, self.specs.batch), P())(
-        state.params, x)
+    return self._shard_map(self._local_eval, (self.specs.params, self.specs.batch, P()), P())(
+        state.params, x, state.threshold)

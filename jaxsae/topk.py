@@ -206,3 +206,28 @@ def select(xc, w_enc, b_enc, k, *, dead=None, k_aux=0, axis=None, compute_dtype=
     return idx, None, None
   aux_vals, aux_idx = _global_top_k(*aux, k_aux, axis, aux_list or n_local)
   return idx, aux_idx, aux_vals > NEG
+
+
+def kth_largest(v, kth, axes=None):
+  """The kth largest of the nonnegative float32 values v over every shard of the mesh `axes` (the
+  counts are psum'd; v itself never moves): BatchTopK's threshold over the global batch.
+
+  Bisection on the values' bit patterns, which for nonnegative floats (+0.0, not -0.0) order as
+  int32 as the values do: hi - lo halves each round from 2^31, so 31 rounds of one count each give
+  the exact kth largest, however the values are spread. kth must be at most the total count.
+  """
+  bits = jax.lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32)
+
+  def count(t):
+    c = jnp.sum(bits >= t, dtype=jnp.int32)
+    return jax.lax.psum(c, axes) if axes else c
+
+  def halve(_, bounds):   # count(>= lo) >= kth > count(>= hi)
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    ok = count(mid) >= kth
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  above_inf = jnp.int32(0x7F800001)
+  lo, _ = jax.lax.fori_loop(0, 31, halve, (jnp.int32(0), above_inf))
+  return jax.lax.bitcast_convert_type(lo, jnp.float32)

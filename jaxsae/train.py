@@ -137,9 +137,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = checkpoints.resume(state, data.train)
     if lead:
       checkpoint_lib.trim_metrics(workdir, int(jax.device_get(state.step)))
-  logging.info("training %s: d=%d n=%d k=%d k_aux=%d on mesh %s, %d steps of %d tokens, "
-               "input scale %.4g", config.data.source, spec.d, spec.n, spec.k, spec.k_aux,
-               dict(mesh.shape), total_steps, batch_size, run.input_scale)
+  logging.info("training %s: %s d=%d n=%d k=%d k_aux=%d on mesh %s, %d steps of %d tokens, "
+               "input scale %.4g", config.data.source, spec.architecture, spec.d, spec.n, spec.k,
+               spec.k_aux, dict(mesh.shape), total_steps, batch_size, run.input_scale)
+  if spec.batchtopk:
+    logging.info("batch top-k: up to %d candidates per row (sae.batchtopk_cap=%d x k), inference "
+                 "threshold averaged over ~%d steps%s", spec.k_select, spec.batchtopk_cap,
+                 spec.threshold_ema_steps,
+                 f", nested dictionaries of {spec.prefixes} and {spec.n} latents"
+                 if spec.prefixes else "")
   logging.info("sparse ops: kernels=%s (%s), compute dtype %s", resolved["resolved"]["kernels"],
                resolved["resolved"]["kernels_source"], config.compute_dtype)
   logging.info("learning rate %.4g (%s), warmup %d steps, linear decay to 0 over the last %g of "

@@ -57,6 +57,16 @@ def test_bad_encoder_init_norm_is_refused(tmp_path):
                          "sae.encoder_init_norm=0.0 must be positive")
 
 
+def test_bad_architecture_settings_are_refused_together(tmp_path):
+  _fails_before_training(
+      [*TINY, "--config.sae.architecture=matryoshka_batchtopk", "--config.sae.multi_topk=True",
+       "--config.sae.batchtopk_cap=100", "--config.sae.matryoshka_prefixes=(0.5, 0.25)"],
+      tmp_path, "sae.multi_topk=True is for architecture='topk'", "sae.batchtopk_cap=100",
+      "sae.matryoshka_prefixes=(0.5, 0.25)")
+  _fails_before_training([*TINY, "--config.sae.architecture=jumprelu"], tmp_path,
+                         "sae.architecture='jumprelu': expected one of")
+
+
 def test_unknown_config_field_is_refused(tmp_path):
   _fails_before_training([*TINY, "--config.sae.nn=4"], tmp_path, "nn")
 

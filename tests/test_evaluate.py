@@ -83,6 +83,23 @@ def test_exact_and_zero_saes_hit_the_limits(tiny_llama, texts, tmp_path):
   assert (z["l0"], z["dead_frac"], z["ce_clean"]) == (0.0, 1.0, r["ce_clean"])
 
 
+def test_several_saes_in_one_pass_score_as_each_alone(tiny_llama, texts, tmp_path):
+  # evaluate_many shares the clean and ablated runs; each SAE's figures must not depend on the
+  # others beside it (a folder and an in-memory SaeWeights alike), and each keeps its own name.
+  from jaxsae import sae_io
+  a = random_sae(str(tmp_path / "a"), tiny_llama, seed=1)
+  b = sae_io.load(random_sae(str(tmp_path / "b"), tiny_llama, n=96, k=6, seed=2))
+  both = ev.evaluate_many([a, b], tiny_llama, LAYER, texts, seq_len=T, batch_size=B)
+  alone = [run(a, tiny_llama, texts), run(b.path, tiny_llama, texts)]
+  assert [r["sae"] for r in both] == [a, b.path] and both[0]["n"] == 64 and both[1]["n"] == 96
+  assert both[0]["ce_spliced"] != both[1]["ce_spliced"]
+  for r, ref in zip(both, alone):
+    for key in FIGURES:
+      assert r[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-12), key
+  with pytest.raises(EvaluateError, match="no SAE"):
+    ev.evaluate_many([], tiny_llama, LAYER, texts)
+
+
 # ---- an independent computation ---------------------------------------------------------------
 
 def file_sae(sae_dir):
@@ -187,6 +204,36 @@ def test_figures_match_a_plain_forward_with_a_hook(tiny_llama, texts, tmp_path, 
       len(hist["counts"]) + 1
 
 
+def test_a_jumprelu_sae_matches_a_plain_forward_with_a_hook(tiny_llama, texts, tmp_path):
+  """A SAELens "jumprelu" folder (what a jaxsae BatchTopK run exports): every latent whose
+  pre-activation passes its threshold, rows holding different numbers of them."""
+  rng = np.random.default_rng(4)
+  n = 64
+  w_dec = rng.standard_normal((n, D)) / np.sqrt(D)
+  w_enc, b_enc, b_dec = w_dec.T * 2, rng.standard_normal(n) * 0.1, rng.standard_normal(D) * 0.1
+  threshold = rng.uniform(0.0, 0.2, n).astype(np.float32)
+  folder = write_saelens(str(tmp_path / "jump"), w_enc, b_enc, w_dec, b_dec, 4, tiny_llama)
+  cfg = json.load(open(f"{folder}/cfg.json"))
+  cfg["architecture"] = "jumprelu"
+  del cfg["k"]
+  json.dump(cfg, open(f"{folder}/cfg.json", "w"))
+  from safetensors.numpy import load_file
+  tensors = load_file(f"{folder}/sae_weights.safetensors")
+  save_file({**tensors, "threshold": threshold}, f"{folder}/sae_weights.safetensors")
+  w = {k: torch.from_numpy(v) for k, v in load_file(f"{folder}/sae_weights.safetensors").items()}
+
+  def jump(x):
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    z = pre.relu() * (pre > w["threshold"])
+    return z, z @ w["W_dec"] + w["b_dec"]
+
+  got = run(folder, tiny_llama, texts)
+  want = reference(tiny_llama, texts, jump, 10.0)
+  for key, value in want.items():
+    assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+  assert got["k"] == 0 and 0 < got["l0"] and got["sae_kind"] == "saelens"
+
+
 def test_saes_saved_by_sae_lens_and_sparsify(tiny_llama, texts, tmp_path):
   """Peers' own files, scored against their own encode and decode inside the reference hook."""
   sae_lens = pytest.importorskip("sae_lens")
@@ -230,7 +277,8 @@ def test_saes_saved_by_sae_lens_and_sparsify(tiny_llama, texts, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tiny_llama, texts, tmp_path_factory):
-  """A jaxsae run trained on a store dumped from the tiny Llama's block 1, and its exports."""
+  """(paths of a jaxsae run trained on a store dumped from the tiny Llama's block 1 and of its
+  exports, that store)."""
   root = tmp_path_factory.mktemp("trained")
   store = str(root / "store")
   r = subprocess.run([sys.executable, "-m", "jaxsae.dump", f"--model={tiny_llama}",
@@ -250,11 +298,11 @@ def trained(tiny_llama, texts, tmp_path_factory):
                    ("npz", root / "sae.npz")):
     export_lib.export(wd, fmt, str(out))
     paths[fmt] = str(out)
-  return paths
+  return paths, store
 
 
 def test_a_workdir_and_its_three_exports_score_the_same(tiny_llama, texts, trained):
-  results = {kind: run(path, tiny_llama, texts) for kind, path in trained.items()}
+  results = {kind: run(path, tiny_llama, texts) for kind, path in trained[0].items()}
   base = results["workdir"]
   assert base["sae_kind"] == "jaxsae workdir" and base["sae_step"] == 2
   assert base["hook"] == HOOK and abs(base["input_scale"] - 1) > 0.05   # folding is exercised
@@ -265,7 +313,7 @@ def test_a_workdir_and_its_three_exports_score_the_same(tiny_llama, texts, train
 
 def test_command_line_table_and_json(tiny_llama, texts, trained, tmp_path):
   out = tmp_path / "eval.json"
-  r = subprocess.run([sys.executable, "-m", "jaxsae.evaluate", f"--sae={trained['saelens']}",
+  r = subprocess.run([sys.executable, "-m", "jaxsae.evaluate", f"--sae={trained[0]['saelens']}",
                       f"--model={tiny_llama}", f"--layer={LAYER}", f"--text={texts}",
                       "--tokens=100", f"--seq_len={T}", f"--batch_size={B}", "--progress=false",
                       f"--json={out}"], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -275,7 +323,7 @@ def test_command_line_table_and_json(tiny_llama, texts, trained, tmp_path):
   got = json.loads(out.read_text())
   assert set(FIGURES) | {"model", "layer", "sae", "jaxsae_version", "freq_hist"} <= got.keys()
   assert got["tokens"] == 112 and got["windows"] == 7   # 100 rounded up to whole windows
-  assert (got["model"], got["layer"], got["sae"]) == (tiny_llama, LAYER, trained["saelens"])
+  assert (got["model"], got["layer"], got["sae"]) == (tiny_llama, LAYER, trained[0]["saelens"])
 
 
 # ---- refusals -----------------------------------------------------------------------------------
@@ -329,3 +377,37 @@ def test_bad_inputs_get_one_line_errors(tiny_llama, texts, tmp_path):
                      cwd=REPO, capture_output=True, text=True, timeout=300)
   assert r.returncode == 1 and r.stderr.strip() == \
       f"jaxsae.evaluate: error: {tmp_path / 'nope'}: no such file or folder", r.stderr[-2000:]
+
+
+# ---- the quality benchmark's scores inside the model --------------------------------------------
+
+def test_quality_bench_scores_every_trainer_inside_the_model(tiny_llama, texts, trained, tmp_path):
+  """bench/quality.py --lm_text on a store dumped from the tiny Llama: every trainer's SAE is
+  spliced in by evaluate_many (the peers' through their own save formats), the clean and ablated
+  losses are shared, and a row trained before without these figures is retrained, not skipped."""
+  import importlib.util
+  trainers = ["jaxsae"] + [t for t, lib in (("sparsify", "sparsify"),
+                                             ("dictlearn", "dictionary_learning"),
+                                             ("saelens", "sae_lens"))
+                           if importlib.util.find_spec(lib)]
+  out = tmp_path / "q.jsonl"
+  cmd = [sys.executable, "bench/quality.py", "--datasets=tiny", f"--stores=tiny={trained[1]}",
+         "--n=64", "--steps=3", "--lrs=1e-3", f"--trainers={','.join(trainers)}",
+         "--eval_rows=64", f"--out={out}", f"--table={tmp_path / 'q.md'}",
+         "--set=train.batch_size=64,train.init_rows=128,sae.k=4,sae.dead_tokens=128"]
+  lm = [f"--lm_text={texts}", "--lm_tokens=64", "--lm_batch_size=2"]
+  for args in ([], lm, lm):   # without, with (retrains), with again (nothing left to do)
+    r = subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+  rows = [json.loads(line) for line in open(out)]
+  assert len(rows) == 2 * len(trainers)
+  scored = rows[len(trainers):]
+  assert sorted(r["trainer"] for r in scored) == sorted(trainers)
+  for r in scored:
+    assert r["lm_tokens"] == 64 and 0 < r["lm_fvu"] < 2 and r["lm_kl"] > 0, r["trainer"]
+    assert r["lm_loss_recovered"] == pytest.approx(
+        (r["lm_ce_zero"] - r["lm_ce_spliced"]) / (r["lm_ce_zero"] - r["lm_ce_clean"]))
+    for key in ("lm_ce_clean", "lm_ce_zero", "lm_ce_mean"):
+      assert r[key] == scored[0][key]
+  table = (tmp_path / "q.md").read_text()
+  assert table.count("| tiny | 64 |") >= len(trainers) and "Inside the model" in table

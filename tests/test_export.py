@@ -241,3 +241,58 @@ def test_streamed_export_under_a_memory_cap(tmp_path):
       np.testing.assert_array_equal(dec[lo:lo + 1000], 3 * w[lo:lo + 1000] / 2)
     np.testing.assert_array_equal(f.get_tensor("b_dec"), np.full(d, 0.5, np.float32))
     np.testing.assert_array_equal(f.get_tensor("b_enc"), np.arange(n, dtype=np.float32))
+
+
+# ---- BatchTopK: a JumpReLU at inference ---------------------------------------------------------
+
+def test_batchtopk_exports_as_jumprelu(tmp_path):
+  """A BatchTopK run exports as SAELens's "jumprelu" and as an npz with a threshold; every reader
+  (numpy on the files, jaxsae.sae_io, SAELens where installed) encodes as the numpy JumpReLU of
+  the checkpoint's own params; sparsify's format is refused with the reason."""
+  from jaxsae import sae_io
+  wd = str(tmp_path / "run")
+  r = run_cli([*TINY, f"--workdir={wd}", "--config.train.steps=4", "--config.data.normalize=unit",
+               "--config.sae.architecture=batchtopk", "--config.train.log_every=2"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  reader = export_lib.StepReader(wd)
+  p = {k: reader.read(f"params.{k}") for k in ("W_enc", "b_enc", "W_dec", "b_pre")}
+  s, thr = reader.input_scale(), reader.threshold()
+  assert thr > 0 and abs(s - 1) > 0.05
+  x = np.random.default_rng(7).normal(size=(256, reader.d)).astype(np.float32) * 3 / np.sqrt(s)
+  pre = (x * s - p["b_pre"]) @ p["W_enc"].T + p["b_enc"]
+  z_ref = np.where(pre > thr, pre, 0.0)
+  x_hat_ref = (z_ref @ p["W_dec"] + p["b_pre"]) / s
+  l0 = (z_ref > 0).sum(axis=1)
+  assert l0.min() < l0.max(), "a JumpReLU's rows hold different numbers of latents"
+
+  out = tmp_path / "saelens"
+  r = run_export(f"--workdir={wd}", "--format=saelens", f"--out={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  cfg = json.loads((out / "cfg.json").read_text())
+  assert cfg["architecture"] == "jumprelu" and "k" not in cfg
+  assert cfg["metadata"]["architecture"] == "batchtopk"
+  t = load_file(out / "sae_weights.safetensors")
+  np.testing.assert_array_equal(t["threshold"], np.full(reader.n, thr, np.float32))
+  file_pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+  z = np.maximum(file_pre, 0) * (file_pre > t["threshold"])   # SAELens JumpReLUSAE.encode
+  np.testing.assert_allclose(z, z_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(z @ t["W_dec"] + t["b_dec"], x_hat_ref, rtol=1e-4, atol=1e-4)
+
+  npz = tmp_path / "sae.npz"
+  assert run_export(f"--workdir={wd}", "--format=npz", f"--out={npz}").returncode == 0
+  for path in (wd, str(out), str(npz)):
+    sae = sae_io.load(path)
+    assert sae.k == 0 and np.all(sae.threshold == np.float32(thr)), path
+    np.testing.assert_allclose(sae.encode_dense(x), z_ref, rtol=1e-4, atol=1e-4, err_msg=path)
+
+  r = run_export(f"--workdir={wd}", "--format=sparsify", f"--out={tmp_path / 'sparsify'}")
+  assert r.returncode == 1 and "BatchTopK" in r.stderr and "--format=saelens or npz" in r.stderr
+
+  sae_lens = pytest.importorskip("sae_lens")
+  torch = pytest.importorskip("torch")
+  lens = sae_lens.SAE.load_from_disk(str(out), device="cpu")
+  with torch.no_grad():
+    z = lens.encode(torch.from_numpy(x)).numpy()
+    x_hat = lens.decode(torch.from_numpy(z)).numpy()
+  np.testing.assert_allclose(z, z_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(x_hat, x_hat_ref, rtol=1e-4, atol=1e-4)

@@ -180,9 +180,12 @@ def _lazy_on_two_shards(tiny_config, n, dead_tokens):
                                     (specs.params, jax.sharding.PartitionSpec(), specs.latent)))
 
 
-def test_touched_rows_are_the_selected_ones(tiny_config):
-  """The mask the step hands the lazy optimizer holds every row with a gradient: main top-k and
-  AuxK picks (dead latents after one step), on a (1, 2) mesh; the metric is its mean."""
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_touched_rows_are_the_selected_ones(tiny_config, architecture):
+  """The mask the step hands the lazy optimizer holds every row with a gradient: main top-k (or
+  BatchTopK's kept candidates) and AuxK picks (dead latents after one step), on a (1, 2) mesh;
+  the metric is its mean."""
+  tiny_config.sae.architecture = architecture
   run, local_grads = _lazy_on_two_shards(tiny_config, n=256, dead_tokens=64)
   st = run.steps
   state, aux_seen = run.state, False

@@ -97,10 +97,12 @@ def test_pallas_selection_and_gradients(monkeypatch, flavor):
 
 
 @pytest.mark.parametrize("flavor", ["tpu", "gpu"])
-@pytest.mark.parametrize("mesh", [(1, 1), (2, 2)])
-def test_train_step_with_pallas_equals_xla(tiny_config, monkeypatch, mesh, flavor):
+@pytest.mark.parametrize("mesh,architecture", [((1, 1), "topk"), ((2, 2), "topk"),
+                                               ((2, 2), "batchtopk")])
+def test_train_step_with_pallas_equals_xla(tiny_config, monkeypatch, mesh, architecture, flavor):
   """All kernels at once: top-k GEMM, sparse ops, fused optimizer; on one device and sharded;
-  the TPU flavour and the GPU one (pallas_kernels/*_gpu.py), both in CPU interpret mode."""
+  the TPU flavour and the GPU one (pallas_kernels/*_gpu.py), both in CPU interpret mode; and
+  BatchTopK's candidates and threshold through them."""
   # Plain interpret mode inside the step's shard_map (TPU interpret params there can hang).
   monkeypatch.setattr(sparse_ops, "INTERPRET", True)
   monkeypatch.setattr(pallas_kernels, "FLAVOR", flavor)
@@ -109,6 +111,7 @@ def test_train_step_with_pallas_equals_xla(tiny_config, monkeypatch, mesh, flavo
   tiny_config.sae.d, tiny_config.sae.n = (128 if flavor == "tpu" else 72), 64
   tiny_config.train.batch_size = 32
   tiny_config.sae.dead_tokens = 32
+  tiny_config.sae.architecture = architecture
   assert_pallas_step_equals_xla(tiny_config, steps=3)
 
 

@@ -132,3 +132,24 @@ def test_sigterm_saves_exits_0_and_resumes_exactly(reference, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"resumed from step {saved[0]} " in r.stderr
   assert_same_state(reference, read_state(wd))
+
+
+def test_batchtopk_resumes_bit_identical_with_its_threshold(tmp_path):
+  """A BatchTopK run's state holds its inference threshold: resumed from an earlier checkpoint
+  (the later ones deleted, as a kill before them would leave it), the run ends bit-identical."""
+  import shutil
+  args = [*ARGS, "--config.sae.architecture=batchtopk", "--config.train.steps=60",
+          "--config.checkpoint.every_steps=20"]
+  wd = str(tmp_path / "run")
+  r = run_cli([*args, f"--workdir={wd}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  full = read_state(wd)
+  assert "threshold" in full and float(full["threshold"]) > 0
+  copy = str(tmp_path / "copy")
+  shutil.copytree(wd, copy)
+  for step in (40, 60):
+    shutil.rmtree(os.path.join(checkpoint_dir(copy), str(step)))
+  r = run_cli([*args, f"--workdir={copy}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from step 20 " in r.stderr
+  assert_same_state(full, read_state(copy))

@@ -46,13 +46,13 @@ def _trace(config):
 _REFERENCE = {}
 
 
-def _reference(config):
-  """The single-device run, computed once per module (every mesh compares against it)."""
-  if "ref" not in _REFERENCE:
+def _reference(config, name="ref"):
+  """The single-device run, computed once per module and `name` (every mesh compares against it)."""
+  if name not in _REFERENCE:
     ref = config.copy_and_resolve_references()
     ref.mesh.shape, ref.encoder_tile = (1, 1), 0
-    _REFERENCE["ref"] = _trace(ref)
-  return _REFERENCE["ref"]
+    _REFERENCE[name] = _trace(ref)
+  return _REFERENCE[name]
 
 
 def _close(a, b, name):
@@ -118,6 +118,26 @@ def test_mesh_matches_single_device(config, name):
   config.encoder_tile = m.get("tile", 0)
   config.train.dense_op_ratio = m.get("dense_op_ratio", config.train.dense_op_ratio)
   _assert_same_run(*_trace(config), *ref_state_and_ref)
+
+
+@pytest.mark.parametrize("shape,architecture", [((1, 8), "batchtopk"), ((2, 4), "batchtopk"),
+                                                ((8, 1), "batchtopk"),
+                                                ((2, 4), "matryoshka_batchtopk")])
+def test_batchtopk_mesh_matches_single_device(config, shape, architecture):
+  """BatchTopK's threshold is the global batch's B*k-th largest candidate, counted over the data
+  shards (topk.kth_largest) from candidates merged over the latent shards: the same run. Matryoshka
+  masks by global latent index, so its prefixes span the latent shards."""
+  config.sae.architecture, config.sae.batchtopk_cap = architecture, 3
+  ref_state, ref = _reference(config, architecture)
+  config.mesh.shape = shape
+  state, got = _trace(config)
+  _assert_same_run(state, got, ref_state, ref)
+  for g, r in zip(got, ref):
+    for key in ("sparsity/threshold", "sparsity/rows_at_cap"):
+      _close(g["metrics"][key], r["metrics"][key], key)
+  assert any(r["metrics"]["sparsity/rows_at_cap"] > 0 for r in ref)   # the cap is exercised
+  assert np.ptp([r["metrics"]["sparsity/threshold"] for r in ref]) > 0
+  _close(state.threshold, ref_state.threshold, "inference threshold")
 
 
 def test_residual_auxk_norm_matches_single_device(config):

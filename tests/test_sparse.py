@@ -33,6 +33,16 @@ def _rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
+def _assert_sparse_equals_dense(params, x, dead, spec):
+  """The sparse loss and every gradient (each nonzero) equal dense autodiff's, relative 1e-5."""
+  (loss, grads), total_var = _sparse_loss_and_grads(params, x, dead, spec)
+  dense, dgrads = jax.value_and_grad(model.dense_loss)(params, x, dead, total_var, spec)
+  assert abs(float(loss) - float(dense)) <= 1e-5 * abs(float(dense))
+  for name in params:
+    assert float(jnp.linalg.norm(dgrads[name])) > 0, name
+    assert _rel(grads[name], dgrads[name]) < 1e-5, name
+
+
 @pytest.mark.parametrize("k_aux,multi,b,ratio", [
     (0, False, 48, 0), (32, False, 48, 0), (32, True, 48, 0), (0, False, 4, 0),
     (32, False, 48, 5), (32, True, 48, 1000)])
@@ -46,12 +56,7 @@ def test_sparse_backward_equals_dense_autodiff(seed, k_aux, multi, b, ratio):
                        dead_tokens=1, multi_topk=multi, dense_op_ratio=ratio)
   assert spec.ops_for("xla", k_aux, 160) == ("dense" if ratio and k_aux else "xla")
   assert spec.ops_for("xla", 6, 160) == ("dense" if ratio == 1000 else "xla")
-  (loss, grads), total_var = _sparse_loss_and_grads(params, x, dead, spec)
-  dense, dgrads = jax.value_and_grad(model.dense_loss)(params, x, dead, total_var, spec)
-  assert abs(float(loss) - float(dense)) <= 1e-5 * abs(float(dense))
-  for name in params:
-    assert float(jnp.linalg.norm(dgrads[name])) > 0, name
-    assert _rel(grads[name], dgrads[name]) < 1e-5, name
+  _assert_sparse_equals_dense(params, x, dead, spec)
 
 
 def test_auxk_reaches_dead_latents_only_through_aux_term():
@@ -146,3 +151,86 @@ def test_residual_auxk_norm():
   assert terms["input"] > 0
   np.testing.assert_allclose(terms["residual"], terms["input"] * float(total_var / resid_var),
                              rtol=1e-4)
+
+
+# ---- BatchTopK ---------------------------------------------------------------------------------
+
+def _batchtopk_spec(cap, k_aux=0, prefixes=()):
+  return model.SaeSpec(d=24, n=160, k=6, k_aux=k_aux, auxk_coef=1 / 32 if k_aux else 0.0,
+                       dead_tokens=1, multi_topk=False,
+                       architecture="matryoshka_batchtopk" if prefixes else "batchtopk",
+                       batchtopk_cap=cap, prefixes=prefixes)
+
+
+@pytest.mark.parametrize("k_aux,prefixes", [(0, ()), (32, ()), (0, (10, 40)), (32, (10, 40))])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batchtopk_sparse_backward_equals_dense_autodiff(seed, k_aux, prefixes):
+  """With a cap no row reaches, the sparse BatchTopK loss and gradients are dense autodiff's
+  through a top-(B*k) over the whole flattened [B, n] batch; with prefixes (Matryoshka), of the
+  mean of the errors of dense reconstructions from each prefix's latents alone."""
+  params, x, dead = _problem(seed)
+  spec = _batchtopk_spec(cap=20, k_aux=k_aux, prefixes=prefixes)
+  _assert_sparse_equals_dense(params, x, dead, spec)
+
+
+def _codes(params, x, spec):
+  """(dense [B, n] BatchTopK codes, threshold, rows at cap) through the sparse path."""
+  idx, _, _ = topk.select(x - params["b_pre"], params["W_enc"], params["b_enc"], spec.k_select)
+  total_var, _ = model.centred_sq_sum(x)
+  _, aux = model.loss_terms(params, x, idx, None, None, total_var, 0.0, spec)
+  rows = jnp.arange(x.shape[0])[:, None]
+  return (np.asarray(jnp.zeros((x.shape[0], spec.n)).at[rows, idx].set(aux["z"])),
+          float(aux["threshold"]), float(aux["at_cap"]))
+
+
+def test_batchtopk_keeps_exactly_the_batch_top_bk():
+  """Brute force: the kept pairs are the B*k largest ReLU'd pre-activations of the batch, rows
+  hold unequal numbers of them, and none reaches a cap of 20k."""
+  params, x, _ = _problem(5)
+  spec = _batchtopk_spec(cap=20)
+  z, threshold, at_cap = _codes(params, x, spec)
+  pre = np.asarray((x - params["b_pre"]) @ params["W_enc"].T + params["b_enc"])
+  want = np.zeros_like(pre, bool)
+  want.reshape(-1)[np.argsort(-pre.reshape(-1), kind="stable")[:x.shape[0] * spec.k]] = True
+  np.testing.assert_array_equal(z > 0, want)
+  np.testing.assert_allclose(z[want], pre[want], rtol=1e-5)
+  assert threshold == pytest.approx(float(np.sort(pre.reshape(-1))[-x.shape[0] * spec.k]), rel=1e-6)
+  per_row = want.sum(axis=1)
+  assert per_row.min() < spec.k < per_row.max() and at_cap == 0.0
+
+
+def test_batchtopk_rows_at_the_cap_are_counted():
+  """cap=1: rows with more than k of the batch's top B*k keep only their k candidates, and are
+  counted; B*k pairs are still kept, so the other rows keep what they had and more."""
+  params, x, _ = _problem(5)
+  z, _, at_cap = _codes(params, x, _batchtopk_spec(cap=1))
+  full, _, _ = _codes(params, x, _batchtopk_spec(cap=20))
+  over = (full > 0).sum(axis=1) > 6
+  assert at_cap >= over.sum() > 0
+  assert ((z > 0).sum(axis=1) <= 6).all()
+  assert ((z > 0) | ~(full > 0))[~over].all() and (z > 0).sum() == x.shape[0] * 6
+
+
+def test_kth_largest_is_exact_at_any_scale():
+  rng = np.random.default_rng(0)
+  for scale in (1e-30, 1e-3, 1.0, 1e4, 1e30):
+    v = np.maximum(rng.standard_normal(1000).astype(np.float32) * np.float32(scale), 0)
+    for kth in (1, 7, 400, 1000):
+      assert float(topk.kth_largest(jnp.asarray(v), kth)) == np.sort(v)[::-1][kth - 1]
+
+
+def test_matryoshka_loss_is_the_mean_of_its_prefixes_errors():
+  """Direct check of the loss's value: a Matryoshka loss is (e_10 + e_40 + e_160) / 3 where e_p is
+  the FVU of the reconstruction from latents < p of the same BatchTopK codes."""
+  params, x, _ = _problem(6)
+  plain = _batchtopk_spec(cap=20)
+  z, _, _ = _codes(params, x, plain)
+  total_var, _ = model.centred_sq_sum(x)
+  err = lambda p: float(jnp.sum(jnp.square(z[:, :p] @ params["W_dec"][:p] + params["b_pre"] - x))
+                        / total_var)
+  idx, _, _ = topk.select(x - params["b_pre"], params["W_enc"], params["b_enc"], plain.k_select)
+  loss, aux = model.loss_terms(params, x, idx, None, None, total_var, 0.0,
+                               _batchtopk_spec(cap=20, prefixes=(10, 40)))
+  assert float(loss) == pytest.approx((err(10) + err(40) + err(160)) / 3, rel=1e-5)
+  assert len({round(err(p), 4) for p in (10, 40, 160)}) == 3   # three different terms
+  assert float(aux["sq"]) / float(total_var) == pytest.approx(err(160), rel=1e-5)
