@@ -64,7 +64,6 @@ def get_config():
   c.train.b_pre_lr_ratio = -1.0  # b_pre's learning rate / the weights'; -1: 1 / (encoder_init_norm
                                  # x sqrt(d)), which keeps b_pre's nearly noise-free drift from
                                  # pushing latents below the top-k (optim.resolve_b_pre_ratio)
-  c.train.encoder_lr_ratio = 1.0  # W_enc's learning rate / the other weights'
   c.train.decay_frac = 1.0       # linear decay to 0 over this final fraction of steps (1.0: from
                                  # the end of warmup to the last step, as sparsify)
   c.train.seed = 0

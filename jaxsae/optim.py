@@ -105,10 +105,7 @@ def resolve_b_pre_ratio(config) -> tuple[float, str]:
 def lr_ratios(config) -> dict:
   """Per-parameter factors on the schedule's rate (the others take 1): what make_optimizer and
   fused_update both apply."""
-  ratios = {"b_pre": resolve_b_pre_ratio(config)[0]}
-  if config.train.encoder_lr_ratio != 1:
-    ratios["W_enc"] = float(config.train.encoder_lr_ratio)
-  return ratios
+  return {"b_pre": resolve_b_pre_ratio(config)[0]}
 
 
 def scale_by_learning_rates(schedule, ratios: dict) -> optax.GradientTransformation:

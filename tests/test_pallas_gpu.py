@@ -377,11 +377,14 @@ def test_gpu_topk_at_benchmark_shapes(compute_dtype, k):
 
 
 @on_gpu
-def test_gpu_train_20_steps_pallas_equals_xla(tiny_config):
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_gpu_train_20_steps_pallas_equals_xla(tiny_config, architecture):
   """The whole step compiled on the GPU, 20 steps: kernels=pallas (Triton top-k GEMM, sparse ops,
-  fused Adam) against kernels=xla, at test_pallas_kernels.py's CPU tolerance. n=64 keeps the k-th
+  fused Adam) against kernels=xla, at test_pallas_kernels.py's CPU tolerance; also BatchTopK
+  (its 4k candidates through the top-k kernel, the threshold's bisection). n=64 keeps the k-th
   and (k+1)-th pre-activations far apart, so different summation orders cannot flip a selection."""
   tiny_config.sae.d, tiny_config.sae.n = 72, 64   # d no power of 2: the blocks overhang and mask
   tiny_config.train.batch_size = 32
   tiny_config.sae.dead_tokens = 32
+  tiny_config.sae.architecture = architecture
   assert_pallas_step_equals_xla(tiny_config, steps=20)

@@ -29,6 +29,22 @@ def test_cli_prints_the_table_and_a_verdict():
   assert "optimizer state          16.00 GiB" in r.stdout, r.stdout
 
 
+def test_batchtopk_candidates_are_planned_from_the_config_and_the_cli():
+  """BatchTopK selects batchtopk_cap x k candidates per row: the planner counts that width (4x the
+  candidates exchanged over the latent shards), from a config and from the command line alike."""
+  c = base.get_config()
+  c.sae.architecture, c.sae.batchtopk_cap = "batchtopk", 4
+  p = plan.Problem.from_config(c)
+  assert p.selected == 4 * c.sae.k
+  plain = plan.estimate(plan.Problem(d=768, n=32768, k=32, batch=4096, k_aux=256), 1, 8)
+  batch = plan.estimate(plan.Problem(d=768, n=32768, k=32, batch=4096, k_aux=256, k_select=128),
+                        1, 8)
+  assert batch.comm["top-k candidates"][0] == 4 * plain.comm["top-k candidates"][0]
+  r = _plan_cli("--d=768", "--n=32768", "--k=32", "--batch=4096", "--devices=8",
+                "--device-memory=24GiB", "--architecture=batchtopk")
+  assert r.returncode == 0 and "k=32 (128 selected per row)" in r.stdout, r.stdout
+
+
 def test_cli_names_the_smallest_mesh_that_fits():
   r = _plan_cli(*HEADLINE, "--devices=16", "--device-memory=80GB")
   assert r.returncode == 1 and "DOES NOT FIT" in r.stdout, r.stdout
