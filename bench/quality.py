@@ -481,13 +481,13 @@ def lm_table(records: list[dict]) -> list[str]:
 def table(records: list[dict]) -> str:
   lines = summary(records) + lm_table(records) + [
       "All runs:", "",
-      "| data | trainer | lr | tokens | eval FVU | eval L0 | dead | gt_mmcs | gt >0.9 | "
+      "| data | n | trainer | lr | tokens | eval FVU | eval L0 | dead | gt_mmcs | gt >0.9 | "
       "setup s | train s | tok/s (median step) | load |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   f = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"
-  for r in sorted(records, key=lambda r: (r["dataset"], r["lr"], label(r))):
+  for r in sorted(records, key=lambda r: (r["dataset"], r.get("n", 0), r["lr"], label(r))):
     lines.append(
-        f"| {r['dataset']} | {label(r)} | {r['lr']:g} | {r['tokens']:,} | "
+        f"| {r['dataset']} | {r.get('n', '-')} | {label(r)} | {r['lr']:g} | {r['tokens']:,} | "
         f"{f(r, 'eval_fvu', '.4f')} | {f(r, 'eval_l0', '.1f')} | {100 * r['dead_frac']:.1f}% | "
         f"{f(r, 'gt_mmcs', '.3f')} | {f(r, 'gt_recovered_frac', '.1%')} | {r['setup_s']:.1f} | "
         f"{r['train_s']:.0f} | {r['tokens_per_s']:,.0f} | {r['load_start']:.1f}-{r['load_end']:.1f} |")
