@@ -398,7 +398,8 @@ def run_pair(dataset: str, config, trainers, lm: dict | None = None) -> list[dic
                        f"{config.train.eps:g}")
       w_unit = params["W_dec"] / np.linalg.norm(params["W_dec"], axis=1, keepdims=True)
       threshold = None if state.threshold is None else float(state.threshold)
-      weights = jaxsae_weights(params, run.input_scale, spec.k, lm, threshold)
+      weights = (jaxsae_weights(params, run.input_scale, spec.k, lm, threshold)
+                 if lm or threshold is not None else None)
       if held is not None:
         if threshold is None:
           x_hat, l0 = jaxsae_reconstruct(params, run.input_scale, spec.k, held)

@@ -83,7 +83,7 @@ class Peer:
     if scaled:
       self.trainer.activation_scaler.scaling_factor = float(input_scale)
     self.device, self.window = device, dead_window_steps
-    self._torch = torch
+    self._torch, self._weights = torch, None
     self.recipe = (f"SAELens {type(self.sae).__name__}: decoder init norm "
                    f"{cfg.decoder_init_norm}, b_dec=0, "
                    + (f"threshold lr {cfg.topk_threshold_lr}, " if batchtopk else "") +
@@ -107,7 +107,7 @@ class Peer:
   def step(self, batch):
     """One SAELens training step on a raw batch (numpy, or a tensor from `to_device`); returns
     its loss tensor."""
-    torch = self._torch
+    torch, self._weights = self._torch, None   # the weights change: a saved copy is stale
     x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(
         np.ascontiguousarray(batch, dtype=np.float32))
     out = self.trainer.step(x)
@@ -147,9 +147,12 @@ class Peer:
     return np.concatenate(outs), np.concatenate(l0s)
 
   def sae_weights(self):
-    """The SAE as save_inference_model writes it, read by jaxsae.sae_io (after `finish`)."""
-    return peers.saved_and_read(self.sae.save_inference_model,
-                                "saelens (its save_inference_model)")
+    """The SAE as save_inference_model writes it, read by jaxsae.sae_io (after `finish`); written
+    and read once (a JumpReLU's held-out scoring and jaxsae.evaluate both use it)."""
+    if self._weights is None:
+      self._weights = peers.saved_and_read(self.sae.save_inference_model,
+                                           "saelens (its save_inference_model)")
+    return self._weights
 
   def decoder_directions(self) -> np.ndarray:
     """Unit-norm decoder rows [n, d]."""

@@ -126,15 +126,11 @@ def init_params(key, d: int, n: int, b_pre, encoder_norm: float = 1.0):
           "b_pre": jnp.asarray(b_pre, jnp.float32)}
 
 
-def encode(params, x, k, compute_dtype=jnp.float32, threshold=None):
-  """Inference encode of x [B, d] (already input-scaled): (z values [B, k] >= 0, indices [B, k]).
-  With a threshold (BatchTopK), the JumpReLU: of the top k (here the candidate width), those above
-  it."""
+def encode(params, x, k, compute_dtype=jnp.float32):
+  """Inference encode of x [B, d] (already input-scaled): (z values [B, k] >= 0, indices [B, k])."""
   xc = x - params["b_pre"]
   idx, _, _ = topk.select(xc, params["W_enc"], params["b_enc"], k, compute_dtype=compute_dtype)
   vals = sparse.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], idx)
-  if threshold is not None:
-    return jnp.where(vals > threshold, vals, 0.0), idx
   return jax.nn.relu(vals), idx
 
 

@@ -83,7 +83,7 @@ class Problem:
   @property
   def selected(self) -> int:
     """Latents selected per row."""
-    return self.k_select or (4 * self.k if self.multi_topk else self.k)
+    return self.k_select or model.select_width(self.k, self.multi_topk, "topk", 1)
 
   @classmethod
   def from_config(cls, config):
