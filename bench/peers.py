@@ -49,6 +49,28 @@ def numpy_reconstruct(sae, x: np.ndarray, batch: int = 4096) -> tuple[np.ndarray
   return np.concatenate(outs), np.concatenate(l0s)
 
 
+def at_equal_l0(sae, x: np.ndarray, k: int, batch: int = 4096) -> tuple[float, np.ndarray]:
+  """(threshold, x_hat) of a JumpReLU SAE (jaxsae.sae_io.SaeWeights with a threshold) scored at
+  L0 = k: its threshold replaced by the one value that keeps exactly the rows * k largest
+  positive pre-activations of these rows (ties aside), so that SAEs whose own thresholds give
+  different L0s are compared at the same sparsity. The threshold is fitted on the rows it scores
+  (every trainer's the same way). Each row's top 8k values are its candidates; if some row had
+  more than that above the threshold it is refused (never seen: BatchTopK trains k on average)."""
+  width = min(8 * k, sae.n)
+  pres, tops = [], []
+  for i in range(0, len(x), batch):
+    pre = (np.asarray(x[i:i + batch], np.float32) - sae.b_dec) @ sae.w_enc + sae.b_enc
+    pres.append(pre)
+    tops.append(-np.sort(-np.partition(pre, -width, axis=1)[:, -width:], axis=1))
+  top = np.concatenate(tops)
+  values = np.sort(top[top > 0].ravel())[::-1]
+  threshold = float(values[min(len(x) * k, len(values)) - 1])
+  if width < sae.n and np.any(top[:, -1] >= threshold):
+    raise ValueError(f"a row holds more than {width} latents at L0={k}'s threshold")
+  x_hat = np.concatenate([np.where(p >= threshold, p, 0.0) @ sae.w_dec + sae.b_dec for p in pres])
+  return threshold, x_hat
+
+
 def load(name: str):
   """The peer module for `name`; ImportError (with the install hint) when its library is missing."""
   if name not in MODULES:

@@ -400,6 +400,7 @@ def run_pair(dataset: str, config, trainers, lm: dict | None = None) -> list[dic
       threshold = None if state.threshold is None else float(state.threshold)
       weights = (jaxsae_weights(params, run.input_scale, spec.k, lm, threshold)
                  if lm or threshold is not None else None)
+      jumprelu = weights if threshold is not None else None
       if held is not None:
         if threshold is None:
           x_hat, l0 = jaxsae_reconstruct(params, run.input_scale, spec.k, held)
@@ -418,8 +419,13 @@ def run_pair(dataset: str, config, trainers, lm: dict | None = None) -> list[dic
         x_hat, l0 = peer.reconstruct(held)
       if lm:
         saes.append(peer.sae_weights())
+      jumprelu = peer.sae_weights() if spec.batchtopk else None   # its own BatchTopK (--set)
     if held is not None:
       rec["eval_fvu"], rec["eval_l0"] = fvu(held, x_hat), float(np.mean(l0))
+      if jumprelu is not None:   # BatchTopK / Matryoshka: also scored at L0 = k (peers.py)
+        from bench import peers as peers_lib
+        rec["equal_l0_threshold"], x_k = peers_lib.at_equal_l0(jumprelu, held, spec.k)
+        rec["eval_fvu_at_k"] = fvu(held, x_k)
     if run.data.ground_truth is not None:
       rec["gt_mmcs"], rec["gt_recovered_frac"] = gt_recovery(w_unit, run.data.ground_truth)
     out.append(rec)
@@ -482,14 +488,15 @@ def lm_table(records: list[dict]) -> list[str]:
 def table(records: list[dict]) -> str:
   lines = summary(records) + lm_table(records) + [
       "All runs:", "",
-      "| data | n | trainer | lr | tokens | eval FVU | eval L0 | dead | gt_mmcs | gt >0.9 | "
-      "setup s | train s | tok/s (median step) | load |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+      "| data | n | trainer | lr | tokens | eval FVU | eval L0 | FVU at L0=k | dead | gt_mmcs | "
+      "gt >0.9 | setup s | train s | tok/s (median step) | load |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   f = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"
   for r in sorted(records, key=lambda r: (r["dataset"], r.get("n", 0), r["lr"], label(r))):
     lines.append(
         f"| {r['dataset']} | {r.get('n', '-')} | {label(r)} | {r['lr']:g} | {r['tokens']:,} | "
-        f"{f(r, 'eval_fvu', '.4f')} | {f(r, 'eval_l0', '.1f')} | {100 * r['dead_frac']:.1f}% | "
+        f"{f(r, 'eval_fvu', '.4f')} | {f(r, 'eval_l0', '.1f')} | {f(r, 'eval_fvu_at_k', '.4f')} | "
+        f"{100 * r['dead_frac']:.1f}% | "
         f"{f(r, 'gt_mmcs', '.3f')} | {f(r, 'gt_recovered_frac', '.1%')} | {r['setup_s']:.1f} | "
         f"{r['train_s']:.0f} | {r['tokens_per_s']:,.0f} | {r['load_start']:.1f}-{r['load_end']:.1f} |")
   best = {}
@@ -586,7 +593,8 @@ def main(_):
     def missing(t):
       r = have.get(run_key(dict(dataset=ds, n=config.sae.n, lr=lr_key, trainer=t, steps=steps,
                                 variant=variant(t))))
-      return r is None or (lm is not None and "lm_loss_recovered" not in r)
+      return (r is None or (lm is not None and "lm_loss_recovered" not in r)
+              or (config.sae.architecture != "topk" and "eval_fvu_at_k" not in r))
 
     todo = [t for t in trainers if missing(t)]
     if not todo:

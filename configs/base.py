@@ -33,6 +33,9 @@ def get_config():
                                  # reach it are counted: sparsity/rows_at_cap)
   c.sae.matryoshka_prefixes = (1 / 16, 1 / 4)  # "matryoshka_batchtopk": the nested dictionaries
                                  # below n, as fractions of n (increasing, each < 1)
+  c.sae.d_out = 0                # transcoders (data.target_path set): the target's width; 0: d
+  c.sae.skip = False             # transcoders: add a linear term x W_skip^T [d_out, d_in] (skip
+                                 # transcoders, Paulo et al. 2025), zero at init
   c.sae.encoder_init_norm = 0.3  # encoder rows at init: the decoder's unit rows times this. 0.3,
                                  # not the paper's 1: lower or equal FVU on SmolLM2 at every LR
                                  # tried, far fewer dead latents on synthetic data; 0.1 is best at
@@ -48,11 +51,13 @@ def get_config():
   c.train.eps = 6.25e-10
   c.train.opt_state_dtype = "float32"  # Adam moments: "float32" | "bfloat16" (stochastically
                                        # rounded; halves the optimizer state, optim.py)
-  c.train.lazy_optimizer = False  # Adam on the selected latents' rows only (top-k + AuxK picks):
-                                  # the others keep params and moments (no decay, no momentum
-                                  # step), like TF's LazyAdam; far less optimizer traffic when few
-                                  # latents fire per step; trains slightly differently (README);
-                                  # needs opt_state_dtype="float32"
+  c.train.lazy_optimizer = config_dict.placeholder(bool)  # Adam on the selected latents' rows
+                                  # only (top-k + AuxK picks): the others keep params and moments
+                                  # (no decay, no momentum step), like TF's LazyAdam; needs
+                                  # opt_state_dtype="float32". None: lazy where every latent is
+                                  # selected about once a step or more (batch x k >= n), where it
+                                  # stops latents coasting out of the top-k on momentum
+                                  # (optim.resolve_lazy; logged, in config.json)
   c.train.dense_op_ratio = 16    # xla path: sparse ops over K latents run as dense GEMMs when
                                  # n_local <= ratio * K (AuxK on small dictionaries); 0: never
   c.train.auxk_buckets = True    # run AuxK only as wide as the dead latents need (same result)
@@ -76,6 +81,9 @@ def get_config():
   c.data = ml_collections.ConfigDict()
   c.data.source = "npy"          # "synthetic" | "npy" | "store"
   c.data.path = ""               # .npy file or activation store
+  c.data.target_path = ""        # a second store with the same rows (another hook of the same
+                                 # dump, e.g. jaxsae.dump --hooks=mlp_in,mlp_out): train a
+                                 # transcoder from data.path's rows to these; "": an autoencoder
   c.data.normalize = "d"         # inputs scaled to mean squared norm: "d" | "unit" | "none"
   c.data.normalize_about = "mean"  # that norm measured about the data's "mean" (offset-blind:
                                    # b_pre takes the offset) or about "zero"

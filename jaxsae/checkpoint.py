@@ -38,11 +38,13 @@ CHUNK_BYTES = 64 << 20
 # or two data streams in one run, so it is refused. Other fields (steps, lr, mesh, logging, kernels,
 # loader threads...) may change between a run and its resumption; the changes are logged.
 IDENTITY_FIELDS = ("sae.d", "sae.n", "sae.k", "sae.k_aux", "sae.multi_topk", "sae.architecture",
-                   "sae.batchtopk_cap", "sae.matryoshka_prefixes", "train.batch_size", "data.source", "data.path",
-                   "data.shuffle_seed", "data.normalize")
+                   "sae.batchtopk_cap", "sae.matryoshka_prefixes", "sae.d_out", "sae.skip",
+                   "train.batch_size", "data.source", "data.path",
+                   "data.shuffle_seed", "data.normalize", "data.target_path")
 # Fields added since runs began recording their config: what a run that lacks them trained with.
 LEGACY_DEFAULTS = {"sae.architecture": "topk", "sae.batchtopk_cap": 4,
-                   "sae.matryoshka_prefixes": [1 / 16, 1 / 4]}
+                   "sae.matryoshka_prefixes": [1 / 16, 1 / 4], "sae.d_out": 0,
+                   "sae.skip": False, "data.target_path": ""}
 IDENTITY_PREFIXES = ("data.synthetic.",)
 
 

@@ -33,6 +33,18 @@ def _problems(c):
     if s.batchtopk_cap < 1 or s.batchtopk_cap * s.k > s.n:
       yield (f"sae.batchtopk_cap={s.batchtopk_cap} must be >= 1 with batchtopk_cap * sae.k <= "
              f"sae.n={s.n}")
+  if c.data.target_path:
+    if c.data.source != "store":
+      yield (f"data.target_path is set (a transcoder) but data.source={c.data.source!r}: "
+             f"transcoders read two row-aligned activation stores (data.source='store')")
+    if s.d_out < 0:
+      yield f"sae.d_out={s.d_out} must be positive (or 0: the input's width sae.d)"
+  else:
+    if s.d_out not in (0, s.d):
+      yield (f"sae.d_out={s.d_out} differs from sae.d={s.d} but data.target_path is unset: "
+             f"an autoencoder rebuilds its input; set data.target_path for a transcoder")
+    if s.skip:
+      yield "sae.skip=True is for transcoders (set data.target_path)"
   if s.k_aux < -1 or s.k_aux > s.n:
     yield f"sae.k_aux={s.k_aux} must be -1 (auto) or within 0..sae.n={s.n}"
   if s.auxk_coef < 0:
@@ -72,7 +84,7 @@ def _problems(c):
     yield f"compute_dtype={c.compute_dtype!r}: expected one of {COMPUTE_DTYPES}"
   if t.opt_state_dtype not in ("float32", "bfloat16"):
     yield f"train.opt_state_dtype={t.opt_state_dtype!r}: expected 'float32' or 'bfloat16'"
-  if t.lazy_optimizer and t.opt_state_dtype != "float32":
+  if t.lazy_optimizer is True and t.opt_state_dtype != "float32":
     yield (f"train.lazy_optimizer=True needs train.opt_state_dtype='float32' (got "
            f"{t.opt_state_dtype!r}): the lazy sweep reads and writes fp32 moments; stochastically "
            f"rounded bf16 moments are not implemented for it")

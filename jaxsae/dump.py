@@ -8,6 +8,16 @@ PATH is an HF folder or a .gguf file on disk. FILES: comma-separated files, glob
 .txt file is one document, each line of a .jsonl file one {"text": ...} document. Documents are
 joined with EOS between them and cut into --seq_len windows, --batch_size windows per forward.
 
+For a transcoder (input -> output of block L's MLP), one pass writes both sides:
+
+  python -m jaxsae.dump --model=PATH --layer=L --text=FILES --hooks=mlp_in,mlp_out --out=DIR
+
+--hooks picks among resid_post (block L's output, the default), mlp_in (what block L's `mlp` module
+receives, after the pre-MLP norm) and mlp_out (what it returns, before the residual add). With
+several, --out is a folder of one store per hook (DIR/mlp_in, DIR/mlp_out) holding the same rows in
+the same order: a row massive in any hook is dropped from all, and the stores commit at the same
+batches (after a kill between two of those commits, the rerun realigns them).
+
 From existing arrays ([rows, d] activations, optional [rows] token ids):
 
   python -m jaxsae.dump --from-npy=acts.npy [--tokens-npy=tokens.npy] --out=STORE
@@ -31,8 +41,10 @@ from jaxsae.data.store import Layout, StoreWriter, numpy_dtype
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Store to write: a folder, or a TensorStore URL (gs://b/dir).")
 flags.DEFINE_string("model", "", "HF model folder or .gguf file on disk.")
-flags.DEFINE_integer("layer", -1, "Block whose output is stored (0-based, resid_post of block L).")
+flags.DEFINE_integer("layer", -1, "Block L whose --hooks are stored (0-based).")
 flags.DEFINE_string("text", "", "Comma-separated text files, globs or folders.")
+flags.DEFINE_list("hooks", ["resid_post"], "Hook points of block L to store, comma-separated: "
+                  "resid_post | mlp_in | mlp_out. Several: --out is a folder of a store for each.")
 flags.DEFINE_integer("tokens", 0, "Tokens (rows before filtering) to dump; 0: all the input. "
                      "Rounded up to whole windows.")
 flags.DEFINE_integer("seq_len", 1024, "Tokens per window (the model's context per forward).")
@@ -56,14 +68,18 @@ flags.DEFINE_float("massive_ratio", 10.0, "A row is massive above this x its bat
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
-def keep_rows(acts: np.ndarray, where: str) -> tuple[np.ndarray, int]:
-  """(mask of rows to keep, massive rows dropped); raises on NaN/inf rows."""
-  bad = int((~np.isfinite(acts).all(axis=1)).sum())
-  if bad:
-    raise DataError(f"{bad} of {len(acts)} rows in {where} hold NaN or inf; refusing to store them")
-  keep = np.ones(len(acts), bool)
-  if FLAGS.filter_massive:
-    keep = ~inputs.massive_rows(acts, FLAGS.massive_ratio)
+def keep_rows(acts: dict, where: str) -> tuple[np.ndarray, int]:
+  """(mask of rows to keep, massive rows dropped) for rows aligned across the stores in `acts`
+  ({name: [rows, d]}): a row massive in any of them is dropped from all, so they stay aligned.
+  Raises on NaN/inf rows."""
+  keep = np.ones(len(next(iter(acts.values()))), bool)
+  for name, x in acts.items():
+    bad = int((~np.isfinite(x).all(axis=1)).sum())
+    if bad:
+      at = f"{where} ({name})" if len(acts) > 1 else where
+      raise DataError(f"{bad} of {len(x)} rows in {at} hold NaN or inf; refusing to store them")
+    if FLAGS.filter_massive:
+      keep &= ~inputs.massive_rows(x, FLAGS.massive_ratio)
   return keep, int((~keep).sum())
 
 
@@ -76,27 +92,41 @@ def settings(*names) -> dict:
   return {n: FLAGS[n].value for n in names + ("tokens", "filter_massive", "massive_ratio")}
 
 
-def run(writer: StoreWriter, batches, total: int, unit: str, store_dtype: np.dtype):
-  """The dump loop: batches of (acts, columns, where) -> filtered rows -> committed store."""
-  state = dict({"batches": 0, "done": 0, "massive": 0}, **writer.state)
-  bar = tqdm.tqdm(total=total or None, initial=state["done"], unit=unit, unit_scale=True,
+def run(writers: dict, batches, total: int, unit: str, store_dtype: np.dtype):
+  """The dump loop: batches of ({name: acts}, columns, where) -> the rows kept in all of them ->
+  one committed store per name (writers: {name: StoreWriter}), row-aligned.
+
+  The stores see the same rows, so they commit at the same batches and their resume states agree,
+  except after a kill between two of their commits: the pass then restarts at the earliest state
+  and a store ahead skips the batches it holds already, which keeps the stores aligned."""
+  states = {name: dict({"batches": 0, "done": 0, "massive": 0}, **w.state)
+            for name, w in writers.items()}
+  first = min(s["batches"] for s in states.values())
+  done_before = min(s["done"] for s in states.values())
+  bar = tqdm.tqdm(total=total or None, initial=done_before, unit=unit, unit_scale=True,
                   disable=not FLAGS.progress, dynamic_ncols=True)
-  start, first = time.time(), state["done"]
-  for acts, columns, where in batches(state["batches"]):
-    stored = acts.astype(store_dtype)
+  start = time.time()
+  for b, (acts, columns, where) in enumerate(batches(first), first):
+    stored = {name: x.astype(store_dtype) for name, x in acts.items()}
     keep, massive = keep_rows(stored, where)   # checked after casting: float16 may overflow
-    writer.append(stored[keep], **{k: v[keep] for k, v in columns.items()})
-    state["batches"] += 1
-    state["done"] += len(acts)
-    state["massive"] += massive
-    bar.update(len(acts))
-    if writer.should_commit():
-      writer.commit(dict(state), filtered={"massive": state["massive"]})
+    for name, writer in writers.items():
+      state = states[name]
+      if state["batches"] > b:   # this store committed the batch before the kill
+        continue
+      writer.append(stored[name][keep], **{k: v[keep] for k, v in columns.items()})
+      state.update(batches=b + 1, done=state["done"] + len(keep),
+                   massive=state["massive"] + massive)
+      if writer.should_commit():
+        writer.commit(dict(state), filtered={"massive": state["massive"]})
+    bar.update(len(keep))
   bar.close()
-  writer.finish(dict(state), filtered={"massive": state["massive"]}, input_rows=state["done"])
-  rate = (state["done"] - first) / max(time.time() - start, 1e-9)
-  print(f"{writer.path}: complete, {writer.rows} rows of d={writer.d} {writer.dtype} "
-        f"({state['massive']} massive rows dropped; {rate:,.0f} {unit}/s this run)")
+  rate = (max(s["done"] for s in states.values()) - done_before) / max(time.time() - start, 1e-9)
+  for name, writer in writers.items():
+    state = states[name]
+    if not writer.complete:   # a store finished before a kill is left as it is
+      writer.finish(dict(state), filtered={"massive": state["massive"]}, input_rows=state["done"])
+    print(f"{writer.path}: complete, {writer.rows} rows of d={writer.d} {writer.dtype} "
+          f"({state['massive']} massive rows dropped; {rate:,.0f} {unit}/s this run)")
 
 
 def from_npy():
@@ -123,27 +153,25 @@ def from_npy():
     tok_blocks = toks.blocks(block, start_block, rows) if toks else None
     for b, x in enumerate(acts.blocks(block, start_block, rows), start_block):
       cols = {"tokens": next(tok_blocks).astype(np.int32)} if toks else {}
-      yield x, cols, f"{FLAGS.from_npy} rows {b * block}-{b * block + len(x)}"
+      yield {"acts": x}, cols, f"{FLAGS.from_npy} rows {b * block}-{b * block + len(x)}"
 
-  run(writer, batches, rows, "rows", numpy_dtype(out_dtype))
+  run({"acts": writer}, batches, rows, "rows", numpy_dtype(out_dtype))
 
 
 def from_model():
   from jaxsae.data import lm   # torch and transformers only when a model runs
   if not FLAGS.text:
     raise DataError("--model needs --text (the files to run it on)")
+  hooks = lm.check_hooks(FLAGS.hooks)   # before the model loads
   files = inputs.expand_files(FLAGS.text)
-  net = lm.BlockOutput(FLAGS.model, FLAGS.layer, FLAGS.device, FLAGS.compute_dtype, FLAGS.save_hf)
+  net = lm.BlockOutput(FLAGS.model, FLAGS.layer, FLAGS.device, FLAGS.compute_dtype, FLAGS.save_hf,
+                       hooks=hooks)
   out_dtype = FLAGS.dtype or "bfloat16"
-  tok = net.tokenizer
-  info = {"source": "model", "model": FLAGS.model, "layer": FLAGS.layer, "hook": net.hook_name,
-          "tokenizer": getattr(tok, "name_or_path", "") or type(tok).__name__,
-          "vocab_size": len(tok), "separator": net.separator(), "files": files,
-          **settings("model", "layer", "text", "seq_len", "batch_size", "compute_dtype", "dtype")}
   columns = {"tokens": "int32", "doc_ids": "int32", "positions": "int32"}
-  writer = StoreWriter(FLAGS.out, net.d, out_dtype, columns, layout(), info)
-  if writer.complete:
-    print(f"{FLAGS.out} is already complete ({writer.rows} rows)")
+  writers = {h: StoreWriter(store_path(h, hooks), net.d, out_dtype, columns, layout(),
+                            model_info(net, files, h, hooks)) for h in hooks}
+  if all(w.complete for w in writers.values()):
+    print(f"{FLAGS.out} is already complete ({writers[hooks[0]].rows} rows)")
     return
   T, B = FLAGS.seq_len, FLAGS.batch_size
   max_windows = -(-FLAGS.tokens // T) if FLAGS.tokens else None
@@ -155,9 +183,30 @@ def from_model():
       toks = np.stack([w[0] for w in group])
       cols = {"tokens": toks.ravel(), "doc_ids": np.stack([w[1] for w in group]).ravel(),
               "positions": np.tile(np.arange(T, dtype=np.int32), len(group))}
-      yield net(toks).reshape(-1, net.d), cols, f"windows {b * B}-{b * B + len(group)}"
+      acts = {h: x.reshape(-1, net.d) for h, x in net.capture(toks).items()}
+      yield acts, cols, f"windows {b * B}-{b * B + len(group)}"
 
-  run(writer, batches, (max_windows or 0) * T, "tok", numpy_dtype(out_dtype))
+  run(writers, batches, (max_windows or 0) * T, "tok", numpy_dtype(out_dtype))
+
+
+def store_path(hook: str, hooks: tuple) -> str:
+  """--out itself for one hook; else --out/HOOK (a folder, or a URL prefix)."""
+  return FLAGS.out if len(hooks) == 1 else FLAGS.out.rstrip("/") + "/" + hook
+
+
+def model_info(net, files: list, hook: str, hooks: tuple) -> dict:
+  """The info of hook's store. "hook" is its full name; unless --hooks is the default resid_post
+  (whose stores stay as they were, so older ones still resume), also "hook_point" (its --hooks
+  name) and "hooks" ({name: full name} of every store of the pass, this one included)."""
+  tok = net.tokenizer
+  info = {"source": "model", "model": FLAGS.model, "layer": FLAGS.layer,
+          "hook": net.hook_names[hook]}
+  if hooks != ("resid_post",):
+    info.update(hook_point=hook, hooks={h: net.hook_names[h] for h in hooks})
+  return dict(info, tokenizer=getattr(tok, "name_or_path", "") or type(tok).__name__,
+              vocab_size=len(tok), separator=net.separator(), files=files,
+              **settings("model", "layer", "text", "seq_len", "batch_size", "compute_dtype",
+                         "dtype"))
 
 
 def main(argv):
@@ -167,6 +216,8 @@ def main(argv):
     raise app.UsageError("--out is required")
   if bool(FLAGS.from_npy) == bool(FLAGS.model):
     raise app.UsageError("give exactly one of --model (with --layer and --text) or --from_npy")
+  if FLAGS.from_npy and FLAGS.hooks != ["resid_post"]:
+    raise app.UsageError("--hooks needs --model: --from_npy stores its one array")
   try:
     from_npy() if FLAGS.from_npy else from_model()
   except DataError as e:

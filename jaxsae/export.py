@@ -22,6 +22,19 @@ and returns *raw* activations, so s is folded into the weights:
   pre = (x s - b_pre) W_enc^T + b_enc = (x - b_pre/s) (s W_enc^T) + b_enc   -> encoder s W_enc
   x_hat / s = z (W_dec / s) + b_pre / s                                      -> W_dec / s, b_dec b_pre/s
 
+A transcoder (data.target_path) maps x to a target y scaled by its own t (state.target_scale),
+and the tools' transcoders take x uncentred, so b_pre goes into the encoder bias:
+
+  pre = x (s W_enc^T) + (b_enc - b_pre W_enc^T)                    -> b_enc - W_enc b_pre
+  y_hat / t = z (W_dec / t) + b_dec / t [+ x (s/t) W_skip^T]       -> W_dec / t, b_dec / t, W_skip s/t
+
+  saelens   "transcoder" layouts encode with ReLU or JumpReLU: a BatchTopK transcoder exports as
+            "jumprelu_transcoder" ("jumprelu_skip_transcoder" with sae.skip; W_skip [d_out, d_in],
+            d_out in cfg.json); a TopK one is refused (SAELens has no TopK transcoder)
+  sparsify  transcode=true, skip_connection=sae.skip (W_skip [d, d]); sparsify's transcoders keep
+            the input's width, so d_out must equal d
+  npz       the same tensors, plus W_skip
+
 Nothing here imports JAX or holds a whole matrix: the checkpoint's arrays are read through
 TensorStore a block of latent rows at a time, folded, cast, and written straight to their place in
 the output (a safetensors file is an 8-byte length, a JSON header and raw row-major bytes, so every
@@ -99,7 +112,11 @@ class StepReader:
     self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
     self._ocdbt = meta.get("use_ocdbt", True)
     self.config = self.run["config"]
-    self.d, self.n, self.k = (int(self.config["sae"][key]) for key in ("d", "n", "k"))
+    sae, data = self.config["sae"], self.config.get("data", {})
+    self.d, self.n, self.k = (int(sae[key]) for key in ("d", "n", "k"))
+    self.transcoder = bool(data.get("target_path"))
+    self.d_out = int(sae.get("d_out") or self.d)
+    self.skip = bool(sae.get("skip", False))
 
   def array(self, name: str) -> ts.TensorStore:
     """The saved array at a state path such as "params.W_enc" (read lazily, uncached)."""
@@ -118,6 +135,10 @@ class StepReader:
   def input_scale(self) -> float:
     return float(self.read("input_scale"))
 
+  def target_scale(self) -> float:
+    """What the rebuilt output is in units of: the input's for an SAE."""
+    return float(self.read("target_scale")) if self.transcoder else self.input_scale()
+
   def describe(self) -> dict:
     """What every export records about where its SAE came from."""
     data = self.run.get("data") or {}
@@ -129,7 +150,16 @@ class StepReader:
             "tokens": int(self.run.get("tokens", 0)), "metrics": self.run.get("metrics") or {},
             "input_scale": self.input_scale(), "jaxsae_version": self.run.get("jaxsae_version", ""),
             "checkpoint": self.path, "architecture": self.architecture,
-            **({"threshold": self.threshold()} if self.has_threshold else {})}
+            **({"threshold": self.threshold()} if self.has_threshold else {}),
+            **(self._describe_target(data) if self.transcoder else {})}
+
+  def _describe_target(self, data: dict) -> dict:
+    target = data.get("target") or {}
+    info = target.get("info") or {}
+    return {"transcoder": True, "d_out": self.d_out, "skip": self.skip,
+            "target_scale": self.target_scale(),
+            "hook_out": info.get("hook") or target.get("hook", ""),
+            "target_path": self.config["data"]["target_path"]}
 
   @property
   def has_threshold(self) -> bool:
@@ -150,42 +180,58 @@ class FoldedSae:
   """The exported SAE, in raw-activation units, produced a block of latent rows at a time."""
 
   def __init__(self, reader: StepReader, block_bytes: int = BLOCK_BYTES):
-    self.d, self.n = reader.d, reader.n
+    self.d, self.n, self.d_out = reader.d, reader.n, reader.d_out
+    self.transcoder = reader.transcoder
     self.s = np.float32(reader.input_scale())
+    self.t = np.float32(reader.target_scale())   # the output's scale: s for an SAE
     self._w_enc, self._w_dec = reader.array("params.W_enc"), reader.array("params.W_dec")
     self._b_enc, self._b_pre = reader.array("params.b_enc"), reader.array("params.b_pre")
+    self._b_dec = reader.array("params.b_dec") if self.transcoder else None
+    self.skip = reader.skip
+    self._w_skip = reader.array("params.W_skip") if reader.skip else None
     self.threshold = reader.threshold() if reader.has_threshold else None
-    self.rows = max(1, block_bytes // (4 * self.d))
+    self.rows = max(1, block_bytes // (4 * max(self.d, self.d_out)))
+
+  def _row_blocks(self, src):
+    """(first row, rows) of a stored [n, *] matrix: whole stored chunks read (each decoded once),
+    handed on in blocks of self.rows."""
+    chunk = max(src.chunk_layout.read_chunk.shape[0] or self.rows, 1)
+    for c in range(0, self.n, chunk):
+      stored = src[c:min(c + chunk, self.n)].read().result()
+      for a in range(0, len(stored), self.rows):
+        yield c + a, stored[a:a + self.rows]
+      del stored
 
   def blocks(self, which: str):
     """(first index, block) pieces of one exported tensor: rows [r, d] of W_enc / W_dec (in the
-    stored [n, d] orientation, folded), slices of b_enc [n], and b_dec [d] in one piece."""
-    if which in ("b_enc", "threshold"):
+    stored [n, d] orientation, folded), slices of b_enc [n], and b_dec [d_out] and W_skip
+    [d_out, d] in one piece."""
+    if which == "b_enc" and self.transcoder:   # b_pre folded in: needs the encoder rows
+      b_pre = self._b_pre.read().result()
+      for first, rows in self._row_blocks(self._w_enc):
+        yield first, self._b_enc[first:first + len(rows)].read().result() - rows @ b_pre
+    elif which in ("b_enc", "threshold"):
       step = self.rows * self.d   # the same byte budget
       for a in range(0, self.n, step):
         end = min(a + step, self.n)
         yield a, (self._b_enc[a:end].read().result() if which == "b_enc" else
                   np.full(end - a, self.threshold, np.float32))
     elif which == "b_dec":
-      yield 0, self._b_pre.read().result() / self.s
+      yield 0, (self._b_dec if self.transcoder else self._b_pre).read().result() / self.t
+    elif which == "W_skip":
+      yield 0, self._w_skip.read().result() * (self.s / self.t)
     else:
-      src = self._w_enc if which == "W_enc" else self._w_dec
-      # Read whole stored chunks (each is decoded once), hand them on in blocks of self.rows.
-      chunk = max(src.chunk_layout.read_chunk.shape[0] or self.rows, 1)
-      for c in range(0, self.n, chunk):
-        stored = src[c:min(c + chunk, self.n)].read().result()
-        for a in range(0, len(stored), self.rows):
-          rows = stored[a:a + self.rows]
-          yield c + a, rows * self.s if which == "W_enc" else rows / self.s
-        del stored
+      for first, rows in self._row_blocks(self._w_enc if which == "W_enc" else self._w_dec):
+        yield first, rows * self.s if which == "W_enc" else rows / self.t
 
 
 # ---- writers ------------------------------------------------------------------------------------
 
-def _shape(name, transposed, d, n):
+def _shape(name, transposed, sae: FoldedSae):
   """Shape of an exported tensor; W_enc is [d, n] when transposed (SAELens, Gemma Scope)."""
-  return {"W_enc": (d, n) if transposed else (n, d), "W_dec": (n, d), "b_enc": (n,), "b_dec": (d,),
-          "threshold": (n,)}[name]
+  d, n, d_out = sae.d, sae.n, sae.d_out
+  return {"W_enc": (d, n) if transposed else (n, d), "W_dec": (n, d_out), "b_enc": (n,),
+          "b_dec": (d_out,), "threshold": (n,), "W_skip": (d_out, d)}[name]
 
 
 def write_safetensors(path: str, sae: FoldedSae, tensors: list, dtype: str, metadata: dict):
@@ -199,7 +245,7 @@ def write_safetensors(path: str, sae: FoldedSae, tensors: list, dtype: str, meta
   size = np_dtype.itemsize
   header, offset, layout = {"__metadata__": {k: str(v) for k, v in metadata.items()}}, 0, []
   for key, source, transposed in tensors:
-    shape = _shape(source, transposed, sae.d, sae.n)
+    shape = _shape(source, transposed, sae)
     nbytes = int(np.prod(shape)) * size
     header[key] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
     layout.append((source, transposed, shape, offset))
@@ -236,8 +282,9 @@ def write_npz(path: str, sae: FoldedSae):
   with paths.local_output(path) as tmp:
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
       for name in ("W_enc", "W_dec", "b_enc", "b_dec") + (
-          ("threshold",) if sae.threshold is not None else ()):
-        shape = _shape(name, name == "W_enc", sae.d, sae.n)
+          ("threshold",) if sae.threshold is not None else ()) + (
+          ("W_skip",) if sae.skip else ()):
+        shape = _shape(name, name == "W_enc", sae)
         with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
           np.lib.format.write_array_header_1_0(
               f, {"descr": "<f4", "fortran_order": name == "W_enc", "shape": shape})
@@ -266,6 +313,15 @@ def export(workdir: str, fmt: str, out: str, dtype: str = "float32", step: int =
   if jumprelu and fmt == "sparsify":
     raise ExportError(f"{workdir} holds a BatchTopK SAE, a JumpReLU at inference; sparsify's "
                       "SparseCoder encodes k latents per row only: export --format=saelens or npz")
+  if reader.transcoder and fmt == "saelens" and not jumprelu:
+    raise ExportError(f"{workdir} holds a TopK transcoder; SAELens's transcoders encode with ReLU "
+                      "or JumpReLU only (train sae.architecture=batchtopk for one it loads): "
+                      "export --format=" + ("sparsify or npz" if reader.d_out == reader.d
+                                            else "npz"))
+  if reader.transcoder and fmt == "sparsify" and reader.d_out != reader.d:
+    raise ExportError(f"{workdir} holds a transcoder from d={reader.d} to d_out={reader.d_out}; "
+                      "sparsify's transcoders keep the input's width: export --format=npz")
+  skip = [("W_skip", "W_skip", False)] if reader.skip else []
   if fmt == "npz":
     if dtype != "float32":
       raise ExportError("--format=npz holds float32 only (numpy has no bfloat16 .npy type)")
@@ -276,24 +332,29 @@ def export(workdir: str, fmt: str, out: str, dtype: str = "float32", step: int =
   if fmt == "saelens":
     tensors = [("W_enc", "W_enc", True), ("b_enc", "b_enc", False), ("W_dec", "W_dec", False),
                ("b_dec", "b_dec", False)] + ([("threshold", "threshold", False)] if jumprelu else [])
-    write_safetensors(paths.join(out, "sae_weights.safetensors"), sae, tensors, dtype, st_meta)
+    write_safetensors(paths.join(out, "sae_weights.safetensors"), sae, tensors + skip, dtype,
+                      st_meta)
+    if reader.transcoder:
+      kind = {"architecture": "jumprelu_skip_transcoder" if reader.skip else "jumprelu_transcoder",
+              "d_out": reader.d_out}
+    else:
+      kind = {"architecture": "jumprelu"} if jumprelu else {"architecture": "topk", "k": reader.k}
     _write_json(paths.join(out, "cfg.json"), {
-        **({"architecture": "jumprelu"} if jumprelu else {"architecture": "topk", "k": reader.k}),
-        "d_in": reader.d, "d_sae": reader.n,
-        "dtype": dtype, "device": "cpu", "apply_b_dec_to_input": True,
+        **kind, "d_in": reader.d, "d_sae": reader.n,
+        "dtype": dtype, "device": "cpu", "apply_b_dec_to_input": not reader.transcoder,
         "normalize_activations": "none",
         "metadata": {"model_name": meta["model"], "hook_name": meta["hook"], **meta}})
   else:
     tensors = [("encoder.weight", "W_enc", False), ("encoder.bias", "b_enc", False),
                ("W_dec", "W_dec", False), ("b_dec", "b_dec", False)]
-    write_safetensors(paths.join(out, "sae.safetensors"), sae, tensors, dtype, st_meta)
+    write_safetensors(paths.join(out, "sae.safetensors"), sae, tensors + skip, dtype, st_meta)
     _write_json(paths.join(out, "cfg.json"), {
         "activation": "topk", "expansion_factor": max(1, reader.n // reader.d),
-        # Decoder rows are unit norm in scaled units; folding divides them by s.
-        "normalize_decoder": bool(meta["input_scale"] == 1.0), "num_latents": reader.n,
+        # Decoder rows are unit norm in scaled units; folding divides them by the output's scale.
+        "normalize_decoder": bool(sae.t == 1.0), "num_latents": reader.n,
         "k": reader.k,
         "multi_topk": bool(reader.config["sae"].get("multi_topk", False)),
-        "skip_connection": False, "transcode": False, "d_in": reader.d})
+        "skip_connection": reader.skip, "transcode": reader.transcoder, "d_in": reader.d})
   return meta
 
 

@@ -84,8 +84,14 @@ class Specs:
     self.latent_axis = mc.latent_axis
     self.batch = P(self.batch_axes, None)
     self.latent = P(self.latent_axis)
-    self.params = {"W_enc": P(self.latent_axis, None), "b_enc": P(self.latent_axis),
-                   "W_dec": P(self.latent_axis, None), "b_pre": P()}
+    self.params = self.params_of(("W_enc", "b_enc", "W_dec", "b_pre"))
+
+  def params_of(self, names) -> dict:
+    """Specs of the named parameters: the per-latent ones split over the latent axis, the rest
+    (b_pre, a transcoder's b_dec and W_skip) replicated."""
+    latent = {"W_enc": P(self.latent_axis, None), "b_enc": P(self.latent_axis),
+              "W_dec": P(self.latent_axis, None)}
+    return {name: latent.get(name, P()) for name in names}
 
   @property
   def data_size(self) -> int:

@@ -18,6 +18,12 @@ sae.matryoshka_prefixes[i] * n latents, and all n) of each prefix's reconstructi
 first latents must rebuild x alone and the later ones add detail (less feature absorption). Each
 prefix's reconstruction is the one decode with the pairs of later latents masked to 0.
 
+A transcoder (data.target_path set; Dunefsky et al. 2024) encodes x [B, d] as above and rebuilds a
+target y [B, d_out] (e.g. an MLP's output from its input): W_dec is [n, d_out] and the output has its
+own bias b_dec [d_out] (b_pre only centres the input), plus x W_skip^T with sae.skip (skip
+transcoders, Paulo et al. 2025). The losses and AuxK are those of y; an SAE is the case y = x,
+b_dec = b_pre.
+
 Both matrices are stored [n, d] (row gathers; DESIGN.md 3). `loss_terms` is the sparse training
 loss over selected latents; `dense_loss` computes the same loss by dense autodiff and is the
 reference the sparse backward is tested against.
@@ -48,6 +54,9 @@ class SaeSpec:
   batchtopk_cap: int = 4           # batchtopk: candidates per row, in units of k
   threshold_ema_steps: int = 1     # batchtopk: time constant of the inference threshold's average
   prefixes: tuple = ()             # matryoshka: the nested dictionaries' sizes below n
+  d_out: int = 0                   # the output's width (0: d, an autoencoder)
+  transcoder: bool = False         # rebuilds a target of its own (b_dec; module docstring)
+  skip: bool = False               # transcoder with the linear term W_skip
 
   @classmethod
   def from_config(cls, config):
@@ -60,7 +69,8 @@ class SaeSpec:
                architecture=str(sae.architecture), batchtopk_cap=int(sae.batchtopk_cap),
                threshold_ema_steps=threshold_ema_steps(config.train.steps),
                prefixes=matryoshka_sizes(sae) if sae.architecture == "matryoshka_batchtopk"
-               else ())
+               else (), d_out=int(sae.d_out or sae.d),
+               transcoder=bool(config.data.target_path), skip=bool(sae.skip))
 
   def ops_for(self, kernels: str, k: int, n_local: int) -> str:
     """Which primitives the sparse ops over k latents per token run: on the xla path, dense GEMMs
@@ -117,13 +127,35 @@ def unit_rows(w, eps=1e-12):
   return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), eps)
 
 
-def init_params(key, d: int, n: int, b_pre, encoder_norm: float = 1.0):
+def init_params(key, d: int, n: int, b_pre, encoder_norm: float = 1.0, b_dec=None,
+                skip: bool = False):
   """Tied init: decoder rows random unit vectors, encoder = decoder times encoder_norm (both
-  [n, d]), b_enc = 0."""
-  w = unit_rows(jax.random.normal(key, (n, d), jnp.float32))
-  # Separate buffers: tied only at init, and a donated step must not see one twice.
-  return {"W_enc": w * encoder_norm, "b_enc": jnp.zeros((n,), jnp.float32), "W_dec": jnp.copy(w),
-          "b_pre": jnp.asarray(b_pre, jnp.float32)}
+  [n, d]), b_enc = 0. A transcoder (b_dec given, [d_out]) has no tie, its input and output being
+  different spaces: decoder [n, d_out] and encoder [n, d] rows are drawn apart; W_skip starts at 0."""
+  if b_dec is None:
+    w = unit_rows(jax.random.normal(key, (n, d), jnp.float32))
+    # Separate buffers: tied only at init, and a donated step must not see one twice.
+    return {"W_enc": w * encoder_norm, "b_enc": jnp.zeros((n,), jnp.float32),
+            "W_dec": jnp.copy(w), "b_pre": jnp.asarray(b_pre, jnp.float32)}
+  k_enc, k_dec = jax.random.split(key)
+  b_dec = jnp.asarray(b_dec, jnp.float32)
+  params = {"W_enc": unit_rows(jax.random.normal(k_enc, (n, d), jnp.float32)) * encoder_norm,
+            "b_enc": jnp.zeros((n,), jnp.float32),
+            "W_dec": unit_rows(jax.random.normal(k_dec, (n, b_dec.shape[0]), jnp.float32)),
+            "b_pre": jnp.asarray(b_pre, jnp.float32), "b_dec": b_dec}
+  if skip:
+    params["W_skip"] = jnp.zeros((b_dec.shape[0], d), jnp.float32)
+  return params
+
+
+def output_base(params, x):
+  """What the output holds before any latent: b_pre for an SAE; a transcoder's b_dec, plus
+  x W_skip^T for a skip transcoder (module docstring)."""
+  if "b_dec" not in params:
+    return params["b_pre"]
+  if "W_skip" in params:
+    return x @ params["W_skip"].T + params["b_dec"]
+  return params["b_dec"]
 
 
 def encode(params, x, k, compute_dtype=jnp.float32):
@@ -151,15 +183,18 @@ def batchtopk_codes(vals, k: int, batch_axes=None, threshold=None):
   return z, threshold, jnp.sum(jnp.all(keep, axis=1), dtype=jnp.float32)
 
 
-def decode(params, z, idx):
-  return sparse.decode(z, idx, params["W_dec"]) + params["b_pre"]
+def decode(params, z, idx, x=None):
+  """The output of codes z at idx; x (the input) is needed by a skip transcoder only."""
+  return sparse.decode(z, idx, params["W_dec"]) + output_base(params, x)
 
 
 def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeSpec,
-               axis=None, kernels="xla", batch_axes=None, aux_rows=None, threshold=None):
+               axis=None, kernels="xla", batch_axes=None, aux_rows=None, threshold=None,
+               target=None):
   """Loss of one (local) batch given the selected latents, and its metrics.
 
-  total_var is the summed squared deviation of the *global* batch from its mean, so the losses of
+  target: what is rebuilt, a transcoder's y [B, d_out]; None: x itself (an SAE).
+  total_var is the summed squared deviation of the *global* batch's target from its mean, so the losses of
   all data shards add up to the global normalized MSE (FVU). AuxK rebuilds the residual x - x_hat
   (held fixed) from the selected dead latents only; aux_scale = min(dead / k_aux, 1). Its squared
   error is divided by total_var (spec.auxk_norm="input", as EleutherAI's sparsify), or by the
@@ -182,21 +217,23 @@ def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeS
     k = idx.shape[1]
   else:
     z, k = jax.nn.relu(vals), spec.k
-  x_hat = sparse.decode(z[:, :k], idx[:, :k], params["W_dec"], axis, ops(k)) + params["b_pre"]
-  sq = jnp.sum(jnp.square(x_hat - x))
+  y = x if target is None else target
+  base = output_base(params, x)
+  y_hat = sparse.decode(z[:, :k], idx[:, :k], params["W_dec"], axis, ops(k)) + base
+  sq = jnp.sum(jnp.square(y_hat - y))
   loss = sq / total_var
   if spec.prefixes:   # Matryoshka: the mean of every nested dictionary's error (module docstring)
     for size in spec.prefixes:
       inner = jnp.where(idx[:, :k] < size, z[:, :k], 0.0)
-      x_in = sparse.decode(inner, idx[:, :k], params["W_dec"], axis, ops(k)) + params["b_pre"]
-      loss = loss + jnp.sum(jnp.square(x_in - x)) / total_var
+      y_in = sparse.decode(inner, idx[:, :k], params["W_dec"], axis, ops(k)) + base
+      loss = loss + jnp.sum(jnp.square(y_in - y)) / total_var
     loss = loss / (len(spec.prefixes) + 1)
   if spec.multi_topk:
-    x_hat4 = sparse.decode(z, idx, params["W_dec"], axis, ops(idx.shape[1])) + params["b_pre"]
-    loss = loss + jnp.sum(jnp.square(x_hat4 - x)) / total_var / 8
+    y_hat4 = sparse.decode(z, idx, params["W_dec"], axis, ops(idx.shape[1])) + base
+    loss = loss + jnp.sum(jnp.square(y_hat4 - y)) / total_var / 8
   auxk_sq = jnp.zeros((), jnp.float32)
   if aux_idx is not None:
-    resid = jax.lax.stop_gradient(x - x_hat)
+    resid = jax.lax.stop_gradient(y - y_hat)
     w_enc, b_enc, w_dec = params["W_enc"], params["b_enc"], params["W_dec"]
     if aux_rows is not None:   # gradients flow back to the full matrices through the gathers
       w_enc, b_enc, w_dec = (jnp.take(a, aux_rows, axis=0) for a in (w_enc, b_enc, w_dec))
@@ -213,8 +250,10 @@ def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeS
   return loss, {"sq": sq, "auxk_sq": auxk_sq, "z": z[:, :k], **extra}
 
 
-def dense_loss(params, x, dead, total_var, spec: SaeSpec):
+def dense_loss(params, x, dead, total_var, spec: SaeSpec, target=None):
   """The same loss by dense autodiff through lax.top_k and [B, n] codes: the test reference."""
+  y = x if target is None else target
+  base = output_base(params, x)
   xc = x - params["b_pre"]
   pre = xc @ params["W_enc"].T + params["b_enc"]
   rows = jnp.arange(x.shape[0])[:, None]
@@ -229,22 +268,22 @@ def dense_loss(params, x, dead, total_var, spec: SaeSpec):
     relu = jax.nn.relu(pre)
     kth = jax.lax.top_k(relu.reshape(-1), x.shape[0] * spec.k)[0][-1]
     zk = jnp.where((relu >= kth) & (relu > 0), relu, 0.0)
-  x_hat = zk @ params["W_dec"] + params["b_pre"]
-  loss = jnp.sum(jnp.square(x_hat - x)) / total_var
+  y_hat = zk @ params["W_dec"] + base
+  loss = jnp.sum(jnp.square(y_hat - y)) / total_var
   if spec.prefixes:   # each nested dictionary on its own: the first `size` latents
     for size in spec.prefixes:
-      x_in = zk[:, :size] @ params["W_dec"][:size] + params["b_pre"]
-      loss += jnp.sum(jnp.square(x_in - x)) / total_var
+      y_in = zk[:, :size] @ params["W_dec"][:size] + base
+      loss += jnp.sum(jnp.square(y_in - y)) / total_var
     loss /= len(spec.prefixes) + 1
   if spec.multi_topk:
-    loss += jnp.sum(jnp.square(z @ params["W_dec"] + params["b_pre"] - x)) / total_var / 8
+    loss += jnp.sum(jnp.square(z @ params["W_dec"] + base - y)) / total_var / 8
   if spec.k_aux:
     num_dead = jnp.sum(dead)
     masked = jnp.where(dead[None, :], pre, -jnp.inf)
     v, i = jax.lax.top_k(masked, spec.k_aux)
     v_aux = jax.nn.relu(v) if spec.auxk_relu else v
     z_aux = jnp.zeros_like(pre).at[rows, i].add(jnp.where(jnp.isfinite(v), v_aux, 0.0))
-    resid = jax.lax.stop_gradient(x - x_hat)
+    resid = jax.lax.stop_gradient(y - y_hat)
     aux_var = centred_sq_sum(resid)[0] if spec.auxk_norm == "residual" else total_var
     auxk = jnp.sum(jnp.square(z_aux @ params["W_dec"] - resid)) / aux_var
     scale = jnp.minimum(num_dead / spec.k_aux, 1.0)

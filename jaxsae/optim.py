@@ -41,6 +41,34 @@ def resolve_lr(config) -> tuple[float, str]:
       f"automatic: {LR_CONSTANT:g} / sqrt(d={config.sae.d} x steps={t.steps})")
 
 
+# train.lazy_optimizer unset. Lazy Adam (below) differs from dense Adam in two ways. (1) A latent
+# that stops being selected stops moving; under dense Adam it coasts on its first moment for
+# ~1/(1 - b1) = 10 more steps in the direction that was lowering it, further below the top-k: on
+# the benchmark datasets that is where the latents that die late in a run die (dead 0.6-1.0% ->
+# 0.0-0.2% on the fixture over three seeds, the FVU within 0.2%: bench/RESULTS.md, ninth session).
+# (2) A latent selected once every T >> 10 steps moves by one Adam step per selection instead of
+# the ~10 its momentum spreads over the following steps: a ~10x lower rate for rare latents. Where
+# batch x k >= n the average latent is selected every step and (2) touches only the rarest; in a
+# dictionary of millions of latents (batch x k / n ~ 0.01) it would slow nearly every latent, so
+# dense Adam stays there. bf16 moments have no lazy sweep.
+def resolve_lazy(config) -> tuple[bool, str]:
+  """(whether the optimizer is lazy, why): train.lazy_optimizer, else the rule above."""
+  t, s = config.train, config.sae
+  if t.lazy_optimizer is not None:
+    return bool(t.lazy_optimizer), "set in the config"
+  return automatic_lazy(t.batch_size, s.k, s.n, t.opt_state_dtype)
+
+
+def automatic_lazy(batch: int, k: int, n: int, opt_state_dtype: str) -> tuple[bool, str]:
+  """The rule above: lazy when batch x k >= n, with fp32 moments."""
+  if opt_state_dtype != "float32":
+    return False, f"automatic: opt_state_dtype={opt_state_dtype} has no lazy sweep"
+  pairs = batch * k
+  if pairs >= n:
+    return True, f"automatic: batch x k = {pairs} >= n = {n}"
+  return False, f"automatic: batch x k = {pairs} < n = {n}"
+
+
 def resolve_warmup(train) -> int:
   """train.warmup_steps, or when it is -1 the automatic warmup: WARMUP_FRAC of the run, at most
   WARMUP_MAX steps."""

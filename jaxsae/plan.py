@@ -89,11 +89,13 @@ class Problem:
   def from_config(cls, config):
     spec = model.SaeSpec.from_config(config)
     ratio = spec.dense_op_ratio if config_check.resolve_kernels(config)[0] == "xla" else 0
-    return cls(d=spec.d, n=spec.n, k=spec.k, batch=config.train.batch_size, k_aux=spec.k_aux,
+    # A transcoder is planned as an SAE of its wider side (W_enc [n, d], W_dec [n, d_out]).
+    return cls(d=max(spec.d, spec.d_out), n=spec.n, k=spec.k, batch=config.train.batch_size,
+               k_aux=spec.k_aux,
                multi_topk=spec.multi_topk, k_select=spec.k_select,
                opt_state=config.train.opt_state_dtype,
                encoder_tile=config.encoder_tile, dense_op_ratio=ratio,
-               lazy_optimizer=bool(config.train.lazy_optimizer))
+               lazy_optimizer=optim.resolve_lazy(config)[0])
 
 
 @dataclasses.dataclass
@@ -278,7 +280,8 @@ def compile_step(config):
   specs.check(spec.n, config.train.batch_size)
   tx = optim.make_optimizer(config)
   state, shardings = state_lib.abstract(spec, tx, specs)
-  batch = jax.ShapeDtypeStruct((config.train.batch_size, spec.d), jnp.float32,
+  width = spec.d + (spec.d_out if spec.transcoder else 0)   # a transcoder's rows: x beside y
+  batch = jax.ShapeDtypeStruct((config.train.batch_size, width), jnp.float32,
                                sharding=NamedSharding(mesh, specs.batch))
   return StepFns(config, spec, specs, tx, shardings).train.lower(state, batch).compile()
 
@@ -309,8 +312,9 @@ def main(argv=None) -> int:
                   help="sae.architecture: the batch ones select --batchtopk-cap x k per row")
   ap.add_argument("--batchtopk-cap", type=int, default=4, help="sae.batchtopk_cap")
   ap.add_argument("--encoder-tile", type=int, default=0, help="blocked encoder tile (0: off)")
-  ap.add_argument("--lazy-optimizer", action="store_true",
-                  help="train.lazy_optimizer: Adam on the selected rows only")
+  ap.add_argument("--lazy-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                  help="train.lazy_optimizer: Adam on the selected rows only (default: as "
+                  "training decides, lazy when batch x k >= n with fp32 moments)")
   ap.add_argument("--mesh", default="", help="DATAxMODEL, e.g. 1x64 (default: the best split)")
   a = ap.parse_args(argv)
   try:
@@ -323,7 +327,9 @@ def main(argv=None) -> int:
   p = Problem(d=a.d, n=a.n, k=a.k, batch=a.batch, k_aux=model.resolve_k_aux(a.k_aux, a.d, a.n),
               multi_topk=a.multi_topk, opt_state=a.optimizer_state, encoder_tile=a.encoder_tile,
               k_select=model.select_width(a.k, a.multi_topk, a.architecture, a.batchtopk_cap),
-              lazy_optimizer=a.lazy_optimizer)
+              lazy_optimizer=a.lazy_optimizer if a.lazy_optimizer is not None else
+              optim.automatic_lazy(a.batch, a.k, a.n, "float32" if OPT_BYTES[
+                  a.optimizer_state] == 4 else "bfloat16")[0])
   if a.mesh:
     try:
       data, model_size = (int(s) for s in a.mesh.lower().split("x"))

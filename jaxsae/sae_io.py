@@ -119,6 +119,9 @@ def load(path: str, step: int = -1) -> SaeWeights:
 
 def from_reader(reader: export_lib.StepReader) -> SaeWeights:
   """A workdir's checkpoint step, with the input scale folded in as the exports fold it."""
+  if reader.transcoder:
+    raise SaeError(f"{reader.path} is a transcoder ({reader.config['data']['target_path']} from "
+                   f"{reader.config['data']['path']}); only SAEs are read here")
   folded = export_lib.FoldedSae(reader)
   parts = {name: np.concatenate([b for _, b in folded.blocks(name)]) for name in TENSORS}
   meta = reader.describe()
@@ -140,6 +143,8 @@ def _npz(path: str) -> SaeWeights:
     raise SaeError(f"{path}: no {', '.join(missing)} array (has {', '.join(sorted(arrays))})")
   meta_path = os.path.splitext(path)[0] + ".metadata.json"
   meta = _read_json(meta_path) if os.path.exists(meta_path) else {}
+  if meta.get("transcoder") or "W_skip" in arrays:
+    raise SaeError(f"{path} is a transcoder (its output is another hook's); only SAEs are read")
   threshold = arrays.get("threshold")   # a JumpReLU SAE (Gemma Scope, jaxsae BatchTopK)
   if threshold is None and "k" not in meta:
     raise SaeError(f"{path}: k is not recorded (jaxsae's npz export writes it to {meta_path})")

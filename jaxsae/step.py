@@ -54,7 +54,8 @@ class StepFns:
     self.aux_branches = [(0, 0)] + [
         (w, size) for w in self.aux_sizes
         for size in (topk.compact_sizes(n_local, w) if config.train.auxk_compact else ()) + (0,)]
-    self.lazy = bool(config.train.lazy_optimizer)   # optim.py: only the selected latent rows
+    self.param_specs = jax.tree.map(lambda s: s.spec, state_shardings.params)
+    self.lazy = optim.resolve_lazy(config)[0]   # optim.py: only the selected latent rows
     self.fused_optimizer = None
     if self.lazy or (self.kernels == "pallas" and config.train.opt_state_dtype == "float32"):
       # Pallas calls are not partitioned by XLA, and the lazy update works on each shard's own
@@ -66,8 +67,8 @@ class StepFns:
                                                             spec.k_select, specs.model_size))
       opt_specs = specs_of(state_shardings.opt_state)
       self.fused_optimizer = self._shard_map(
-          fused, (specs.params, specs.params, opt_specs) + ((specs.latent,) if self.lazy else ()),
-          (specs.params, opt_specs))
+          fused, (self.param_specs, self.param_specs, opt_specs) +
+          ((specs.latent,) if self.lazy else ()), (self.param_specs, opt_specs))
     batch_sharding = NamedSharding(specs.mesh, specs.batch)
     replicated = NamedSharding(specs.mesh, P())
     self.train = jax.jit(self._train_step, in_shardings=(state_shardings, batch_sharding),
@@ -100,10 +101,11 @@ class StepFns:
     ok = [(w == width) & ((size == 0) | (most <= size)) for w, size in self.aux_branches]
     return jnp.argmax(jnp.stack(ok))   # the first that fits: lists are ascending, 0 comes last
 
-  def _local_grads(self, params, x, since_fired):
+  def _local_grads(self, params, x, y, since_fired):
+    """x: this shard's inputs; y: its targets (x itself for an SAE)."""
     spec, axis = self.spec, self.axis
     dead = since_fired >= spec.dead_tokens
-    total_var, _ = model.centred_sq_sum(x, self.specs.batch_axes)
+    total_var, _ = model.centred_sq_sum(y, self.specs.batch_axes)
     num_dead = jnp.sum(dead)
     if axis is not None:
       num_dead = jax.lax.psum(num_dead, axis)
@@ -118,7 +120,7 @@ class StepFns:
       aux_scale = jnp.minimum(num_dead / max(spec.k_aux, 1), 1.0)
       (_, aux), grads = jax.value_and_grad(model.loss_terms, has_aux=True)(
           params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec, axis, self.kernels,
-          self.specs.batch_axes, rows)
+          self.specs.batch_axes, rows, target=y)
       z = aux["z"]
       sums = {"sq": aux["sq"], "auxk_sq": aux["auxk_sq"],
               "l0": jnp.sum(z > 0).astype(jnp.float32)}
@@ -153,11 +155,11 @@ class StepFns:
       sums["threshold"] = threshold
     return grads, sums, {name: count > 0 for name, count in latents.items()}
 
-  def _local_eval(self, params, x, threshold):
+  def _local_eval(self, params, x, y, threshold):
     """Held-out sums; a BatchTopK SAE is scored as the JumpReLU it is at inference (its candidates
     above the state's threshold)."""
     spec = self.spec
-    total_var, _ = model.centred_sq_sum(x, self.specs.batch_axes)
+    total_var, _ = model.centred_sq_sum(y, self.specs.batch_axes)
     xc = x - params["b_pre"]
     width = spec.k_select if spec.batchtopk else spec.k
     idx, _, _ = topk.select(xc, params["W_enc"], params["b_enc"], width, axis=self.axis,
@@ -165,7 +167,7 @@ class StepFns:
                             kernels=self.kernels)
     plain = dataclasses.replace(spec, multi_topk=False)
     _, aux = model.loss_terms(params, x, idx, None, None, total_var, 0.0, plain, self.axis,
-                              self.kernels, threshold=threshold)
+                              self.kernels, threshold=threshold, target=y)
     sums = self._psum_batch({"sq": aux["sq"], "l0": jnp.sum(aux["z"] > 0).astype(jnp.float32),
                              "rows": jnp.asarray(x.shape[0], jnp.float32)})
     return {**sums, "total_var": total_var}
@@ -181,10 +183,10 @@ class StepFns:
     was (only the step counter moves on); the guard flags tell the host, which decides to stop."""
     specs, spec = self.specs, self.spec
     finite_rows = jnp.all(jnp.isfinite(batch), axis=1)
-    x = jnp.where(finite_rows[:, None], batch.astype(jnp.float32), 0.0) * state.input_scale
+    x, y = self._inputs(state, jnp.where(finite_rows[:, None], batch.astype(jnp.float32), 0.0))
     grads, sums, latents = self._shard_map(
-        self._local_grads, (specs.params, specs.batch, specs.latent),
-        (specs.params, P(), specs.latent))(state.params, x, state.since_fired)
+        self._local_grads, (self.param_specs, specs.batch, specs.batch, specs.latent),
+        (self.param_specs, P(), specs.latent))(state.params, x, y, state.since_fired)
     nonfinite_rows = jnp.sum(~finite_rows)
     ok = (nonfinite_rows == 0) & jnp.isfinite(sums["sq"]) & jnp.isfinite(sums["auxk_sq"])
 
@@ -210,7 +212,7 @@ class StepFns:
     metrics = {
         "train/fvu": sums["sq"] / tv,
         "train/l0": sums["l0"] / self.batch_size,
-        "losses/mse": sums["sq"] / (self.batch_size * spec.d),
+        "losses/mse": sums["sq"] / (self.batch_size * spec.d_out),
         "losses/auxk": sums["auxk_sq"] / tv,
         "sparsity/dead_frac": jnp.mean(new.since_fired >= spec.dead_tokens),
     }
@@ -222,7 +224,17 @@ class StepFns:
     guard = {"nonfinite_rows": nonfinite_rows, "skipped": ~ok}
     return new.replace(step=state.step + 1), metrics, guard
 
+  def _inputs(self, state: TrainState, batch):
+    """(x, y) scaled: a transcoder's batch rows are its input and target side by side (the two
+    stores' rows, data/paired.py); an SAE's target is its input."""
+    if not self.spec.transcoder:
+      x = batch * state.input_scale
+      return x, x
+    d = self.spec.d
+    return batch[:, :d] * state.input_scale, batch[:, d:] * state.target_scale
+
   def _eval_sums(self, state: TrainState, batch):
-    x = batch.astype(jnp.float32) * state.input_scale
-    return self._shard_map(self._local_eval, (self.specs.params, self.specs.batch, P()), P())(
-        state.params, x, state.threshold)
+    x, y = self._inputs(state, batch.astype(jnp.float32))
+    specs = self.specs
+    return self._shard_map(self._local_eval, (self.param_specs, specs.batch, specs.batch, P()),
+                           P())(state.params, x, y, state.threshold)

@@ -31,9 +31,11 @@ def resolved_config(config, spec: model.SaeSpec, mesh) -> dict:
   lr, lr_source = optim.resolve_lr(config)
   kernels, kernels_source = config_check.resolve_kernels(config)
   b_pre_ratio, b_pre_source = optim.resolve_b_pre_ratio(config)
+  lazy, lazy_source = optim.resolve_lazy(config)
   out["resolved"] = {"lr": lr, "lr_source": lr_source,
                      "b_pre_lr_ratio": b_pre_ratio, "b_pre_lr_ratio_source": b_pre_source,
                      "kernels": kernels, "kernels_source": kernels_source,
+                     "lazy_optimizer": lazy, "lazy_optimizer_source": lazy_source,
                      "warmup_steps": optim.resolve_warmup(config.train), "k_aux": spec.k_aux,
                      "mesh_shape": dict(mesh.shape),
                      "process_count": jax.process_count(), "jax_version": jax.__version__}
@@ -50,14 +52,23 @@ def open_data(config, spec: model.SaeSpec, layout=(0, 1)):
 
 
 def init_statistics(config, data):
-  """Input scale and geometric-median b_pre from a sample that every process draws identically."""
+  """(input scale, geometric-median b_pre, target) from a sample that every process draws
+  identically; target is a transcoder's (b_dec, target scale), the same statistics of its target
+  columns, else None."""
   sample = np.asarray(data.init_sample(config.train.init_rows), np.float32)
   bad = int(np.sum(~np.all(np.isfinite(sample), axis=1)))
   if bad:
     raise data_lib.DataError(f"{bad} of {len(sample)} init-sample rows hold NaN/inf")
-  scale = stats.input_scale(sample, config.data.normalize, config.data.normalize_about)
-  b_pre = stats.geometric_median(sample * scale, config.train.median_iters)
-  return scale, np.asarray(b_pre)
+
+  def centre_and_scale(rows):
+    scale = stats.input_scale(rows, config.data.normalize, config.data.normalize_about)
+    return scale, np.asarray(stats.geometric_median(rows * scale, config.train.median_iters))
+
+  scale, b_pre = centre_and_scale(sample[:, :data.d])
+  if not data.d_target:
+    return scale, b_pre, None
+  target_scale, b_dec = centre_and_scale(sample[:, data.d:])
+  return scale, b_pre, (b_dec, target_scale)
 
 
 # ---- evaluation -------------------------------------------------------------------------------
@@ -109,10 +120,10 @@ def setup(config) -> Setup:
   specs.check(spec.n, config.train.batch_size, jax.process_count())
   plan_lib.check(config, specs)   # refuses, with the memory table, a step that cannot fit
   data = open_data(config, spec, mesh_lib.batch_layout(NamedSharding(mesh, specs.batch)))
-  scale, b_pre = init_statistics(config, data)
+  scale, b_pre, target = init_statistics(config, data)
   tx = optim.make_optimizer(config)
   state, shardings = state_lib.create(jax.random.PRNGKey(config.train.seed), spec, tx, specs,
-                                      b_pre, scale)
+                                      b_pre, scale, target)
   return Setup(spec=spec, mesh=mesh, specs=specs, data=data, tx=tx, state=state,
                shardings=shardings, steps=StepFns(config, spec, specs, tx, shardings),
                batch_sharding=NamedSharding(mesh, specs.batch), input_scale=scale)
@@ -140,6 +151,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("training %s: %s d=%d n=%d k=%d k_aux=%d on mesh %s, %d steps of %d tokens, "
                "input scale %.4g", config.data.source, spec.architecture, spec.d, spec.n, spec.k,
                spec.k_aux, dict(mesh.shape), total_steps, batch_size, run.input_scale)
+  if spec.transcoder:
+    logging.info("transcoder: %s (d=%d) -> %s (d_out=%d)%s, target scale %.4g", config.data.path,
+                 spec.d, config.data.target_path, spec.d_out,
+                 ", with a skip connection" if spec.skip else "",
+                 float(jax.device_get(state.target_scale)))
   if spec.batchtopk:
     logging.info("batch top-k: up to %d candidates per row (sae.batchtopk_cap=%d x k), inference "
                  "threshold averaged over ~%d steps%s", spec.k_select, spec.batchtopk_cap,
@@ -149,10 +165,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("sparse ops: kernels=%s (%s), compute dtype %s", resolved["resolved"]["kernels"],
                resolved["resolved"]["kernels_source"], config.compute_dtype)
   logging.info("learning rate %.4g (%s), warmup %d steps, linear decay to 0 over the last %g of "
-               "the run; b_pre at %.3g of it (%s)", resolved["resolved"]["lr"],
+               "the run; b_pre at %.3g of it (%s); %s Adam (%s)", resolved["resolved"]["lr"],
                resolved["resolved"]["lr_source"], resolved["resolved"]["warmup_steps"],
                config.train.decay_frac, resolved["resolved"]["b_pre_lr_ratio"],
-               resolved["resolved"]["b_pre_lr_ratio_source"])
+               resolved["resolved"]["b_pre_lr_ratio_source"],
+               "lazy" if resolved["resolved"]["lazy_optimizer"] else "dense",
+               resolved["resolved"]["lazy_optimizer_source"])
   schedule = optim.learning_rate(config)
 
   writer = metrics_lib.Writer(workdir, lead)

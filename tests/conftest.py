@@ -24,14 +24,15 @@ def run_cli(args, cwd=REPO, devices=1, timeout=300, env=None):
 
 def assert_pallas_step_equals_xla(config, steps):
   """Trains config for `steps` steps with kernels=xla and with kernels=pallas (top-k GEMM, sparse
-  ops, fused optimizer); the parameters and every step's metrics must agree (rtol 1e-5)."""
+  ops, fused optimizer, lazy or dense as the config resolves); the parameters and every step's
+  metrics must agree (rtol 1e-5)."""
   import numpy as np
   from jaxsae import train
   out = {}
   for kernels in ("xla", "pallas"):
     config.kernels = kernels
     run = train.setup(config)
-    assert (run.steps.fused_optimizer is not None) == (kernels == "pallas")
+    assert (run.steps.fused_optimizer is not None) == (kernels == "pallas" or run.steps.lazy)
     state, metrics = run.state, []
     for _ in range(steps):
       state, m, _ = run.steps.train(state, jax.device_put(next(run.data.train),

@@ -91,3 +91,24 @@ def test_a_run_at_another_n_or_variant_is_not_skipped():
     assert quality.run_key(dict(row, **change)) not in have, change
   assert quality.run_key(dict(row, lr=8.5e-3, lr_choice="default")) == quality.run_key(
       dict(row, lr="default"))
+
+
+def test_a_jumprelu_is_scored_at_exactly_k_latents_per_row_on_average():
+  """peers.at_equal_l0: the one threshold keeping rows * k positive pre-activations; x_hat is the
+  JumpReLU decode at that threshold, whatever the SAE's own threshold was."""
+  import numpy as np
+  from bench import peers
+  from jaxsae import sae_io
+  rng = np.random.default_rng(0)
+  d, n, k, rows = 16, 64, 3, 500
+  sae = sae_io.SaeWeights(rng.normal(size=(d, n)), rng.normal(size=n) - 1.0,
+                          rng.normal(size=(n, d)), rng.normal(size=d), 0,
+                          threshold=np.full(n, 0.01))
+  x = rng.normal(size=(rows, d)).astype(np.float32)
+  threshold, x_hat = peers.at_equal_l0(sae, x, k, batch=128)
+  pre = (x - sae.b_dec) @ sae.w_enc + sae.b_enc
+  assert np.sum(pre >= threshold) == rows * k and threshold > 0.01
+  np.testing.assert_allclose(x_hat, np.where(pre >= threshold, pre, 0) @ sae.w_dec + sae.b_dec,
+                             rtol=1e-5, atol=1e-5)
+  own, _ = peers.numpy_reconstruct(sae, x)   # its own threshold: many more latents per row
+  assert not np.allclose(own, x_hat)

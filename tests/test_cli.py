@@ -27,6 +27,9 @@ def test_two_step_run_writes_config_and_metrics(tmp_path):
   config = json.load(open(os.path.join(wd, "config.json")))
   assert config["sae"]["n"] == 128 and config["train"]["steps"] == 2
   assert config["resolved"]["k_aux"] == 16
+  # batch x k = 512 >= n = 128: every latent is selected about 4 times a step, so Adam is lazy
+  assert config["resolved"]["lazy_optimizer"] is True
+  assert "lazy Adam (automatic: batch x k = 512 >= n = 128)" in r.stderr
   records = _records(wd)
   assert [r["step"] for r in records] == [1, 2]
   for rec in records:

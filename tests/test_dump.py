@@ -7,6 +7,7 @@ produces: same rows, same metadata (statistics and counts included).
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -278,3 +279,153 @@ def test_model_path_must_exist_locally(tmp_path):
   r = dump("--model=HuggingFaceTB/SmolLM2-135M", "--layer=1", f"--text={tmp_path / 'a.txt'}",
            f"--out={tmp_path / 's'}", check=False)
   assert r.returncode == 2 and "models load from disk only" in r.stderr
+
+
+# ---- Several hook points in one pass: the stores a transcoder trains on (mlp_in -> mlp_out). ----
+
+MLP_HOOKS = ("mlp_in", "mlp_out")
+
+
+@pytest.fixture(scope="module")
+def skewed_llama(tiny_llama, tmp_path_factory):
+  """The tiny Llama with rows massive in block 1's MLP input that its output does not see: the
+  pre-MLP norm scales dims 0-3 by 20 and the MLP ignores those dims. At --massive_ratio=1.5 some
+  rows are massive in mlp_in only, others in mlp_out only (a filter on one side misses them)."""
+  import torch
+  import transformers
+  folder = str(tmp_path_factory.mktemp("skewed_llama"))
+  model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+  block = model.model.layers[1]
+  with torch.no_grad():
+    block.post_attention_layernorm.weight[:4] = 20.0
+    block.mlp.gate_proj.weight[:, :4] = 0
+    block.mlp.up_proj.weight[:, :4] = 0
+  model.save_pretrained(folder)
+  transformers.AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(folder)
+  return folder
+
+
+@pytest.fixture(scope="module")
+def mlp_dump(skewed_llama, tmp_path_factory):
+  """An uninterrupted --hooks=mlp_in,mlp_out dump: (its flags, its text files, its --out)."""
+  tmp = tmp_path_factory.mktemp("mlp_dump")
+  texts = write_texts(str(tmp), n=3, lines=40)
+  args = [f"--model={skewed_llama}", "--layer=1", f"--text={tmp}/*.txt", "--seq_len=32",
+          "--batch_size=4", "--dtype=float32", "--hooks=mlp_in,mlp_out", "--massive_ratio=1.5",
+          *SMALL]
+  dump(*args, f"--out={tmp / 'whole'}")
+  return args, texts, str(tmp / "whole")
+
+
+def mlp_rows(model_dir, texts, seq_len=32, batch=4):
+  """(token stream, {hook: rows}, {hook: massive mask}) of block 1's MLP on the files' windows, by
+  torch hooks on the plain HF model, massive rows marked per forward batch as the dump does."""
+  import torch
+  import transformers
+  from jaxsae.data import inputs
+  tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+  stream = []
+  for t in texts:
+    stream += ([tok.eos_token_id] if stream else []) + tok(open(t).read(),
+                                                           add_special_tokens=False)["input_ids"]
+  stream = np.asarray(stream[:len(stream) // seq_len * seq_len], np.int32)
+  model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+  seen = {h: [] for h in MLP_HOOKS}
+
+  def hook(module, args, out):
+    seen["mlp_in"].append(args[0])
+    seen["mlp_out"].append(out)
+  model.model.layers[1].mlp.register_forward_hook(hook)
+  windows = torch.from_numpy(stream.astype(np.int64)).reshape(-1, seq_len)
+  with torch.no_grad():
+    for i in range(0, len(windows), batch):
+      model(windows[i:i + batch])
+  rows = {h: [x.reshape(-1, x.shape[-1]).numpy() for x in xs] for h, xs in seen.items()}
+  massive = {h: np.concatenate([inputs.massive_rows(x, 1.5) for x in xs]) for h, xs in rows.items()}
+  return stream, {h: np.concatenate(xs) for h, xs in rows.items()}, massive
+
+
+def test_mlp_in_and_out_stores_hold_the_mlps_rows_less_those_massive_in_either(mlp_dump,
+                                                                              skewed_llama):
+  _, texts, out = mlp_dump
+  stream, rows, massive = mlp_rows(skewed_llama, texts)
+  # Rows massive on one side only, both ways: a filter on either side alone would keep some.
+  assert (massive["mlp_in"] & ~massive["mlp_out"]).any()
+  assert (massive["mlp_out"] & ~massive["mlp_in"]).any()
+  keep = ~(massive["mlp_in"] | massive["mlp_out"])
+  stores = {h: Store(os.path.join(out, h)) for h in MLP_HOOKS}
+  names = {"mlp_in": "model.layers.1.mlp.input", "mlp_out": "model.layers.1.mlp.output"}
+  for h, s in stores.items():
+    m = s.metadata
+    assert m["complete"] and (s.d, s.dtype) == (32, "float32")
+    assert (m["rows"], m["input_rows"], m["filtered"]["massive"]) == \
+        (keep.sum(), len(stream), (~keep).sum())
+    assert m["info"]["hook"] == names[h] and m["info"]["hook_point"] == h
+    assert m["info"]["hooks"] == names
+    np.testing.assert_allclose(s.read(0, s.rows), rows[h][keep], rtol=1e-5, atol=1e-5)
+    assert np.array_equal(s.read(0, s.rows, "tokens"), stream[keep])
+  a, b = stores.values()
+  assert a.metadata["layout"] == b.metadata["layout"]
+  assert {k: v for k, v in a.metadata["info"].items() if k not in ("hook", "hook_point")} == \
+      {k: v for k, v in b.metadata["info"].items() if k not in ("hook", "hook_point")}
+  for col in ("tokens", "doc_ids", "positions"):
+    assert np.array_equal(a.read(0, a.rows, col), b.read(0, b.rows, col))
+
+
+def test_killed_mlp_dump_resumes_to_the_same_row_aligned_stores(mlp_dump, tmp_path):
+  """Killed twice: the second kill's mlp_out is then swapped for the first's, as if the dump had
+  died between its two stores' commits, mlp_in one commit (or more) ahead. The rerun must still
+  write exactly the stores of an uninterrupted dump."""
+  args, texts, whole = mlp_dump
+  out = str(tmp_path / "killed")
+  originals = {t: open(t, "rb").read() for t in texts[1:]}
+  try:
+    os.remove(texts[1])
+    feed_fifo(texts[1], originals[texts[1]][:100])   # stops after the first document
+    rows = kill_after_commit(start_dump(*args, f"--out={out}"), os.path.join(out, "mlp_out"), 64)
+    shutil.copytree(os.path.join(out, "mlp_out"), str(tmp_path / "behind"))
+    os.remove(texts[1])
+    open(texts[1], "wb").write(originals[texts[1]])
+    os.remove(texts[2])
+    feed_fifo(texts[2], originals[texts[2]][:100])   # stops after the second
+    ahead = kill_after_commit(start_dump(*args, f"--out={out}"), os.path.join(out, "mlp_in"),
+                              rows + 1)
+  finally:
+    for t, data in originals.items():
+      if os.path.exists(t):
+        os.remove(t)
+      open(t, "wb").write(data)
+  shutil.rmtree(os.path.join(out, "mlp_out"))
+  shutil.copytree(str(tmp_path / "behind"), os.path.join(out, "mlp_out"))
+  dump(*args, f"--out={out}")
+  for h in MLP_HOOKS:
+    meta, cols = contents(os.path.join(out, h))
+    ref_meta, ref_cols = contents(os.path.join(whole, h))
+    assert rows < ahead < meta["rows"]
+    assert cols == ref_cols and meta == ref_meta
+
+
+def test_hooks_are_checked_and_the_forward_stops_after_the_last(tiny_llama, tmp_path):
+  import torch
+  from jaxsae.data import lm
+  (tmp_path / "a.txt").write_text("the quick brown fox")
+  r = dump(f"--model={tiny_llama}", "--layer=1", f"--text={tmp_path / 'a.txt'}",
+           "--hooks=mlp_in,attn_out", f"--out={tmp_path / 's'}", check=False)
+  assert r.returncode == 2 and "attn_out" in r.stderr and "mlp_in, mlp_out, resid_post" in r.stderr
+  with pytest.raises(lm.DataError, match="children: attn, ffn"):
+    lm.find_mlp(torch.nn.ModuleDict({"attn": torch.nn.Linear(2, 2), "ffn": torch.nn.Linear(2, 2)}),
+                "model.layers.1")
+  tokens = np.arange(64).reshape(2, 32) % 300
+  ran = []
+  for hooks in (("mlp_in",), ("mlp_in", "mlp_out"), ("mlp_out", "resid_post")):
+    net = lm.BlockOutput(tiny_llama, 1, hooks=hooks)
+    block = net.model.model.layers[1]
+    block.mlp.down_proj.register_forward_hook(lambda *a: ran.append((hooks, "mlp ran")))
+    block.register_forward_hook(lambda *a: ran.append((hooks, "block ran")))   # after net's own
+    got = net.capture(tokens)
+    assert list(got) == list(hooks) and all(x.shape == (2, 32, 32) for x in got.values())
+  # mlp_in alone: the MLP never runs; mlp_out last: block 1 never finishes.
+  assert ran == [(("mlp_in", "mlp_out"), "mlp ran"), (("mlp_out", "resid_post"), "mlp ran")]
+  # The first hook's rows for __call__; resid_post among several is still block 1's output.
+  np.testing.assert_allclose(got["resid_post"], lm.BlockOutput(tiny_llama, 1)(tokens), rtol=1e-6,
+                             atol=1e-6)

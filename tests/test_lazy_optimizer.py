@@ -176,8 +176,10 @@ def _lazy_on_two_shards(tiny_config, n, dead_tokens):
   config.mesh.shape = (1, 2)
   run = train.setup(config)
   st, specs = run.steps, run.specs
-  return run, jax.jit(st._shard_map(st._local_grads, (specs.params, specs.batch, specs.latent),
-                                    (specs.params, jax.sharding.PartitionSpec(), specs.latent)))
+  local = st._shard_map(st._local_grads,
+                        (st.param_specs, specs.batch, specs.batch, specs.latent),
+                        (st.param_specs, jax.sharding.PartitionSpec(), specs.latent))
+  return run, jax.jit(lambda params, x, since: local(params, x, x, since))
 
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])

@@ -298,6 +298,7 @@ def test_auto_kernels_builds_the_pallas_step_on_gpu(tiny_config, gpu_flavor, mon
   """On a GPU backend, kernels=auto builds the Pallas step (the fused optimizer is the sign);
   on CPU the xla one. (The GPU backend is faked: the step is built, not run.)"""
   tiny_config.kernels = "auto"
+  tiny_config.train.lazy_optimizer = False   # lazy Adam takes the fused sweep on xla too
   run = train.setup(tiny_config)
   assert run.steps.kernels == "xla" and run.steps.fused_optimizer is None
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -377,8 +378,9 @@ def test_gpu_topk_at_benchmark_shapes(compute_dtype, k):
 
 
 @on_gpu
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
-def test_gpu_train_20_steps_pallas_equals_xla(tiny_config, architecture):
+@pytest.mark.parametrize("architecture,lazy", [("topk", False), ("topk", None),
+                                               ("batchtopk", None)])
+def test_gpu_train_20_steps_pallas_equals_xla(tiny_config, architecture, lazy):
   """The whole step compiled on the GPU, 20 steps: kernels=pallas (Triton top-k GEMM, sparse ops,
   fused Adam) against kernels=xla, at test_pallas_kernels.py's CPU tolerance; also BatchTopK
   (its 4k candidates through the top-k kernel, the threshold's bisection). n=64 keeps the k-th
@@ -387,4 +389,5 @@ def test_gpu_train_20_steps_pallas_equals_xla(tiny_config, architecture):
   tiny_config.train.batch_size = 32
   tiny_config.sae.dead_tokens = 32
   tiny_config.sae.architecture = architecture
+  tiny_config.train.lazy_optimizer = lazy   # None: lazy here (batch x k = 128 >= n = 64)
   assert_pallas_step_equals_xla(tiny_config, steps=20)

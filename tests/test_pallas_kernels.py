@@ -97,12 +97,16 @@ def test_pallas_selection_and_gradients(monkeypatch, flavor):
 
 
 @pytest.mark.parametrize("flavor", ["tpu", "gpu"])
-@pytest.mark.parametrize("mesh,architecture", [((1, 1), "topk"), ((2, 2), "topk"),
-                                               ((2, 2), "batchtopk")])
-def test_train_step_with_pallas_equals_xla(tiny_config, monkeypatch, mesh, architecture, flavor):
-  """All kernels at once: top-k GEMM, sparse ops, fused optimizer; on one device and sharded;
-  the TPU flavour and the GPU one (pallas_kernels/*_gpu.py), both in CPU interpret mode; and
-  BatchTopK's candidates and threshold through them."""
+@pytest.mark.parametrize("mesh,architecture,lazy", [((1, 1), "topk", False), ((2, 2), "topk", False),
+                                                    ((2, 2), "topk", None),
+                                                    ((2, 2), "batchtopk", None)])
+def test_train_step_with_pallas_equals_xla(tiny_config, monkeypatch, mesh, architecture, lazy,
+                                           flavor):
+  """All kernels at once: top-k GEMM, sparse ops, fused optimizer (dense, and lazy as the default
+  makes it here: batch x k = 128 >= n = 64); on one device and sharded; the TPU flavour and the
+  GPU one (pallas_kernels/*_gpu.py), both in CPU interpret mode; and BatchTopK's candidates and
+  threshold through them."""
+  tiny_config.train.lazy_optimizer = lazy
   # Plain interpret mode inside the step's shard_map (TPU interpret params there can hang).
   monkeypatch.setattr(sparse_ops, "INTERPRET", True)
   monkeypatch.setattr(pallas_kernels, "FLAVOR", flavor)
@@ -149,3 +153,19 @@ def test_gather_blocks_are_legal_tpu_blocks():
       assert kc % 128 == 0 or kc == k, (b, k, kc)
       assert legal_1d(tb * kc, b * k), (b, k, tb, kc)
       assert tb * kc <= 4096 or b < 64, (b, k, tb, kc)
+
+
+@pytest.mark.parametrize("flavor", ["tpu", "gpu"])
+def test_skip_transcoder_step_with_pallas_equals_xla(tiny_config, monkeypatch, flavor,
+                                                     tmp_path):
+  """A skip transcoder (d=72 in, 40 out) through the kernels, sharded (2, 2): W_dec [n, d_out]
+  in the sparse ops and the fused optimizer, b_dec and W_skip beside them."""
+  from test_transcoder import rotation_stores
+  monkeypatch.setattr(sparse_ops, "INTERPRET", True)
+  monkeypatch.setattr(pallas_kernels, "FLAVOR", flavor)
+  x_path, y_path, _, _ = rotation_stores(tmp_path, d=72, d_out=40, rows=2048)
+  c = tiny_config
+  c.data.source, c.data.path, c.data.target_path = "store", x_path, y_path
+  c.sae.d, c.sae.d_out, c.sae.skip, c.sae.n = 72, 40, True, 64
+  c.mesh.shape, c.train.batch_size, c.sae.dead_tokens = (2, 2), 32, 32
+  assert_pallas_step_equals_xla(c, steps=3)

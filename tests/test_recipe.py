@@ -97,6 +97,20 @@ def test_automatic_lr_and_schedule():
   assert float(optim.learning_rate(c)(12345)) == pytest.approx(1e-3)
 
 
+def test_adam_is_lazy_where_every_latent_is_selected_each_step():
+  """train.lazy_optimizer unset: lazy when batch x k >= n with fp32 moments (optim.resolve_lazy);
+  dense for wide dictionaries and with bf16 moments; a value set in the config wins."""
+  c = base.get_config()
+  c.sae.n, c.sae.k, c.train.batch_size = 4096, 32, 4096
+  assert optim.resolve_lazy(c) == (True, "automatic: batch x k = 131072 >= n = 4096")
+  c.sae.n = 2 ** 24
+  assert optim.resolve_lazy(c) == (False, "automatic: batch x k = 131072 < n = 16777216")
+  c.sae.n, c.train.opt_state_dtype = 4096, "bfloat16"
+  assert optim.resolve_lazy(c) == (False, "automatic: opt_state_dtype=bfloat16 has no lazy sweep")
+  c.train.opt_state_dtype, c.train.lazy_optimizer = "float32", False
+  assert optim.resolve_lazy(c) == (False, "set in the config")
+
+
 def test_b_pre_steps_at_its_own_share_of_the_rate(tiny_config):
   """b_pre_lr_ratio unset: 1 / (encoder_init_norm sqrt(d)). Adam's first step moves every element
   with a nonzero gradient by ~lr: the weights by lr, b_pre by ratio * lr; ratio 1 is one rate."""

@@ -134,11 +134,13 @@ def test_sigterm_saves_exits_0_and_resumes_exactly(reference, tmp_path):
   assert_same_state(reference, read_state(wd))
 
 
-def test_batchtopk_resumes_bit_identical_with_its_threshold(tmp_path):
-  """A BatchTopK run's state holds its inference threshold: resumed from an earlier checkpoint
-  (the later ones deleted, as a kill before them would leave it), the run ends bit-identical."""
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka_batchtopk"])
+def test_batchtopk_resumes_bit_identical_with_its_threshold(tmp_path, architecture):
+  """A BatchTopK (or Matryoshka) run's state holds its inference threshold: resumed from an
+  earlier checkpoint (the later ones deleted, as a kill before them would leave it), the run ends
+  bit-identical."""
   import shutil
-  args = [*ARGS, "--config.sae.architecture=batchtopk", "--config.train.steps=60",
+  args = [*ARGS, f"--config.sae.architecture={architecture}", "--config.train.steps=60",
           "--config.checkpoint.every_steps=20"]
   wd = str(tmp_path / "run")
   r = run_cli([*args, f"--workdir={wd}"])

@@ -29,15 +29,16 @@ def _trace(config):
   st, specs = run.steps, run.specs
   rows = P(specs.batch_axes, None)
   select = jax.jit(st._shard_map(functools.partial(_select, st),
-                                 (specs.params, specs.batch, specs.latent), (rows, rows, rows)))
-  grads = jax.jit(st._shard_map(st._local_grads, (specs.params, specs.batch, specs.latent),
-                                (specs.params, P(), specs.latent)))
+                                 (st.param_specs, specs.batch, specs.latent), (rows, rows, rows)))
+  grads = jax.jit(st._shard_map(st._local_grads,
+                                (st.param_specs, specs.batch, specs.batch, specs.latent),
+                                (st.param_specs, P(), specs.latent)))
   state, out = run.state, []
   for _ in range(STEPS):
     batch = jax.device_put(next(run.data.train), run.batch_sharding)
-    x = batch * state.input_scale
+    x, y = st._inputs(state, batch)
     rec = dict(zip(("idx", "aux_idx", "aux_ok"), select(state.params, x, state.since_fired)))
-    rec["grads"] = grads(state.params, x, state.since_fired)[0]
+    rec["grads"] = grads(state.params, x, y, state.since_fired)[0]
     state, rec["metrics"], _ = st.train(state, batch)
     out.append(jax.device_get(rec))
   return jax.device_get(state), out
@@ -138,6 +139,24 @@ def test_batchtopk_mesh_matches_single_device(config, shape, architecture):
   assert any(r["metrics"]["sparsity/rows_at_cap"] > 0 for r in ref)   # the cap is exercised
   assert np.ptp([r["metrics"]["sparsity/threshold"] for r in ref]) > 0
   _close(state.threshold, ref_state.threshold, "inference threshold")
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (8, 1)])
+def test_skip_transcoder_mesh_matches_single_device(config, shape, tmp_path_factory):
+  """A transcoder's b_dec and W_skip are replicated; its target rows travel beside the input's
+  (data/paired.py) and are split over the batch axes with them."""
+  from test_transcoder import rotation_stores
+  if "transcoder" not in _REFERENCE:
+    _REFERENCE["stores"] = rotation_stores(tmp_path_factory.mktemp("tc"), d=32, d_out=24,
+                                           rows=4096)
+  x_path, y_path, _, _ = _REFERENCE["stores"]
+  config.data.source, config.data.path, config.data.target_path = "store", x_path, y_path
+  config.sae.d_out, config.sae.skip = 24, True
+  ref_state, ref = _reference(config, "transcoder")
+  config.mesh.shape = shape
+  state, got = _trace(config)
+  _assert_same_run(state, got, ref_state, ref)
+  assert {"b_dec", "W_skip"} <= set(state.params)
 
 
 def test_residual_auxk_norm_matches_single_device(config):

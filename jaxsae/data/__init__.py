@@ -22,9 +22,15 @@ def create(config, process_index: int = 0, process_count: int = 1) -> Data:
                              group_chunks=dc.shuffle_buffer_chunks, num_threads=dc.num_threads,
                              prefetch=dc.prefetch, allow_incomplete=dc.allow_incomplete,
                              direct_read=dc.direct_read,
-                             dtype=dc.dtype, missing_hint=dc.missing_hint, **common)
+                             dtype=dc.dtype, missing_hint=dc.missing_hint,
+                             target_path=dc.target_path, **common)
     if data.d != config.sae.d:   # checked here too, so the message names the store
       data.close()
       raise DataError(f"sae.d={config.sae.d} but the store at {dc.path} holds d={data.d}")
+    d_out = config.sae.d_out or config.sae.d
+    if dc.target_path and data.d_target != d_out:
+      data.close()
+      raise DataError(f"sae.d_out={config.sae.d_out} ({d_out} wide) but the target store at "
+                      f"{dc.target_path} holds d={data.d_target}: set sae.d_out={data.d_target}")
     return data
   raise DataError(f"data.source={dc.source!r}: expected one of {SOURCES}")

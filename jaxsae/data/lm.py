@@ -2,10 +2,13 @@
 
 Loads a plain HF folder (config.json + weights) or a GGUF file from disk; the hub is never
 contacted (offline mode is set before transformers is imported, and every load is local-only).
-For the dump, only blocks 0..L run: a forward hook on block L keeps its output and stops the
-forward, and the blocks after L are dropped from memory, so the cost is L+1 blocks and no lm_head.
-With whole_model=True (jaxsae.evaluate) the same hook, on the same block, can also replace that
-output and let the forward go on to the logits: one hook point for both tools.
+For the dump, only blocks 0..L run: forward hooks on block L keep what they see and the last one
+stops the forward, and the blocks after L are dropped from memory, so the cost is at most L+1 blocks
+and no lm_head. The hook points (HOOKS) are block L's output (resid_post) and the input and output
+of its `mlp` submodule (mlp_in: after the pre-MLP norm; mlp_out: before the residual add), the pair
+a transcoder maps; several are captured in one forward. With whole_model=True (jaxsae.evaluate) the
+hook on block L's output can also replace that output and let the forward go on to the logits: one
+hook point for both tools.
 A tokenizer that starts every text with BOS (Gemma's) gets BOS put before each window too, and
 that position is left out of the output, the logits and what `replace` sees: such models are off
 their training distribution without it (Gemma 3 270M: ~0.7 nat higher loss even 32+ tokens in).
@@ -30,7 +33,20 @@ except ImportError as e:  # pragma: no cover
 
 
 class _Stop(Exception):
-  """Raised by the hook on block L: nothing after it needs computing."""
+  """Raised by the last hook of block L: nothing after it needs computing."""
+
+
+# Block L's hook points, in the order the forward reaches them.
+HOOKS = ("mlp_in", "mlp_out", "resid_post")
+
+
+def check_hooks(hooks) -> tuple:
+  """hooks as a tuple, or a DataError listing the allowed names."""
+  hooks = tuple(hooks)
+  if not hooks or len(set(hooks)) < len(hooks) or not set(hooks) <= set(HOOKS):
+    raise DataError(f"hooks {','.join(hooks) or '(none)'}: expected distinct names among "
+                    f"{', '.join(HOOKS)}")
+  return hooks
 
 
 def _locate(path: str) -> tuple[str, dict]:
@@ -57,11 +73,26 @@ def find_blocks(model) -> tuple[str, "torch.nn.ModuleList"]:
   raise DataError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
 
 
+def find_mlp(block, block_name: str):
+  """Block L's MLP module: its `mlp` child, as Llama, Gemma 3 and GPT-2 name it."""
+  mlp = getattr(block, "mlp", None)
+  if not isinstance(mlp, torch.nn.Module):
+    raise DataError(f"block {block_name} has no `mlp` submodule to hook (its children: "
+                    f"{', '.join(n for n, _ in block.named_children())})")
+  return mlp
+
+
+def _tensor(x):
+  return x[0] if isinstance(x, tuple) else x
+
+
 class BlockOutput:
-  """Calls the LM on token windows [B, T] and returns block `layer`'s output as float32 [B, T, d]."""
+  """Calls the LM on token windows [B, T] and returns block `layer`'s output as float32 [B, T, d]
+  (or, by capture(), each of `hooks` of block `layer`)."""
 
   def __init__(self, path: str, layer: int, device: str = "auto", compute_dtype: str = "float32",
-               save_hf: str = "", whole_model: bool = False):
+               save_hf: str = "", whole_model: bool = False, hooks=("resid_post",)):
+    hooks = check_hooks(hooks)
     folder, extra = _locate(path)
     self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     load = dict(local_files_only=True, **extra)
@@ -79,21 +110,45 @@ class BlockOutput:
     if not whole_model:
       del blocks[layer + 1:]
     self.whole_model = whole_model
-    self.hook_name = f"{name}.{layer}"
+    self.hooks = hooks
+    self.hook_name = f"{name}.{layer}"   # the block: resid_post, as SAEs and evaluate name it
+    self.hook_names = {"resid_post": self.hook_name, "mlp_in": f"{self.hook_name}.mlp.input",
+                       "mlp_out": f"{self.hook_name}.mlp.output"}
     self.d = model.config.hidden_size
     self.model = model.eval().to(self.device)
     self.compute_dtype = compute_dtype
     self.bos = self._leading_bos()
-    self._out = None
-    self._replace = None   # None: stop at the hook; else a function of the block output
-    blocks[layer].register_forward_hook(self._hook)
+    self._captured = {}    # hook -> its tensor in the current forward
+    self._last = max(hooks, key=HOOKS.index)   # the forward stops after this one
+    self._replace = None   # None: stop at the last hook; else a function of the block output
+    self._register(blocks[layer])
 
-  def _hook(self, module, inputs, output):
-    out = output[0] if isinstance(output, tuple) else output
-    self._out = out[:, 1:] if self.bos is not None else out   # BOS's row is no window row
-    if self._replace is None:
+  def _register(self, block):
+    if "mlp_in" in self.hooks or "mlp_out" in self.hooks:
+      mlp = find_mlp(block, self.hook_name)
+      if "mlp_in" in self.hooks:   # a pre-hook: with mlp_in alone, the MLP itself never runs
+        mlp.register_forward_pre_hook(self._mlp_in_hook, with_kwargs=True)
+      if "mlp_out" in self.hooks:
+        mlp.register_forward_hook(self._mlp_out_hook)
+    if "resid_post" in self.hooks:
+      block.register_forward_hook(self._block_hook)
+
+  def _keep(self, hook: str, x):
+    """Keeps x as hook's rows, then stops the forward if nothing later is needed."""
+    self._captured[hook] = x[:, 1:] if self.bos is not None else x   # BOS's row is no window row
+    if hook == self._last and self._replace is None:
       raise _Stop
-    new = self._replace(self._out).to(out.dtype)
+
+  def _mlp_in_hook(self, module, args, kwargs):
+    self._keep("mlp_in", args[0] if args else next(iter(kwargs.values())))
+
+  def _mlp_out_hook(self, module, inputs, output):
+    self._keep("mlp_out", _tensor(output))
+
+  def _block_hook(self, module, inputs, output):
+    out = _tensor(output)
+    self._keep("resid_post", out)   # resid_post is always last: without `replace` this stopped
+    new = self._replace(self._captured["resid_post"]).to(out.dtype)
     if self.bos is not None:
       new = torch.cat([out[:, :1], new], 1)
     return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
@@ -127,7 +182,7 @@ class BlockOutput:
       ids = torch.cat([torch.full_like(ids[:, :1], self.bos), ids], 1)
     autocast = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
                               enabled=self.compute_dtype == "bfloat16")
-    self._out, self._replace, logits = None, replace, None
+    self._captured, self._replace, logits = {}, replace, None
     try:
       with autocast:
         logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
@@ -136,22 +191,29 @@ class BlockOutput:
       pass
     finally:
       self._replace = None
-    if self._out is None:
-      raise DataError(f"the hook on {self.hook_name} did not fire")
+    missing = [self.hook_names[h] for h in self.hooks if h not in self._captured]
+    if missing:
+      raise DataError(f"the hook on {', '.join(missing)} did not fire")
     return logits[:, 1:] if logits is not None and self.bos is not None else logits
 
   @torch.no_grad()
-  def __call__(self, tokens: np.ndarray) -> np.ndarray:
-    """Block `layer`'s output [B, T, d] as float32 numpy; the forward stops there."""
+  def capture(self, tokens: np.ndarray) -> dict:
+    """{hook: its rows [B, T, d] as float32 numpy} for each of `hooks`, all from one forward, which
+    stops after the last of them."""
     self._forward(tokens, None)
-    return self._out.float().cpu().numpy()
+    return {h: self._captured[h].float().cpu().numpy() for h in self.hooks}
+
+  def __call__(self, tokens: np.ndarray) -> np.ndarray:
+    """The first hook's rows (block `layer`'s output by default) [B, T, d] as float32 numpy."""
+    return self.capture(tokens)[self.hooks[0]]
 
   @torch.no_grad()
   def logits(self, tokens: np.ndarray, replace=lambda out: out):
     """(float32 logits [B, T, V], block `layer`'s output as it came out of the block, before
     `replace`) with block `layer`'s output replaced by replace(output) for the rest of the forward;
     the default leaves it as it is (the clean run)."""
-    if not self.whole_model:
-      raise ValueError("logits need the whole model: BlockOutput(..., whole_model=True)")
+    if not self.whole_model or "resid_post" not in self.hooks:
+      raise ValueError("logits need the whole model and block `layer`'s output: "
+                       "BlockOutput(..., whole_model=True) with resid_post among its hooks")
     logits = self._forward(tokens, replace)
-    return logits.float(), self._out.float()
+    return logits.float(), self._captured["resid_post"].float()

@@ -22,6 +22,7 @@ import threading
 import grain
 import numpy as np
 
+from jaxsae.data.paired import PairedStore
 from jaxsae.data.source import BatchIterator, Data, DataError
 from jaxsae.data.store import Store, numpy_dtype
 
@@ -237,8 +238,10 @@ def retain_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 
 def open_store(path: str, global_batch: int, eval_rows: int, eval_batches: int, seed: int,
                epochs: int, group_chunks: int, num_threads: int, prefetch: int,
                allow_incomplete: bool, process_index: int, process_count: int,
-               dtype: str = "", missing_hint: str = "", direct_read: bool = True) -> Data:
-  """The `Data` of an activation store for one process (see source.Data)."""
+               dtype: str = "", missing_hint: str = "", direct_read: bool = True,
+               target_path: str = "") -> Data:
+  """The `Data` of an activation store for one process (see source.Data); with target_path, of
+  the pair (data/paired.py): batches hold each row's input and target side by side."""
   try:
     store = Store(path, allow_incomplete=allow_incomplete, direct_read=direct_read)
   except DataError as e:
@@ -246,6 +249,14 @@ def open_store(path: str, global_batch: int, eval_rows: int, eval_batches: int, 
   if dtype and dtype != store.dtype:
     raise DataError(f"data.dtype={dtype!r} but the store at {path} holds {store.dtype}: "
                     f"set data.dtype={store.dtype!r} (or \"\" to accept any)")
+  d_input, d_target = store.d, 0
+  if target_path:
+    try:
+      target = Store(target_path, allow_incomplete=allow_incomplete, direct_read=False)
+    except DataError as e:
+      raise DataError(f"data.target_path: {e}") from None
+    store = PairedStore(store, target)
+    d_target = target.d
   if global_batch % process_count:
     raise DataError(f"train.batch_size={global_batch} is not divisible by {process_count} processes")
   local = global_batch // process_count
@@ -279,6 +290,6 @@ def open_store(path: str, global_batch: int, eval_rows: int, eval_batches: int, 
   meta = dict(store.metadata, source="store", path=path)
   for bulky in ("stats_state", "state"):
     meta.pop(bulky, None)
-  return Data(d=store.d, dtype=store.dtype, train=train,
+  return Data(d=d_input, d_target=d_target, dtype=store.dtype, train=train,
               eval_batches=eval_iter if eval_total else None, init_sample=init_sample,
               metadata=meta, close=train.close)

@@ -26,11 +26,13 @@ class BatchIterator(Iterator[np.ndarray]):
 
 @dataclasses.dataclass
 class Data:
-  d: int                                   # width of each activation row
+  d: int                                   # width of each activation row (a transcoder's input)
   dtype: str                               # numpy dtype name of the stored rows
   train: BatchIterator                     # endless (or epoch-limited) local training batches
   eval_batches: Optional[Callable[[], Iterable[np.ndarray]]]  # fresh pass over held-out local batches
   init_sample: Callable[[int], np.ndarray]  # same rows on every process, for input scale and b_pre
+  d_target: int = 0                        # a transcoder's target width: rows are then d + d_target
+                                           # wide, the input then the target (data/paired.py)
   metadata: dict = dataclasses.field(default_factory=dict)   # model, hook, ... (exports record it)
   ground_truth: Optional[np.ndarray] = None  # [features, d] unit true features (synthetic data only)
   close: Callable[[], Any] = lambda: None
