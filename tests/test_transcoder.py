@@ -149,13 +149,15 @@ def _eval_fvu(workdir):
 
 def test_rotated_target_trains_as_well_as_an_sae_on_the_input(stores, tmp_path):
   """y = 3 x R: the transcoder must learn x's features and rotate them. Its FVU on held-out rows
-  is within a few percent of an SAE's on x after the same steps; the logs say what it is."""
+  is within a few percent of an SAE's on x after the same steps; the logs say what it is. (Its
+  encoder and decoder start untied, so it needs more steps than the SAE to catch up: at 600 it
+  was 8% behind with the default lazy Adam, 1% at 1200.)"""
   x_path, y_path, _, _ = stores
   fvu = {}
   for name, extra in (("sae", []), ("transcoder", [f"--config.data.target_path={y_path}",
                                                     f"--config.sae.d_out={D_OUT}"])):
     wd = str(tmp_path / name)
-    r = run_cli(args(x_path, 600, *extra, f"--workdir={wd}"))
+    r = run_cli(args(x_path, 1200, *extra, f"--workdir={wd}"))
     assert r.returncode == 0, r.stderr[-3000:]
     fvu[name] = _eval_fvu(wd)
   assert f"transcoder: {x_path} (d={D}) -> {y_path} (d_out={D_OUT})" in r.stderr
