@@ -26,7 +26,9 @@ With --set=sae.architecture=batchtopk or matryoshka_batchtopk (and sae.matryoshk
 jaxsae trains that architecture and so do saelens (its BatchTopKTrainingSAE /
 MatryoshkaBatchTopKTrainingSAE) and dictlearn (its BatchTopKTrainer / MatryoshkaBatchTopKTrainer);
 every one of them is scored as the JumpReLU it is at inference (rows hold k latents on average:
-see eval L0); sparsify has neither architecture and is refused.
+see eval L0), and again at exactly k latents per row on average (one threshold fitted on the
+held-out rows, bench/peers.py at_equal_l0: "FVU at L0=k"); sparsify has neither architecture and
+is refused.
   sparsify         EleutherAI sparsify's SparseCoder + its Trainer's step with its `adam` option
                    (torch Adam, its linear decay to 0 over the run, no warmup), AuxK alpha =
                    jaxsae's (1/32), raw inputs (bench/sparsify_peer.py)
