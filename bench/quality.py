@@ -419,9 +419,10 @@ def run_pair(dataset: str, config, trainers, lm: dict | None = None) -> list[dic
       w_unit = peer.decoder_directions()
       if held is not None:
         x_hat, l0 = peer.reconstruct(held)
+      weights = peer.sae_weights() if lm or spec.batchtopk else None
       if lm:
-        saes.append(peer.sae_weights())
-      jumprelu = peer.sae_weights() if spec.batchtopk else None   # its own BatchTopK (--set)
+        saes.append(weights)
+      jumprelu = weights if spec.batchtopk else None   # its own BatchTopK (--set)
     if held is not None:
       rec["eval_fvu"], rec["eval_l0"] = fvu(held, x_hat), float(np.mean(l0))
       if jumprelu is not None:   # BatchTopK / Matryoshka: also scored at L0 = k (peers.py)

@@ -34,6 +34,7 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 
+from jaxsae import paths
 from jaxsae.data import inputs
 from jaxsae.data.source import DataError
 from jaxsae.data.store import Layout, StoreWriter, numpy_dtype
@@ -191,7 +192,7 @@ def from_model():
 
 def store_path(hook: str, hooks: tuple) -> str:
   """--out itself for one hook; else --out/HOOK (a folder, or a URL prefix)."""
-  return FLAGS.out if len(hooks) == 1 else FLAGS.out.rstrip("/") + "/" + hook
+  return FLAGS.out if len(hooks) == 1 else paths.join(FLAGS.out, hook)
 
 
 def model_info(net, files: list, hook: str, hooks: tuple) -> dict:

@@ -67,21 +67,20 @@ class PairedStore:
       raise DataError(f"data.path={self.inputs.path} and data.target_path={self.targets.path} "
                       f"share no per-row column (token ids) to check that their rows match; dump "
                       f"both with token ids (jaxsae.dump does unless --from-npy lacks --tokens-npy)")
-    if self.rows <= FULL_CHECK_ROWS:
-      chunks = range(self.num_chunks)
+    if self.rows <= FULL_CHECK_ROWS:   # one read of each whole column
+      spans = [(0, self.rows)]
     else:
       chunks = sorted(set(np.linspace(0, self.num_chunks - 1, SAMPLE_CHUNKS).astype(int)))
-    for i in chunks:
-      start, stop = self.chunk(int(i))
+      spans = [self.chunk(int(i)) for i in chunks]
+    for start, stop in spans:
       for name in shared:
         a, b = self.inputs.read(start, stop, name), self.targets.read(start, stop, name)
         bad = np.flatnonzero(a != b)
         if bad.size:
-          row = start + int(bad[0])
-          raise DataError(f"row {row}: column {name!r} is {a[bad[0]]} in data.path="
-                          f"{self.inputs.path} but {b[bad[0]]} in data.target_path="
-                          f"{self.targets.path} ({bad.size} rows of chunk {i} differ): the two "
-                          f"stores do not hold the same tokens in the same order")
+          raise DataError(f"row {start + int(bad[0])}: column {name!r} is {a[bad[0]]} in "
+                          f"data.path={self.inputs.path} but {b[bad[0]]} in data.target_path="
+                          f"{self.targets.path} ({bad.size} of rows {start}-{stop} differ): the "
+                          f"two stores do not hold the same tokens in the same order")
 
   def chunk(self, i: int) -> tuple[int, int]:
     return self.inputs.chunk(i)
