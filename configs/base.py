@@ -126,6 +126,11 @@ def get_config():
                                  # "80GiB"; "" asks the device (CPU: host RAM / local devices);
                                  # "off" skips the check
 
+  c.sweep = ()                   # several SAEs in one job on one read of the data: a list of
+                                 # override dicts, one member each, e.g. [{"train.lr": 2e-3},
+                                 # {"sae.k": 16}] or sweep.grid({...}); members train in
+                                 # WORKDIR/members/<name> (jaxsae/sweep.py)
+
   c.kernels = "auto"             # "auto" | "xla" | "pallas"; auto: pallas on GPU, xla on TPU and
                                  # CPU (config_check.resolve_kernels says why; logged at start-up)
   c.compute_dtype = "float32"    # dtype of the encoder GEMM: "float32" | "bfloat16"

@@ -44,7 +44,7 @@ IDENTITY_FIELDS = ("sae.d", "sae.n", "sae.k", "sae.k_aux", "sae.multi_topk", "sa
 # Fields added since runs began recording their config: what a run that lacks them trained with.
 LEGACY_DEFAULTS = {"sae.architecture": "topk", "sae.batchtopk_cap": 4,
                    "sae.matryoshka_prefixes": [1 / 16, 1 / 4], "sae.d_out": 0,
-                   "sae.skip": False, "data.target_path": ""}
+                   "sae.skip": False, "data.target_path": "", "sweep": []}
 IDENTITY_PREFIXES = ("data.synthetic.",)
 
 
@@ -175,13 +175,17 @@ def abstract_like(tree):
 class Checkpointer:
   """Saves and restores (state, data position, run description) in workdir/checkpoints."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True,
+               name: str = ""):
+    """name: distinct per Checkpointer of one job (a sweep's members): the processes' barriers
+    are keyed by it, else two managers saving the same step would share one barrier."""
     self.directory = checkpoint_dir(workdir)
     self._mngr = ocp.CheckpointManager(
         self.directory, item_names=("state", "data", "run"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-            create=True,
+            create=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=name or None),
             # Folders of saves that never completed (killed mid-write) are deleted on start.
             cleanup_tmp_directories=True))
     self._in_flight: Optional[int] = None   # step of the last save whose completion is unconfirmed
@@ -208,6 +212,15 @@ class Checkpointer:
     logging.info("resumed from step %d of %s (%d tokens)", restored.step, self.directory,
                  restored.run.get("tokens", 0))
     return restored.state
+
+  def discard_after(self, step) -> list:
+    """Deletes the complete steps after `step` (None: all); returns them. A sweep's members save
+    together, and a step is the sweep's only once every member's is complete (train.py): a kill
+    between leaves some members one step ahead, which the resumed sweep drops and saves again."""
+    late = [s for s in self._mngr.all_steps(read=True) if step is None or s > step]
+    for s in late:
+      self._mngr.delete(s)
+    return late
 
   def save(self, step: int, state, data_state: dict, run: dict):
     """Starts saving a step; returns once the state is copied off the devices."""

@@ -4,7 +4,7 @@ r"""Summarizes a run or an exported SAE, and shows what chosen latents fire on.
   python -m jaxsae.inspect PATH --store=STORE --latents=3,17 [--tokenizer=TOK] [--top=10]
       [--max_rows=200000] [--html=latents.html]
 
-PATH is a training workdir (local or gs://) or an export (a saelens/sparsify folder, or a .npz;
+PATH is a training workdir (local or gs://), a sweep's (its members' table) or an export (a saelens/sparsify folder, or a .npz;
 local). The summary gives the config, step, tokens, last metrics and the fraction of dead latents.
 With --store (an activation store from `python -m jaxsae.dump`, with token ids), the SAE encodes the
 store's first --max_rows rows and lists each chosen latent's top-activating tokens in their
@@ -207,6 +207,10 @@ def main(argv):
   if len(argv) != 2:
     raise app.UsageError("usage: python -m jaxsae.inspect PATH [--store=... --latents=...]")
   path = argv[1]
+  from jaxsae import sweep
+  if sweep.read_state(path) is not None:   # a sweep: its members' table (inspect each member's
+    print(sweep.summary_table(path))       # own folder, PATH/members/<name>, for the rest)
+    return
   try:
     latents = [int(x) for x in FLAGS.latents]
     sae, meta, config = load(path, FLAGS.step, with_weights=bool(FLAGS.store and latents))

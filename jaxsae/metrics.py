@@ -104,8 +104,9 @@ class Interval:
     values = jax.device_get(self._metrics)
     elapsed = time.perf_counter() - self._start
     record = {"step": step, "tokens": tokens}
-    for key in values[0]:
-      record[key] = float(np.mean([v[key] for v in values]))
+    for key in values[0]:   # a float, or per member of a sweep's stacked step (train.py)
+      mean = np.mean([v[key] for v in values], axis=0)
+      record[key] = float(mean) if np.ndim(mean) == 0 else mean
     record["train/explained_variance"] = 1.0 - record["train/fvu"]
     record["perf/tokens_per_sec"] = len(values) * batch_size / max(elapsed, 1e-9)
     record["perf/data_wait_frac"] = self._wait / max(elapsed, 1e-9)

@@ -90,22 +90,27 @@ def schedule_steps(train) -> tuple[int, int]:
   return warmup, min(int(train.steps * train.decay_frac), max(train.steps - warmup, 0))
 
 
-def learning_rate(config):
-  """The schedule: linear warmup, constant, then linear decay to 0 over train.decay_frac of the
-  run (1.0, the default: from the end of warmup to the last step, as sparsify)."""
-  train = config.train
-  lr, _ = resolve_lr(config)
+def rate_shape(train):
+  """The schedule's shape, peaking at 1: linear warmup, constant, then linear decay to 0 over
+  train.decay_frac of the run (1.0, the default: from the end of warmup to the last step, as
+  sparsify). The rate at a step is the peak rate times this."""
   warmup, decay_steps = schedule_steps(train)
   flat = max(train.steps - warmup - decay_steps, 0)
   parts, bounds = [], []
   if warmup:
-    parts.append(optax.linear_schedule(0.0, lr, warmup))
+    parts.append(optax.linear_schedule(0.0, 1.0, warmup))
     bounds.append(warmup)
-  parts.append(optax.constant_schedule(lr))
+  parts.append(optax.constant_schedule(1.0))
   if decay_steps:
     bounds.append(warmup + flat)
-    parts.append(optax.linear_schedule(lr, 0.0, decay_steps))
+    parts.append(optax.linear_schedule(1.0, 0.0, decay_steps))
   return optax.join_schedules(parts, bounds) if bounds else parts[0]
+
+
+def learning_rate(config):
+  """The schedule: the peak rate (resolve_lr) times rate_shape."""
+  peak, shape = resolve_lr(config)[0], rate_shape(config.train)
+  return lambda count: peak * shape(count)
 
 
 # b_pre's step, as a fraction of the weights' (train.b_pre_lr_ratio = -1). b_pre is the one
@@ -136,20 +141,22 @@ def lr_ratios(config) -> dict:
   return {"b_pre": resolve_b_pre_ratio(config)[0]}
 
 
-def scale_by_learning_rates(schedule, ratios: dict) -> optax.GradientTransformation:
-  """optax.scale_by_learning_rate(schedule) with a per-parameter factor (ratios: name -> factor,
+def scale_by_learning_rates(peak: float, shape, ratios: dict) -> optax.GradientTransformation:
+  """optax.scale_by_learning_rate(peak * shape) with a per-parameter factor (ratios: name -> factor,
   1 for the others); the same state (ScaleByScheduleState), so checkpoints and fused_update keep
-  their layout."""
+  their layout. update() takes the peak as an extra argument, peak_lr (a traced value: the members
+  of a sweep stacked in one step each have their own, sweep.py); without it, `peak`."""
 
   def init(params):
     return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
 
-  def update(updates, state, params=None):
-    lr = schedule(state.count)
+  def update(updates, state, params=None, *, peak_lr=None, **extra):
+    del params, extra
+    lr = (peak if peak_lr is None else peak_lr) * shape(state.count)
     updates = {name: -lr * ratios.get(name, 1.0) * u for name, u in updates.items()}
     return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def project_decoder_grads() -> optax.GradientTransformation:
@@ -168,7 +175,7 @@ OPT_STATE_DTYPES = ("float32", "bfloat16")
 
 def make_optimizer(config) -> optax.GradientTransformation:
   t = config.train
-  rates = scale_by_learning_rates(learning_rate(config), lr_ratios(config))
+  rates = scale_by_learning_rates(resolve_lr(config)[0], rate_shape(t), lr_ratios(config))
   if t.opt_state_dtype == "float32":
     adam = optax.chain(optax.scale_by_adam(b1=t.b1, b2=t.b2, eps=t.eps), rates)
   elif t.opt_state_dtype == "bfloat16":
@@ -310,7 +317,8 @@ def _lazy_rows(rows_fn, args, h, touched, chunk, flags):
   return jax.lax.fori_loop(0, used, one_pass, (w, mu, nu))
 
 
-def fused_update(config, params, grads, opt_state, touched=None, *, kernels="pallas", chunk=0):
+def fused_update(config, params, grads, opt_state, touched=None, *, kernels="pallas", chunk=0,
+                 peak_lr=None):
   """What tx.update + apply_updates + renormalize_decoder do, one sweep per weight matrix: with
   kernels=pallas in Pallas (pallas_kernels/fused_adam.py, or fused_adam_gpu.py for the GPU
   flavour), with kernels=xla in their pure-JAX references. Biases take the same arithmetic in plain
@@ -320,13 +328,15 @@ def fused_update(config, params, grads, opt_state, touched=None, *, kernels="pal
   touched: None updates every row (dense). A [n_local] bool mask of this shard's latents makes the
   step lazy (see above): the matrices' touched rows are updated `chunk` rows a pass (default: the
   whole shard; step.py passes lazy_chunk_rows), gathered and scattered back on the xla path,
-  fetched by DMA or masked loads on the Pallas one; b_enc by a masked select.
+  fetched by DMA or masked loads on the Pallas one; b_enc by a masked select. peak_lr: as in
+  scale_by_learning_rates (None: the config's).
   """
   train = config.train
   fa = _adam_module(kernels)
   empty, (adam, sched) = opt_state
   count = optax.safe_increment(adam.count)
-  lr, ratios = learning_rate(config)(sched.count), lr_ratios(config)
+  peak = resolve_lr(config)[0] if peak_lr is None else peak_lr
+  lr, ratios = peak * rate_shape(train)(sched.count), lr_ratios(config)
   hyper = lambda name: fa.hyper(lr * ratios.get(name, 1.0), train.b1, train.b2, train.eps, count)
   args = {name: (w, grads[name], adam.mu[name], adam.nu[name]) for name, w in params.items()}
   flags = lambda name: dict(project=name == "W_dec", renorm=name == "W_dec")

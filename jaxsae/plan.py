@@ -264,6 +264,43 @@ def check(config, specs) -> Plan:
   return plan
 
 
+def check_sweep(named_configs: list, specs) -> list:
+  """A sweep's check (train.py): every member's state and step counted as if all were live at
+  once (stacked members are; members of separate steps hold their state throughout, and this
+  over-counts only their activations). Refuses, naming the members to drop or move to another job,
+  a sweep whose members together do not fit."""
+  from absl import logging
+  plans = [(name, estimate(Problem.from_config(c), specs.data_size, specs.model_size))
+           for name, c in named_configs]
+  setting = named_configs[0][1].mesh.device_memory
+  if setting == "off":
+    return plans
+  try:
+    memory = device_memory(setting)
+  except ValueError as e:
+    raise PlanError(f"mesh.device_memory: {e}") from None
+  total = sum(pl.peak for _, pl in plans)
+  lines = [f"  {name:<30}{fmt_bytes(pl.peak):>12}" for name, pl in plans]
+  text = "per device, each member's peak:\n" + "\n".join(lines) + (
+      f"\n  {'all members':<30}{fmt_bytes(total):>12}")
+  if memory is None:
+    logging.info("sweep memory plan (device memory unknown, not checked):\n%s", text)
+    return plans
+  if total > memory:
+    drop, left = [], total
+    for name, pl in sorted(plans, key=lambda item: -item[1].peak):
+      if left <= memory:
+        break
+      drop.append(name)
+      left -= pl.peak
+    raise PlanError(f"the sweep does not fit in device memory ({fmt_bytes(memory)}; "
+                    f"mesh.device_memory to override, 'off' to skip):\n{text}\n"
+                    f"drop these members or move them to another job: {', '.join(drop)}")
+  logging.info("sweep memory plan:\n%s\nfits (%.0f%% of device memory)", text,
+               100 * total / memory)
+  return plans
+
+
 # ---- the compiled step, for checking the model ---------------------------------------------------
 
 def compile_step(config):

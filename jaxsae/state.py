@@ -6,7 +6,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsae import model
 
@@ -78,3 +78,22 @@ def create(key, spec: model.SaeSpec, tx, specs, b_pre, input_scale, target=None)
   shardings = specs.named(state_specs(shapes, tx, specs))
   state = jax.jit(init, out_shardings=shardings)(key, b_pre, input_scale, target)
   return state, shardings
+
+
+def stacked_shardings(shardings: TrainState) -> TrainState:
+  """The shardings of M states stacked on a new leading axis (a sweep's members, sweep.py): that
+  axis whole on every device, the others as before."""
+  return jax.tree.map(lambda s: NamedSharding(s.mesh, P(None, *s.spec)), shardings)
+
+
+def create_stacked(keys, spec: model.SaeSpec, tx, specs, b_pre, input_scale, target=None):
+  """M states (one per key) stacked on a leading axis, made on the mesh as create() makes one;
+  returns (stacked state, one member's NamedShardings, the stacked NamedShardings)."""
+  init = _init_fn(spec, tx)
+  target = zero_target(spec) if spec.transcoder and target is None else target
+  shapes = jax.eval_shape(init, keys[0], b_pre, input_scale, target)
+  shardings = specs.named(state_specs(shapes, tx, specs))
+  stacked = stacked_shardings(shardings)
+  state = jax.jit(jax.vmap(init, in_axes=(0, None, None, None)), out_shardings=stacked)(
+      jnp.stack(keys), b_pre, input_scale, target)
+  return state, shardings, stacked

@@ -67,15 +67,39 @@ class StepFns:
                                                             spec.k_select, specs.model_size))
       opt_specs = specs_of(state_shardings.opt_state)
       self.fused_optimizer = self._shard_map(
-          fused, (self.param_specs, self.param_specs, opt_specs) +
+          lambda *args: fused(*args[1:], peak_lr=args[0]),
+          (P(), self.param_specs, self.param_specs, opt_specs) +
           ((specs.latent,) if self.lazy else ()), (self.param_specs, opt_specs))
-    batch_sharding = NamedSharding(specs.mesh, specs.batch)
+    # What a sweep may vary between the members stacked in one step (train.py): the peak rate,
+    # and whether the member still trains (one whose loss went non-finite is frozen).
+    self.hyper = {"lr": jnp.float32(optim.resolve_lr(config)[0]), "active": jnp.bool_(True)}
+    self.batch_sharding = NamedSharding(specs.mesh, specs.batch)
     replicated = NamedSharding(specs.mesh, P())
-    self.train = jax.jit(self._train_step, in_shardings=(state_shardings, batch_sharding),
-                         out_shardings=(state_shardings, replicated, replicated),
-                         donate_argnums=0)
-    self.eval = jax.jit(self._eval_sums, in_shardings=(state_shardings, batch_sharding),
+    self.train = jax.jit(
+        lambda state, batch: self._train_step(state, batch, self.hyper,
+                                              self.branch(state.since_fired)),
+        in_shardings=(state_shardings, self.batch_sharding),
+        out_shardings=(state_shardings, replicated, replicated), donate_argnums=0)
+    self.eval = jax.jit(self._eval_sums, in_shardings=(state_shardings, self.batch_sharding),
                         out_shardings=replicated)
+
+  def stacked(self, stacked_shardings):
+    """(train, eval) for M states stacked on a leading axis (a sweep's members of one shape,
+    train.py): one compiled step, vmapped over the members, sharing one batch. train takes the
+    members' hypers ({"lr": [M], "active": [M]}); the AuxK branch is the widest any member needs
+    (a wider branch gives the same update: aux_sizes), so it stays one branch, not all of them."""
+    replicated = NamedSharding(self.specs.mesh, P())
+
+    def train(states, batch, hypers):
+      step = jax.vmap(self._train_step, in_axes=(0, None, 0, None))
+      return step(states, batch, hypers, self.branch(states.since_fired))
+
+    train = jax.jit(train, in_shardings=(stacked_shardings, self.batch_sharding, replicated),
+                    out_shardings=(stacked_shardings, replicated, replicated), donate_argnums=0)
+    evaluate = jax.jit(jax.vmap(self._eval_sums, in_axes=(0, None)),
+                       in_shardings=(stacked_shardings, self.batch_sharding),
+                       out_shardings=replicated)
+    return train, evaluate
 
   # ---- per-device pieces (inside shard_map) -------------------------------------------------
 
@@ -91,6 +115,15 @@ class StepFns:
     return jnp.zeros((n_local,), jnp.int32).at[local.reshape(-1)].max(
         (own & ok).reshape(-1).astype(jnp.int32))
 
+  def branch(self, since_fired):
+    """The AuxK branch (aux_branch) for since_fired [..., n] (leading axes: stacked members, the
+    widest any needs); 0 without AuxK. Computed on the global array, before the shard_map."""
+    if not self.spec.k_aux:
+      return jnp.int32(0)
+    dead = (since_fired >= self.spec.dead_tokens).astype(jnp.int32)
+    shards = dead.reshape(*dead.shape[:-1], self.specs.model_size, -1)   # latent shards
+    return self.aux_branch(jnp.max(jnp.sum(dead, axis=-1)), jnp.max(jnp.sum(shards, axis=-1)))
+
   def aux_branch(self, num_dead, most):
     """Index into aux_branches: the narrowest AuxK width that holds num_dead (all shards' dead
     latents), then the shortest list that holds `most` (the most any one shard has), 0 last."""
@@ -101,8 +134,8 @@ class StepFns:
     ok = [(w == width) & ((size == 0) | (most <= size)) for w, size in self.aux_branches]
     return jnp.argmax(jnp.stack(ok))   # the first that fits: lists are ascending, 0 comes last
 
-  def _local_grads(self, params, x, y, since_fired):
-    """x: this shard's inputs; y: its targets (x itself for an SAE)."""
+  def _local_grads(self, params, x, y, since_fired, branch):
+    """x: this shard's inputs; y: its targets (x itself for an SAE); branch: the AuxK branch."""
     spec, axis = self.spec, self.axis
     dead = since_fired >= spec.dead_tokens
     total_var, _ = model.centred_sq_sum(y, self.specs.batch_axes)
@@ -138,14 +171,10 @@ class StepFns:
 
     if spec.k_aux:  # AuxK's second top-k costs as much as the first: run it only when needed,
       # only as wide as the dead latents need (aux_sizes), and over a list of them when every
-      # shard has few (topk.compact_sizes). The branch must be the same on every shard (its ops
-      # hold collectives): the list holds the most any shard has.
-      most = jnp.sum(dead, dtype=jnp.int32)
-      if axis is not None:
-        most = jax.lax.pmax(most, axis)
+      # shard has few (topk.compact_sizes). The branch is the same on every shard (its ops hold
+      # collectives): self.branch, from the global counters; the list holds the most any shard has.
       grads, sums, latents = jax.lax.switch(
-          self.aux_branch(num_dead, most),
-          [functools.partial(run, w, size) for w, size in self.aux_branches])
+          branch, [functools.partial(run, w, size) for w, size in self.aux_branches])
     else:
       grads, sums, latents = run(0, 0)
     threshold = sums.pop("threshold", None)   # already global (topk.kth_largest)
@@ -178,24 +207,28 @@ class StepFns:
 
   # ---- global steps (jitted) ----------------------------------------------------------------
 
-  def _train_step(self, state: TrainState, batch):
+  def _train_step(self, state: TrainState, batch, hyper, branch):
     """One update, guarded: a batch with NaN/inf rows, or a non-finite loss, leaves the state as it
-    was (only the step counter moves on); the guard flags tell the host, which decides to stop."""
+    was (only the step counter moves on); the guard flags tell the host, which decides to stop.
+    hyper: the peak rate and whether to train at all (self.hyper); branch: self.branch."""
     specs, spec = self.specs, self.spec
     finite_rows = jnp.all(jnp.isfinite(batch), axis=1)
     x, y = self._inputs(state, jnp.where(finite_rows[:, None], batch.astype(jnp.float32), 0.0))
     grads, sums, latents = self._shard_map(
-        self._local_grads, (self.param_specs, specs.batch, specs.batch, specs.latent),
-        (self.param_specs, P(), specs.latent))(state.params, x, y, state.since_fired)
+        self._local_grads, (self.param_specs, specs.batch, specs.batch, specs.latent, P()),
+        (self.param_specs, P(), specs.latent))(state.params, x, y, state.since_fired, branch)
     nonfinite_rows = jnp.sum(~finite_rows)
-    ok = (nonfinite_rows == 0) & jnp.isfinite(sums["sq"]) & jnp.isfinite(sums["auxk_sq"])
+    finite = jnp.isfinite(sums["sq"]) & jnp.isfinite(sums["auxk_sq"])
+    ok = (nonfinite_rows == 0) & finite & hyper["active"]
 
     def update(state):
       if self.fused_optimizer is not None:
         touched = (latents["touched"],) if self.lazy else ()
-        params, opt_state = self.fused_optimizer(state.params, grads, state.opt_state, *touched)
+        params, opt_state = self.fused_optimizer(hyper["lr"], state.params, grads,
+                                                 state.opt_state, *touched)
       else:
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params,
+                                            peak_lr=hyper["lr"])
         params = optim.renormalize_decoder(optax.apply_updates(state.params, updates))
       since = jnp.minimum(state.since_fired + self.batch_size, spec.dead_tokens)
       new = state.replace(params=params, opt_state=opt_state,
@@ -221,8 +254,9 @@ class StepFns:
     if spec.batchtopk:
       metrics["sparsity/threshold"] = sums["threshold"]
       metrics["sparsity/rows_at_cap"] = sums["at_cap"] / self.batch_size
-    guard = {"nonfinite_rows": nonfinite_rows, "skipped": ~ok}
-    return new.replace(step=state.step + 1), metrics, guard
+    # A frozen member's step stays where it stopped; its flags report nothing new.
+    guard = {"nonfinite_rows": nonfinite_rows, "skipped": ~finite & hyper["active"]}
+    return new.replace(step=state.step + hyper["active"].astype(jnp.int32)), metrics, guard
 
   def _inputs(self, state: TrainState, batch):
     """(x, y) scaled: a transcoder's batch rows are its input and target side by side (the two

@@ -176,10 +176,11 @@ def _lazy_on_two_shards(tiny_config, n, dead_tokens):
   config.mesh.shape = (1, 2)
   run = train.setup(config)
   st, specs = run.steps, run.specs
+  replicated = jax.sharding.PartitionSpec()
   local = st._shard_map(st._local_grads,
-                        (st.param_specs, specs.batch, specs.batch, specs.latent),
-                        (st.param_specs, jax.sharding.PartitionSpec(), specs.latent))
-  return run, jax.jit(lambda params, x, since: local(params, x, x, since))
+                        (st.param_specs, specs.batch, specs.batch, specs.latent, replicated),
+                        (st.param_specs, replicated, specs.latent))
+  return run, jax.jit(lambda params, x, since: local(params, x, x, since, st.branch(since)))
 
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])

@@ -391,3 +391,12 @@ def test_gpu_train_20_steps_pallas_equals_xla(tiny_config, architecture, lazy):
   tiny_config.sae.architecture = architecture
   tiny_config.train.lazy_optimizer = lazy   # None: lazy here (batch x k = 128 >= n = 64)
   assert_pallas_step_equals_xla(tiny_config, steps=20)
+
+
+@on_gpu
+def test_gpu_stacked_sweep_step_with_pallas_equals_xla(tiny_config):
+  """A sweep's two members vmapped through the compiled GPU kernels (test_sweep.stacked_params)."""
+  from test_sweep import stacked_params
+  got, want = stacked_params(tiny_config, "pallas", 20), stacked_params(tiny_config, "xla", 20)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)

@@ -30,9 +30,9 @@ def _trace(config):
   rows = P(specs.batch_axes, None)
   select = jax.jit(st._shard_map(functools.partial(_select, st),
                                  (st.param_specs, specs.batch, specs.latent), (rows, rows, rows)))
-  grads = jax.jit(st._shard_map(st._local_grads,
-                                (st.param_specs, specs.batch, specs.batch, specs.latent),
-                                (st.param_specs, P(), specs.latent)))
+  grads = jax.jit(lambda params, x, y, since: st._shard_map(
+      st._local_grads, (st.param_specs, specs.batch, specs.batch, specs.latent, P()),
+      (st.param_specs, P(), specs.latent))(params, x, y, since, st.branch(since)))
   state, out = run.state, []
   for _ in range(STEPS):
     batch = jax.device_put(next(run.data.train), run.batch_sharding)

@@ -13,6 +13,8 @@
 #            pool so that SAELens ran out of memory beside it; kernels=auto picks pallas on GPU
 #   tplazy   (not in the default list) B=16384 with --lazy: each jaxsae step also under
 #            train.lazy_optimizer, no peers
+#   saesweep (not in the default list) python3 bench/sweep.py --steps=200: a 4-rate sweep of
+#            d=576 n=4096 SAEs against the four runs one after the other (issue 19)
 #   loader   (not in the default list) python3 bench/loader.py --rows=1048576, warm, with 2 and
 #            with 8 reader threads (issue 3: does a many-core host reach 80% of the raw read?),
 #            and cold with 8 where the page cache can be dropped (root)
@@ -70,6 +72,7 @@ if [[ $DRY == 1 ]]; then
   KSHAPE=(--d=64 --n=1024 --k=8 --batch=256)
   SWEEP_SHAPE=(--d=64 --n=1024 --k=8 --k_aux=16 --batch=64 --reps=1 --interpret --flavor=gpu)
   LSHAPE=(--rows=16384 --chunk_rows=1024 --shard_rows=4096 --dims=64 --repeats=1)
+  SAESWEEP=(--d=64 --n=1024 --batch=512 --steps=20)
   TEST_PLATFORM=cpu
 else
   RESULTS=bench/RESULTS.md
@@ -78,6 +81,7 @@ else
   KSHAPE=()
   SWEEP_SHAPE=(--batch=16384)
   LSHAPE=(--rows=1048576)
+  SAESWEEP=(--steps=200)
   TEST_PLATFORM=cuda   # tests/conftest.py makes CPU the default platform unless this is set
 fi
 LINES0=$(wc -l <"$RESULTS")
@@ -164,6 +168,8 @@ for s in "${STEPS[@]}"; do
       run tplazy 200 "$PY" bench/throughput.py "${SHAPE[@]}" --batch=$B2 --dense=false --lazy \
           --compute_dtype=bfloat16 --kernels=xla,pallas --peers= --steps=10 --rounds=3 \
           --wait_quiet=30 --max_load=8 --results="$RESULTS" ;;
+    saesweep)
+      run saesweep 200 "$PY" bench/sweep.py "${SAESWEEP[@]}" --results="$RESULTS" ;;
     loader)
       run loader 200 bash -c '
         py=$1; shift
@@ -175,7 +181,7 @@ for s in "${STEPS[@]}"; do
           echo "cold: skipped, /proc/sys/vm/drop_caches is not writable"
         fi' loader "$PY" "${LSHAPE[@]}" --results="$RESULTS" ;;
     *)
-      say "unknown step $s (tests tp16384 sweep tp4096 kernels tpxla tplazy loader)" ;;
+      say "unknown step $s (tests tp16384 sweep tp4096 kernels tpxla tplazy saesweep loader)" ;;
   esac
 done
 
