@@ -89,10 +89,13 @@ def main(argv):
       rates.append(steady(os.path.join(tmp, f"alone{i}")))
     # one after the other: the steady rate of the sequence is the harmonic combination
     out["sequential"] = (sum(walls), len(lrs) / sum(1 / r for r in rates))
+  from jaxsae import sweep
+  stacking = "%s (%s)" % sweep.resolve_stacking(base_config())
   tokens = len(lrs) * _STEPS.value * _B.value
   data = f"store {_STORE.value}" if _STORE.value else f"synthetic d={_D.value}"
   print(f"{len(lrs)}-member rate sweep, n={_N.value} k={_K.value} B={_B.value}, {_STEPS.value} "
-        f"steps each, {data}, {jax.devices()[0].platform}, jax {jax.__version__}")
+        f"steps each, {data}, {jax.devices()[0].platform}, jax {jax.__version__}, "
+        f"sweep_stacking {stacking}")
   print(f"{'':12}{'wall s':>9}{'tokens/s (whole job)':>22}{'tokens/s (steady)':>20}")
   for name, (wall, rate) in out.items():
     print(f"{name:12}{wall:9.1f}{tokens / wall:22,.0f}{rate:20,.0f}")
@@ -102,7 +105,7 @@ def main(argv):
   if _RESULTS.value:
     line = (f"| {datetime.date.today()} | {jax.devices()[0].device_kind} | jax {jax.__version__} | "
             f"{len(lrs)} rates, d={base_config().sae.d} n={_N.value} k={_K.value} B={_B.value}, "
-            f"{_STEPS.value} steps, {data} | {tokens / out['sweep'][0]:,.0f} / "
+            f"{_STEPS.value} steps, {data}, stacking {stacking} | {tokens / out['sweep'][0]:,.0f} / "
             f"{tokens / out['sequential'][0]:,.0f} ({ratio_wall:.2f}x) | {out['sweep'][1]:,.0f} / "
             f"{out['sequential'][1]:,.0f} ({ratio_steady:.2f}x) | `python bench/sweep.py "
             f"{' '.join(sys.argv[1:])}` |\n")

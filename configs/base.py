@@ -130,6 +130,10 @@ def get_config():
                                  # override dicts, one member each, e.g. [{"train.lr": 2e-3},
                                  # {"sae.k": 16}] or sweep.grid({...}); members train in
                                  # WORKDIR/members/<name> (jaxsae/sweep.py)
+  c.sweep_stacking = "auto"      # members that differ only in lr and seed: "vmap" (stacked
+                                 # states, one batched step), "loop" (their steps in one program)
+                                 # or "separate" (a step each); auto: separate on CPU, vmap on
+                                 # GPU/TPU (sweep.resolve_stacking, logged)
 
   c.kernels = "auto"             # "auto" | "xla" | "pallas"; auto: pallas on GPU, xla on TPU and
                                  # CPU (config_check.resolve_kernels says why; logged at start-up)

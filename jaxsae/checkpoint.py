@@ -44,7 +44,8 @@ IDENTITY_FIELDS = ("sae.d", "sae.n", "sae.k", "sae.k_aux", "sae.multi_topk", "sa
 # Fields added since runs began recording their config: what a run that lacks them trained with.
 LEGACY_DEFAULTS = {"sae.architecture": "topk", "sae.batchtopk_cap": 4,
                    "sae.matryoshka_prefixes": [1 / 16, 1 / 4], "sae.d_out": 0,
-                   "sae.skip": False, "data.target_path": "", "sweep": []}
+                   "sae.skip": False, "data.target_path": "", "sweep": [],
+                   "sweep_stacking": "auto"}
 IDENTITY_PREFIXES = ("data.synthetic.",)
 
 

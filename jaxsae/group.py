@@ -1,10 +1,14 @@
 """SAEs that train in one compiled step: one plain run, or a sweep's members that differ only in
-their rate and seed (sweep.STACKABLE_FIELDS), stacked on a leading axis and vmapped over.
+their rate and seed (sweep.STACKABLE_FIELDS).
 
-Every member sees the same batch (one host read, one transfer to the devices). A stacked member's
-update is its own step's arithmetic, vmapped: equal to the member trained alone up to the order
-in which XLA sums (tests/test_sweep.py measures it). A member whose loss goes non-finite is frozen
-(its `active` flag off: no update, its step counter stays) while the others go on.
+Every member sees the same batch (one host read, one transfer to the devices). How the members
+share the step is chosen from the backend (sweep.resolve_stacking, logged): "vmap" stacks their
+states on a leading axis and vmaps the step over it (one GEMM of all members' encoders: what fills
+an accelerator that one small SAE leaves idle); "loop" keeps one state per member and runs their
+steps one after the other inside one compiled program. Either way a member's update is its own
+step's arithmetic, equal to the member trained alone to float rounding (tests/test_sweep.py).
+With sweep_stacking="separate" (the CPU default) every member is a group of its own. A member whose loss goes non-finite is
+frozen (its `active` flag off: no update, its step counter stays) while the others go on.
 """
 import jax
 import jax.numpy as jnp
@@ -18,8 +22,9 @@ class Group:
   """configs: the members' configs (equal but for sweep.STACKABLE_FIELDS); init: the data's
   (input scale, b_pre, target) from train.init_statistics."""
 
-  def __init__(self, configs, spec: model.SaeSpec, specs, init):
+  def __init__(self, configs, spec: model.SaeSpec, specs, init, stacking: str = "vmap"):
     self.configs, self.size, self.spec = list(configs), len(configs), spec
+    self.stacking = stacking if self.size > 1 else ""
     scale, b_pre, target = init
     self.tx = optim.make_optimizer(configs[0])
     keys = [jax.random.PRNGKey(c.train.seed) for c in configs]
@@ -29,11 +34,20 @@ class Group:
                                                     target)
       self.steps = StepFns(configs[0], spec, specs, self.tx, self.shardings)
       return
+    self._replicated = NamedSharding(specs.mesh, P())
+    if stacking == "loop":
+      created = [state_lib.create(key, spec, self.tx, specs, b_pre, scale, target)
+                 for key in keys]
+      self.state, self.shardings = tuple(c[0] for c in created), created[0][1]
+      self.steps = StepFns(configs[0], spec, specs, self.tx, self.shardings)
+      self._train, self._eval = self.steps.looped(self.shardings, self.size)
+      self._lrs = jnp.asarray([optim.resolve_lr(c)[0] for c in configs], jnp.float32)
+      self._hypers = self._make_hypers()
+      return
     self.state, self.shardings, self.stacked_shardings = state_lib.create_stacked(
         keys, spec, self.tx, specs, b_pre, scale, target)
     self.steps = StepFns(configs[0], spec, specs, self.tx, self.shardings)
     self._train, self._eval = self.steps.stacked(self.stacked_shardings)
-    self._replicated = NamedSharding(specs.mesh, P())
     self._lrs = jnp.asarray([optim.resolve_lr(c)[0] for c in configs], jnp.float32)
     self._hypers = self._make_hypers()
     self._slice = jax.jit(lambda states, i: jax.tree.map(lambda a: a[i], states),
@@ -60,27 +74,45 @@ class Group:
   def eval_sums(self, batch):
     return self.steps.eval(self.state, batch) if self.size == 1 else self._eval(self.state, batch)
 
+  def w_decs(self) -> list:
+    """Each member's decoder."""
+    if self.stacking == "vmap":
+      return list(self.state.params["W_dec"])
+    return [s.params["W_dec"] for s in (self.state if self.stacking == "loop" else [self.state])]
+
   def member(self, tree, i: int):
     """Member i's part of a per-group tree of host values (metrics, guards, eval sums)."""
     return tree if self.size == 1 else jax.tree.map(lambda a: a[i], tree)
 
   def member_state(self, i: int):
     """Member i's TrainState on its own (unstacked) shardings: what its checkpoint holds."""
-    return self.state if self.size == 1 else self._slice(self.state, i)
+    if self.stacking == "vmap":
+      return self._slice(self.state, i)
+    return self.state[i] if self.stacking == "loop" else self.state
 
   def abstract_member(self):
     """ShapeDtypeStructs (with shardings) of one member's state: a restore target."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape[self.size > 1:], a.dtype,
-                                                          sharding=s),
-                        self.state, self.shardings)
+    one = self.state[0] if self.stacking == "loop" else self.state
+    cut = self.stacking == "vmap"
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape[cut:], a.dtype, sharding=s),
+                        one, self.shardings)
 
-  def free(self):
-    """Deletes the state's buffers (before a restore replaces it: never two states at once)."""
+  def free(self, keep=()):
+    """Deletes the state's buffers (before a restore replaces it: never two states at once),
+    but for the members in `keep` when each holds a state of its own (loop)."""
+    if self.stacking == "loop":
+      for i, state in enumerate(self.state):
+        if i not in keep:
+          jax.tree.map(lambda a: a.delete(), state)
+      return
     jax.tree.map(lambda a: a.delete(), self.state)
 
   def set_states(self, states: list):
     """Takes the members' states (restored ones, on member shardings)."""
-    self.state = states[0] if self.size == 1 else self._stack(states)
+    if self.stacking == "vmap":
+      self.state = self._stack(states)
+    else:
+      self.state = tuple(states) if self.stacking == "loop" else states[0]
 
   def stop(self, i: int):
     """Freezes member i: later steps leave its state as it is."""

@@ -4,7 +4,7 @@ Config fields are overridden by name: --config.sae.n=65536 --config.train.steps=
 """
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
@@ -24,6 +24,14 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    config = _CONFIG.value
+    config.keys()   # a --config file that failed to load raises here, on first use
+  except OSError as e:   # one line: the file and why, not ml_collections' traceback
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    print(f"jaxsae: error: --config={path}: cannot load it "
+          f"({str(e).strip().splitlines()[-1].strip()})", file=sys.stderr)
+    sys.exit(1)
   from jaxsae import distributed
   try:  # before anything touches a device
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -37,16 +45,30 @@ def main(argv):
   from jaxsae.data import DataError
   from jaxsae.mesh import MeshError
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value)
   except (CheckpointError, ConfigError, DataError, MeshError, train.TrainingError) as e:
-    logging.error("%s", e)
-    print(f"jaxsae: error: {e}", file=sys.stderr)
+    print(f"jaxsae: error: {e}", file=sys.stderr)   # once: not also as an absl log line
+    sys.exit(1)
+
+
+def _parse_flags(argv):
+  """absl's parsing, but a bad --config file or --config.* override (ml_collections raises
+  from inside the parser, with a traceback) is one line naming the problem, exit status 1."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    text = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
+    text = text.replace("\\'", "'")
+    if isinstance(e, (AttributeError, KeyError)):   # "'step' Did you mean "steps" ...?"
+      name, _, hint = text.partition(" ")
+      text = f"no such config field {name} in a --config.* override" + (f"; {hint}" if hint else "")
+    print(f"jaxsae: error: {text}", file=sys.stderr)
     sys.exit(1)
 
 
 def run():
   """Console script `jaxsae-train`."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,29 @@ class StepFns:
     self.eval = jax.jit(self._eval_sums, in_shardings=(state_shardings, self.batch_sharding),
                         out_shardings=replicated)
 
+  def looped(self, shardings, size: int):
+    """(train, eval) for a tuple of `size` states, each on `shardings`: the members' own steps,
+    one after the other, in one compiled program (no vmap): what a sweep's stacked members run
+    on CPU (sweep.resolve_stacking). train takes hypers as for stacked(); metrics, guard flags
+    and eval sums come back with a leading member axis."""
+    replicated = NamedSharding(self.specs.mesh, P())
+    states_in = tuple([shardings] * size)
+
+    def train(states, batch, hypers):
+      outs = [self._train_step(s, batch, jax.tree.map(lambda h: h[i], hypers),
+                               self.branch(s.since_fired)) for i, s in enumerate(states)]
+      stack = lambda *trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+      return tuple(o[0] for o in outs), stack(*[o[1] for o in outs]), stack(*[o[2] for o in outs])
+
+    def evaluate(states, batch):
+      return jax.tree.map(lambda *a: jnp.stack(a), *[self._eval_sums(s, batch) for s in states])
+
+    train = jax.jit(train, in_shardings=(states_in, self.batch_sharding, replicated),
+                    out_shardings=(states_in, replicated, replicated), donate_argnums=0)
+    evaluate = jax.jit(evaluate, in_shardings=(states_in, self.batch_sharding),
+                       out_shardings=replicated)
+    return train, evaluate
+
   def stacked(self, stacked_shardings):
     """(train, eval) for M states stacked on a leading axis (a sweep's members of one shape,
     train.py): one compiled step, vmapped over the members, sharing one batch. train takes the

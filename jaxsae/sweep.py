@@ -28,7 +28,9 @@ from jaxsae import paths
 # Fields every member shares: the data stream (what it reads, in what batches, scaled how), the
 # loop (its length, logging, evaluation, checkpoints) and the devices. A prefix ends with ".".
 STREAM_FIELDS = ("data.", "train.batch_size", "train.steps", "sae.d", "mesh.", "checkpoint.",
-                 "train.log_every", "train.eval_every", "train.on_nonfinite", "sweep")
+                 "train.log_every", "train.eval_every", "train.on_nonfinite", "sweep",
+                 "sweep_stacking")
+STACKINGS = ("auto", "vmap", "loop", "separate")
 # Fields in which members stacked into one compiled step may differ: per-member values inside the
 # step (the rate: StepFns.hyper) or only at init. Members that differ in anything else (n, k, the
 # architecture, Adam's betas...) each get a step of their own in the same loop.
@@ -97,6 +99,9 @@ def members(config, workdir: str) -> list:
   from jaxsae import config_check
   if not config.get("sweep"):
     return [Member(name="", config=config, workdir=workdir, overrides={})]
+  if config.get("sweep_stacking", "auto") not in STACKINGS:
+    raise config_check.ConfigError(
+        f"sweep_stacking={config.sweep_stacking!r}: expected one of {STACKINGS}")
   for i, o in enumerate(config.sweep):
     if not hasattr(o, "keys") or not all(isinstance(k, str) for k in o.keys()):
       raise config_check.ConfigError(
@@ -135,9 +140,25 @@ def members(config, workdir: str) -> list:
   return out
 
 
-def stack_key(member: Member) -> str:
+def resolve_stacking(config) -> tuple:
+  """(how members that could share a step run, why): config.sweep_stacking, else "separate" on
+  CPU and "vmap" on GPU and TPU, where one batched GEMM fills the chip that one small SAE leaves
+  idle (group.py; not yet measured on one). On the 2-core CPU no variant beat the members run one
+  after the other (steady state vmap 0.81x, loop 0.83x, separate 0.81x: bench/RESULTS.md, tenth
+  session); separate is the one whose members are bit for bit their runs alone."""
+  setting = config.get("sweep_stacking", "auto")
+  if setting != "auto":
+    return setting, "set in the config"
+  import jax
+  backend = jax.default_backend()
+  return ("separate" if backend == "cpu" else "vmap"), f"auto on {backend}"
+
+
+def stack_key(member: Member, stacking: str = "vmap") -> str:
   """Members with equal keys run stacked in one compiled step: their configs agree everywhere but
-  STACKABLE_FIELDS."""
+  STACKABLE_FIELDS (with stacking "separate", each member has a step of its own)."""
+  if stacking == "separate":
+    return member.name
   flat = dict(_flatten(member.config.to_dict()))
   for field in STACKABLE_FIELDS:
     flat.pop(field, None)

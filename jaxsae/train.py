@@ -108,9 +108,7 @@ def evaluate(steps: StepFns, state, data, batch_sharding) -> dict:
 
 def evaluate_group(group: Group, data, batch_sharding) -> list:
   """eval/* of each SAE of a group."""
-  w_dec = group.state.params["W_dec"]
-  return _evaluate(group.eval_sums, [w_dec] if group.size == 1 else list(w_dec), data,
-                   batch_sharding)
+  return _evaluate(group.eval_sums, group.w_decs(), data, batch_sharding)
 
 
 # ---- the job ----------------------------------------------------------------------------------
@@ -207,10 +205,11 @@ def _build(config, members):
   else:
     plan_lib.check(config, specs)   # refuses, with the memory table, a step that cannot fit
   data = open_data(config, spec_of[0], mesh_lib.batch_layout(NamedSharding(mesh, specs.batch)))
+  stacking, why = sweep_lib.resolve_stacking(config)
   try:
     inits, stacks = {}, {}
     for i, m in enumerate(members):
-      stacks.setdefault(sweep_lib.stack_key(m), []).append(i)
+      stacks.setdefault(sweep_lib.stack_key(m, stacking), []).append(i)
     groups, place = [], {}
     for indices in stacks.values():
       first = members[indices[0]].config
@@ -218,8 +217,11 @@ def _build(config, members):
       if key not in inits:   # the data's statistics, once per sample size
         inits[key] = init_statistics(first, data)
       groups.append(Group([members[i].config for i in indices], spec_of[indices[0]], specs,
-                          inits[key]))
+                          inits[key], stacking))
       place.update({i: (groups[-1], j) for j, i in enumerate(indices)})
+      if len(indices) > 1:
+        logging.info("members %s share one compiled step: %s (%s)",
+                     ", ".join(members[i].name for i in indices), stacking, why)
   except BaseException:
     data.close()
     raise
@@ -232,12 +234,12 @@ def _log_start(t: Trainee, mesh):
   logging.info("%straining %s: %s d=%d n=%d k=%d k_aux=%d on mesh %s, %d steps of %d tokens, "
                "input scale %.4g", who, c.data.source, spec.architecture, spec.d, spec.n, spec.k,
                spec.k_aux, dict(mesh.shape), c.train.steps, c.train.batch_size,
-               float(jax.device_get(t.group.state.input_scale).reshape(-1)[0]))
+               float(jax.device_get(t.group.member_state(t.index).input_scale)))
   if spec.transcoder:
     logging.info("%stranscoder: %s (d=%d) -> %s (d_out=%d)%s, target scale %.4g", who,
                  c.data.path, spec.d, c.data.target_path, spec.d_out,
                  ", with a skip connection" if spec.skip else "",
-                 float(jax.device_get(t.group.state.target_scale).reshape(-1)[0]))
+                 float(jax.device_get(t.group.member_state(t.index).target_scale)))
   if spec.batchtopk:
     logging.info("%sbatch top-k: up to %d candidates per row (sae.batchtopk_cap=%d x k), "
                  "inference threshold averaged over ~%d steps%s", who, spec.k_select,
@@ -291,8 +293,10 @@ def train_and_evaluate(config, workdir: str):
                                                           config.checkpoint.async_save, m.name),
                               optim.learning_rate(m.config)))
     if is_sweep and lead:
+      stacking, why = sweep_lib.resolve_stacking(config)
       _write_json(paths.join(workdir, "config.json"), {**config.to_dict(), "resolved": {
-          "members": {m.name: m.overrides for m in members}}})
+          "members": {m.name: m.overrides for m in members}, "sweep_stacking": stacking,
+          "sweep_stacking_source": why}})
     _restore(trainees, groups, stopped, resume_step, is_sweep, data, lead)
     write_record()
     for t in trainees:
@@ -468,7 +472,7 @@ def _restore(trainees, groups, stopped, step, is_sweep, data, lead):
     # before their checkpoints are read, so a state is never held twice.
     fresh = {t.index: g.member_state(t.index) for t, a in zip(mine, at) if a is None}
     target = g.abstract_member()
-    g.free()
+    g.free(keep=fresh)
     states = []
     for t, a in zip(mine, at):
       if a is None:

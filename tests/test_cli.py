@@ -74,6 +74,19 @@ def test_unknown_config_field_is_refused(tmp_path):
   _fails_before_training([*TINY, "--config.sae.nn=4"], tmp_path, "nn")
 
 
+@pytest.mark.parametrize("args, line", [
+    (["--config=configs/quickstart.py", "--config.train.step=10"],
+     "jaxsae: error: no such config field 'step' in a --config.* override; "
+     "Did you mean \"steps\" instead of \"step\"?"),
+    (["--config=configs/nope.py"],
+     "jaxsae: error: --config=configs/nope.py: cannot load it ([Errno 2] No such file or "
+     "directory: 'configs/nope.py')"),
+])
+def test_a_typo_in_the_config_flags_is_one_line(tmp_path, args, line):
+  r = run_cli([*args, f"--workdir={tmp_path / 'run'}"])
+  assert r.returncode == 1 and r.stderr.strip() == line, r.stderr[-3000:]
+
+
 def test_data_dimension_mismatch_is_refused(tmp_path):
   path = tmp_path / "acts.npy"
   np.save(path, np.random.default_rng(0).normal(size=(2048, 24)).astype(np.float32))

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -77,7 +78,12 @@ def alone(tmp_path_factory):
 
 
 def test_each_member_ends_where_it_would_alone(swept, alone):
+  """On CPU each member runs its own step (sweep.resolve_stacking): bit for bit its run alone.
+  The shared steps (vmap, loop) are tested below."""
   wd, _ = swept
+  config = json.load(open(os.path.join(wd, "config.json")))
+  assert config["resolved"]["sweep_stacking"] == "separate"
+  assert config["resolved"]["sweep_stacking_source"] == "auto on cpu"
   assert sorted(os.listdir(os.path.join(wd, "members"))) == sorted(MEMBERS)
   for name, plain in alone.items():
     member = os.path.join(wd, "members", name)
@@ -85,10 +91,7 @@ def test_each_member_ends_where_it_would_alone(swept, alone):
     assert config["resolved"]["sweep_member"] == name
     assert config["sweep"] == [] and config["resolved"]["sweep_overrides"] == MEMBERS[name]
     got, want = read_state(member), read_state(plain)
-    if name == "n=64":   # a step of its own: the plain run's step, bit for bit
-      assert_same_state(got, want)
-    else:                # vmapped with the other member
-      _close(got, want, rtol=1e-5)
+    assert_same_state(got, want)   # the plain run's step: bit for bit
     records, plain_records = _records(member), _records(plain)
     assert [r["step"] for r in records] == [r["step"] for r in plain_records]
     assert "eval/fvu" in records[-1]
@@ -154,10 +157,12 @@ def test_a_bad_member_is_refused_before_anything_is_built(tmp_path, override, ne
   assert "Traceback" not in r.stderr and not wd.exists()
 
 
-def test_a_member_whose_loss_diverges_stops_alone(alone, tmp_path):
+@pytest.mark.parametrize("stacking", ["vmap", "loop"])
+def test_a_member_whose_loss_diverges_stops_alone(alone, tmp_path, stacking):
   wd = str(tmp_path / "run")
-  r = run_cli([*ARGS, "--config.sweep=[{'train.lr': 2e-3}, {'train.lr': 1e30, 'name': 'huge'}]",
-               f"--workdir={wd}"])
+  args = [*ARGS, "--config.sweep=[{'train.lr': 2e-3}, {'train.lr': 1e30, 'name': 'huge'}]",
+          f"--config.sweep_stacking={stacking}", f"--workdir={wd}"]   # frozen in the shared step
+  r = run_cli(args)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "[huge] step 1: the loss went non-finite" in r.stderr, r.stderr[-3000:]
   stopped = sweep.read_state(wd)["stopped"]
@@ -168,15 +173,30 @@ def test_a_member_whose_loss_diverges_stops_alone(alone, tmp_path):
          rtol=1e-5)
   assert "stopped at step 1" in sweep.summary_table(wd)
   # rerun: the stopped member stays stopped, nothing is trained again
-  r = run_cli([*ARGS, "--config.sweep=[{'train.lr': 2e-3}, {'train.lr': 1e30, 'name': 'huge'}]",
-               f"--workdir={wd}"])
+  r = run_cli(args)
   assert r.returncode == 0 and "[huge] stopped earlier" in r.stderr, r.stderr[-3000:]
 
 
-def test_sweep_on_a_2x4_mesh_matches_one_device(swept, tmp_path):
+@pytest.mark.parametrize("stacking", ["vmap", "loop"])
+def test_shared_step_members_end_where_they_would_alone(alone, tmp_path, stacking):
+  """vmap (the GPU and TPU default) and loop: the two members of equal shapes share one compiled
+  step. Equal to each run alone to rtol 1e-5 on the parameters after 120 steps, not bit for bit:
+  alone, the rate is a constant that XLA folds into the update; shared, a per-member value (and
+  under vmap XLA may order the GEMMs' sums otherwise)."""
+  wd = str(tmp_path / "run")
+  r = run_cli([*ARGS, SWEEP, f"--config.sweep_stacking={stacking}", f"--workdir={wd}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"share one compiled step: {stacking} (set in the config)" in r.stderr
+  for name in MEMBERS:
+    _close(read_state(os.path.join(wd, "members", name)), read_state(alone[name]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("stacking", ["vmap", "loop"])
+def test_sweep_on_a_2x4_mesh_matches_one_device(swept, tmp_path, stacking):
   reference, _ = swept
   mesh = str(tmp_path / "mesh")
-  r = run_cli([*ARGS, SWEEP, "--config.mesh.shape=(2,4)", f"--workdir={mesh}"], devices=8)
+  r = run_cli([*ARGS, SWEEP, "--config.mesh.shape=(2,4)", f"--config.sweep_stacking={stacking}",
+               f"--workdir={mesh}"], devices=8)
   assert r.returncode == 0, r.stderr[-3000:]
   for name in MEMBERS:
     _close(read_state(os.path.join(mesh, "members", name)),
@@ -228,12 +248,12 @@ def test_a_sweep_that_does_not_fit_names_the_members_to_drop(tmp_path):
   assert not wd.exists()
 
 
-def stacked_params(config, kernels: str, steps: int = 5) -> dict:
-  """Two members stacked in one vmapped step (rates 2e-3, 6e-3), trained `steps` steps with
-  `kernels`: their parameters, [2, ...] per name."""
+def stacked_params(config, kernels: str, steps: int = 5, stacking: str = "vmap") -> dict:
+  """Two members sharing one step (rates 2e-3, 6e-3), trained `steps` steps with `kernels`: their
+  parameters, [2, ...] per name."""
   import jax
   from jaxsae import mesh as mesh_lib, train
-  config.kernels = kernels
+  config.kernels, config.sweep_stacking = kernels, stacking
   config.sweep = [{"train.lr": 2e-3}, {"train.lr": 6e-3}]
   _, specs, data, groups, _ = train._build(config, sweep.members(config, ""))
   (group,) = groups
@@ -244,10 +264,33 @@ def stacked_params(config, kernels: str, steps: int = 5) -> dict:
       group.train(mesh_lib.host_batch_to_global(next(data.train), sharding))
   finally:
     data.close()
-  return jax.device_get(group.state.params)
+  return jax.device_get(jax.tree.map(lambda *a: jnp.stack(a),
+                                    *[group.member_state(i).params for i in range(2)]))
 
 
-def test_stacked_members_run_the_pallas_kernels(tiny_config):
-  """vmap through the Pallas kernels (interpret mode here; tests/test_pallas_gpu.py compiles them
-  on a GPU): the stacked step with kernels=pallas equals kernels=xla."""
-  _close(stacked_params(tiny_config, "pallas"), stacked_params(tiny_config, "xla"), rtol=1e-5)
+@pytest.mark.parametrize("stacking", ["vmap", "loop"])
+def test_stacked_members_run_the_pallas_kernels(tiny_config, stacking):
+  """The shared step through the Pallas kernels (interpret mode here; tests/test_pallas_gpu.py
+  compiles them on a GPU), vmapped or looped: kernels=pallas equals kernels=xla."""
+  _close(stacked_params(tiny_config, "pallas", stacking=stacking),
+         stacked_params(tiny_config.copy_and_resolve_references(), "xla", stacking=stacking),
+         rtol=1e-5)
+
+
+def test_sigterm_saves_every_member_at_one_step_and_exits_0(tmp_path):
+  wd = str(tmp_path / "run")
+  args = [*TINY, "--config.train.lr=3e-3", "--config.train.decay_frac=0",
+          "--config.train.log_every=25", "--config.checkpoint.every_steps=0", SWEEP]
+  proc = _start(wd, *args, "--config.train.steps=1000000")
+  wait_for(lambda: any(os.path.exists(os.path.join(wd, "members", m, "metrics.jsonl")) and
+                       os.path.getsize(os.path.join(wd, "members", m, "metrics.jsonl"))
+                       for m in MEMBERS), proc)
+  os.kill(proc.pid, signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0, open(proc.log).read()[-3000:]
+  saved = sweep.read_state(wd)["checkpointed_step"]
+  for name in MEMBERS:
+    assert complete_steps(checkpoint_dir(os.path.join(wd, "members", name))) == [saved]
+  r = run_cli([*args, f"--config.train.steps={saved + 10}", f"--workdir={wd}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"resumed from step {saved} " in r.stderr
+  assert sweep.read_state(wd)["checkpointed_step"] == saved + 10
