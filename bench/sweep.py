@@ -40,7 +40,8 @@ def base_config():
   from configs import base
   c = base.get_config()
   c.sae.n, c.sae.k = _N.value, _K.value
-  c.train.steps, c.train.batch_size, c.train.log_every = _STEPS.value, _B.value, 10
+  c.train.steps, c.train.batch_size = _STEPS.value, _B.value
+  c.train.log_every = max(1, _STEPS.value // 10)   # ten intervals: the first (compiling) is dropped
   c.checkpoint.every_steps = 0
   c.data.eval_rows, c.data.eval_batches = 4 * _B.value, 4
   if _STORE.value:
