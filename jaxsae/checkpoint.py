@@ -203,22 +203,12 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), data=DataRestore(), run=ocp.args.JsonRestore()))
     return Restored(step=step, state=got.state, data=got.data, run=got.run)
 
-  def resume(self, fresh_state, iterator):
-    """The latest checkpoint's state, laid out like `fresh_state` (whose buffers are freed first,
-    so the state is never held twice), with `iterator` moved to the saved data position."""
-    target = abstract_like(fresh_state)
-    jax.tree.map(lambda a: a.delete(), fresh_state)
-    restored = self.restore(target)
-    iterator.set_state(restored.data)
-    logging.info("resumed from step %d of %s (%d tokens)", restored.step, self.directory,
-                 restored.run.get("tokens", 0))
-    return restored.state
-
   def discard_after(self, step) -> list:
     """Deletes the complete steps after `step` (None: all); returns them. A sweep's members save
     together, and a step is the sweep's only once every member's is complete (train.py): a kill
     between leaves some members one step ahead, which the resumed sweep drops and saves again."""
-    late = [s for s in self._mngr.all_steps(read=True) if step is None or s > step]
+    self._mngr.reload()   # what is on disk now
+    late = [s for s in self._mngr.all_steps() if step is None or s > step]
     for s in late:
       self._mngr.delete(s)
     return late

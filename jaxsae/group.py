@@ -26,6 +26,8 @@ class Group:
     self.configs, self.size, self.spec = list(configs), len(configs), spec
     self.stacking = stacking if self.size > 1 else ""
     scale, b_pre, target = init
+    # The data's scales every member starts from (for the logs; the state holds them too).
+    self.input_scale, self.target_scale = float(scale), None if target is None else target[1]
     self.tx = optim.make_optimizer(configs[0])
     keys = [jax.random.PRNGKey(c.train.seed) for c in configs]
     self.active = [True] * self.size
@@ -35,21 +37,19 @@ class Group:
       self.steps = StepFns(configs[0], spec, specs, self.tx, self.shardings)
       return
     self._replicated = NamedSharding(specs.mesh, P())
+    self._lrs = jnp.asarray([optim.resolve_lr(c)[0] for c in configs], jnp.float32)
+    self._hypers = self._make_hypers()
     if stacking == "loop":
       created = [state_lib.create(key, spec, self.tx, specs, b_pre, scale, target)
                  for key in keys]
       self.state, self.shardings = tuple(c[0] for c in created), created[0][1]
       self.steps = StepFns(configs[0], spec, specs, self.tx, self.shardings)
       self._train, self._eval = self.steps.looped(self.shardings, self.size)
-      self._lrs = jnp.asarray([optim.resolve_lr(c)[0] for c in configs], jnp.float32)
-      self._hypers = self._make_hypers()
       return
     self.state, self.shardings, self.stacked_shardings = state_lib.create_stacked(
         keys, spec, self.tx, specs, b_pre, scale, target)
     self.steps = StepFns(configs[0], spec, specs, self.tx, self.shardings)
     self._train, self._eval = self.steps.stacked(self.stacked_shardings)
-    self._lrs = jnp.asarray([optim.resolve_lr(c)[0] for c in configs], jnp.float32)
-    self._hypers = self._make_hypers()
     self._slice = jax.jit(lambda states, i: jax.tree.map(lambda a: a[i], states),
                           out_shardings=self.shardings)
     self._stack = jax.jit(lambda states: jax.tree.map(lambda *a: jnp.stack(a), *states),

@@ -138,7 +138,7 @@ def setup(config) -> Setup:
   return Setup(spec=group.spec, mesh=mesh, specs=specs, data=data, tx=group.tx,
                state=group.state, shardings=group.shardings, steps=group.steps,
                batch_sharding=NamedSharding(mesh, specs.batch),
-               input_scale=float(jax.device_get(group.state.input_scale)))
+               input_scale=group.input_scale)
 
 
 def _resume_step(config, members, workdir: str):
@@ -234,12 +234,12 @@ def _log_start(t: Trainee, mesh):
   logging.info("%straining %s: %s d=%d n=%d k=%d k_aux=%d on mesh %s, %d steps of %d tokens, "
                "input scale %.4g", who, c.data.source, spec.architecture, spec.d, spec.n, spec.k,
                spec.k_aux, dict(mesh.shape), c.train.steps, c.train.batch_size,
-               float(jax.device_get(t.group.member_state(t.index).input_scale)))
+               t.group.input_scale)
   if spec.transcoder:
     logging.info("%stranscoder: %s (d=%d) -> %s (d_out=%d)%s, target scale %.4g", who,
                  c.data.path, spec.d, c.data.target_path, spec.d_out,
                  ", with a skip connection" if spec.skip else "",
-                 float(jax.device_get(t.group.member_state(t.index).target_scale)))
+                 float(t.group.target_scale))
   if spec.batchtopk:
     logging.info("%sbatch top-k: up to %d candidates per row (sae.batchtopk_cap=%d x k), "
                  "inference threshold averaged over ~%d steps%s", who, spec.k_select,
