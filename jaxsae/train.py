@@ -265,6 +265,9 @@ def train_and_evaluate(config, workdir: str):
   # Before anything is built or written: a workdir holding another SAE is never mixed into.
   resume_step, record = _resume_step(config, members, workdir)
   stopped = dict(record["stopped"]) if record else {}
+  if jax.process_index() == 0 and (is_sweep or resume_step is not None):
+    for m in members:   # before any Writer opens metrics.jsonl (trimming replaces the file)
+      checkpoint_lib.trim_metrics(m.workdir, resume_step or 0)
   mesh, specs, data, groups, places = _build(config, members)
   batch_sharding = NamedSharding(mesh, specs.batch)
   lead = jax.process_index() == 0
@@ -456,10 +459,6 @@ def _restore(trainees, groups, stopped, step, is_sweep, data, lead):
         if late:
           logging.warning("%sdropped checkpoint steps %s: saved after the sweep's last complete "
                           "step (%s)", t.label(), late, step)
-      if lead:
-        checkpoint_lib.trim_metrics(t.member.workdir, step or 0)
-  elif step is not None and lead:
-    checkpoint_lib.trim_metrics(trainees[0].member.workdir, step)
   if step is None:
     return
   data_state = None
