@@ -155,9 +155,9 @@ def synthetic_config(lr: float):
 
 
 def run_key(r: dict) -> tuple:
-  """What makes two runs the same run (a rerun skips those already in --out): dataset, n, rate (or
-  "default"), trainer, steps and variant."""
-  lr = "default" if r.get("lr_choice") == "default" or r["lr"] == "default" else r["lr"]
+  """What makes two runs the same run (a rerun skips those already in --out): dataset, n, rate
+  (a default's marked as such: a new rule's default is a new run), trainer, steps and variant."""
+  lr = (f"default {r['lr']:.6g}" if r.get("lr_choice") == "default" else r["lr"])
   return r["dataset"], r["n"], lr, r["trainer"], r["steps"], r.get("variant", "")
 
 
@@ -455,9 +455,10 @@ def summary(records: list[dict]) -> list[str]:
            "| data | n | tokens | trainer | best swept | default | default / best |",
            "|---|---|---|---|---|---|---|"]
   for (ds, n, steps, name), rs in sorted(groups.items()):
-    swept = [r for r in rs if r.get("lr_choice") != "default"]
+    # The default is the newest default run (an older rule's default is a swept rate like any).
+    default = next((r for r in reversed(rs) if r.get("lr_choice") == "default"), None)
+    swept = [r for r in rs if r is not default and r["lr"] != (default or {}).get("lr")]
     best = min(swept, key=lambda r: r["eval_fvu"]) if swept else None
-    default = next((r for r in rs if r.get("lr_choice") == "default"), None)
     ratio = (f"{default['eval_fvu'] / best['eval_fvu']:.3f}" if best and default else "-")
     lines.append(f"| {ds} | {n} | {rs[0]['tokens']:,} | {name} | {f(best)} | {f(default)} | "
                  f"{ratio} |")
@@ -585,17 +586,14 @@ def main(_):
       from bench import sparsify_peer
       lr = sparsify_peer.default_lr(config.sae.n, "signum")
     apply_overrides(config, _SET.value)
-    if lr == "default":
-      config.train.lr = default_lr(trainers[0], config)
-      lr_key = "default"
-    else:
-      config.train.lr = lr_key = float(lr)
+    choice = "default" if lr == "default" else ""
+    config.train.lr = default_lr(trainers[0], config) if choice else float(lr)
     lr = config.train.lr
     lm = lm_target(config) if _LM_TEXT.value else None
 
     def missing(t):
-      r = have.get(run_key(dict(dataset=ds, n=config.sae.n, lr=lr_key, trainer=t, steps=steps,
-                                variant=variant(t))))
+      r = have.get(run_key(dict(dataset=ds, n=config.sae.n, lr=lr, trainer=t, steps=steps,
+                                variant=variant(t), lr_choice=choice)))
       return (r is None or (lm is not None and "lm_loss_recovered" not in r)
               or (config.sae.architecture != "topk" and "eval_fvu_at_k" not in r))
 
@@ -609,8 +607,8 @@ def main(_):
       print(f"{ds}: no model recorded with its data, so no loss recovered or KL", flush=True)
     for rec in run_pair(ds, config, todo, lm):
       rec.update(jax=jax.__version__, **trainer_versions(rec["trainer"]))
-      if lr_key == "default":
-        rec["lr_choice"] = "default"
+      if choice:
+        rec["lr_choice"] = choice
       if variant(rec["trainer"]):
         rec["variant"] = variant(rec["trainer"])
       print(json.dumps(rec), flush=True)

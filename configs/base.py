@@ -44,8 +44,8 @@ def get_config():
   c.train = ml_collections.ConfigDict()
   c.train.steps = 10_000
   c.train.batch_size = 4096      # tokens per step, global across all devices
-  c.train.lr = config_dict.placeholder(float)  # peak rate; None: 2.5 / sqrt(d * steps), see
-                                               # optim.LR_CONSTANT (logged, in config.json)
+  c.train.lr = config_dict.placeholder(float)  # peak rate; None: from d, n, batch and steps, see
+                                               # optim.LR_REFERENCE (logged, in config.json)
   c.train.b1 = 0.9
   c.train.b2 = 0.999
   c.train.eps = 6.25e-10

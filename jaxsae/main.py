@@ -1,5 +1,7 @@
 """Command-line entry: python -m jaxsae.main --config=configs/quickstart.py --workdir=DIR
 
+  --dry_run: check everything a run checks before it compiles and print what it would do.
+
 Config fields are overridden by name: --config.sae.n=65536 --config.train.steps=100.
 """
 import sys
@@ -10,7 +12,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics, checkpoints.")
-flags.mark_flags_as_required(["config", "workdir"])
+_DRY_RUN = flags.DEFINE_bool("dry_run", False,
+                             "Check the config, mesh, data, memory plan and workdir, print the "
+                             "automatic choices, and exit without training or writing.")
+flags.mark_flags_as_required(["config"])
 # Multi-process runs (jaxsae/distributed.py); each falls back to JAX_COORDINATOR_ADDRESS,
 # JAX_NUM_PROCESSES, JAX_PROCESS_ID.
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
@@ -24,6 +29,8 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not _WORKDIR.value and not _DRY_RUN.value:
+    raise app.UsageError("--workdir is required (but with --dry_run)")
   try:
     config = _CONFIG.value
     config.keys()   # a --config file that failed to load raises here, on first use
@@ -45,6 +52,10 @@ def main(argv):
   from jaxsae.data import DataError
   from jaxsae.mesh import MeshError
   try:
+    if _DRY_RUN.value:
+      from jaxsae import dry_run
+      print(dry_run.describe(config, _WORKDIR.value or ""))
+      return
     train.train_and_evaluate(config, _WORKDIR.value)
   except (CheckpointError, ConfigError, DataError, MeshError, train.TrainingError) as e:
     print(f"jaxsae: error: {e}", file=sys.stderr)   # once: not also as an absl log line
@@ -55,7 +66,14 @@ def _parse_flags(argv):
   """absl's parsing, but a bad --config file or --config.* override (ml_collections raises
   from inside the parser, with a traceback) is one line naming the problem, exit status 1."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if "Error whilst parsing config file" not in str(e):
+      return app.parse_flags_with_usage(argv)   # absl's own message and usage hint
+    # The config file's get_config raised: its exception's own line, not the traceback.
+    last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+    print(f"jaxsae: error: --config: {last.partition(': ')[2] or last}", file=sys.stderr)
+    sys.exit(1)
   except (AttributeError, KeyError, OSError, TypeError, ValueError) as e:
     text = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
     text = text.replace("\\'", "'")

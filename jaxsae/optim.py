@@ -14,31 +14,49 @@ import optax
 from jaxsae import model
 
 
-# The learning rate when train.lr is unset. Adam moves every weight by about lr per step, whatever
-# the gradient's scale. A decoder row is a unit vector, its elements ~1/sqrt(d), and learning a
-# feature turns it by O(1): a distance D = 1/sqrt(d) per element. For a noisy problem run for S
-# steps the best step is D / sqrt(S) (the classic stochastic-approximation step size; with the
-# linear decay to 0 below it holds for the last iterate), so lr = LR_CONSTANT / sqrt(d * S).
-# Neither n nor the batch size enters: Adam divides each gradient by its own noise scale, so a
-# latent fed fewer tokens per step takes equal-sized, noisier steps. At a fixed token budget
-# (S ~ 1/B) this is Adam's square-root batch-size rule. LR_CONSTANT is measured, not fitted per
-# dataset (bench/RESULTS.md, sixth session): held-out FVU against lr is flat within a factor of
-# ~2 around it on every dataset there.
-LR_CONSTANT = 2.5
+# The learning rate when train.lr is unset: the best rate measured at a reference shape, carried to
+# other shapes by one factor per cause (bench/RESULTS.md, eleventh session, for each measurement):
+#
+#   lr = LR_REFERENCE * sqrt(576 / d) * (4096 / n)^(1/6) * min(1, (batch / 4096 * 225 / steps)^(1/3))
+#
+# - d: Adam moves every weight by about lr per step, whatever the gradient's scale. A decoder row
+#   is a unit vector, its elements ~1/sqrt(d), and learning a feature turns it by O(1): the step
+#   scales as 1/sqrt(d).
+# - steps: between two limits. A problem set by gradient noise alone wants the distance over
+#   sqrt(steps) (the classic stochastic-approximation rate); one set by how far the weights have
+#   travelled (lr x steps: the loss falls as a power of it while the SAE still finds features)
+#   wants a rate independent of the length. With both, loss ~ (lr steps)^-a + c lr, the best rate
+#   falls as steps^(-a/(1+a)): steps^(-1/3) for a = 1/2. Measured on SmolLM2 L3 at batch 4096:
+#   flat up to ~225 steps, then steps^-0.27 to -0.31 (LLM pre-training with Adam measures
+#   -0.32: Bjorck et al., ICLR 2025). The old 1/sqrt(steps) left a 5M-token run 2.4% behind.
+# - batch: fewer tokens per step, noisier steps, a lower best rate. Measured at 1024 against 4096
+#   tokens per step (750 steps): the best rate moved as batch^0.2 to batch^0.33 on three
+#   datasets. The rule takes the length's exponent, so the rate depends on batch / steps alone;
+#   at a fixed token budget it grows as batch^(2/3) until it meets the ceiling.
+# - n: with more latents each is fed fewer tokens per step (batch x k / n), a noisier step again:
+#   measured, n 4096 -> 16384 moved the best rate by 0.78x and 0.80x on two datasets: n^(-1/6).
+# - The ceiling, LR_REFERENCE: the best rate where the length no longer limits it (the geometric
+#   mean of the best rates at 50 and 150 steps on four real datasets). Above it a step turns a
+#   decoder row by more than lr sqrt(d) ~ 0.23 rad, and short runs degrade fast.
+LR_REFERENCE = 9.6e-3
+LR_REFERENCE_SHAPE = {"d": 576, "n": 4096, "batch": 4096, "steps": 225}
 
 
-def default_lr(d: int, steps: int) -> float:
-  """LR_CONSTANT / sqrt(d * steps): see LR_CONSTANT."""
-  return LR_CONSTANT / math.sqrt(d * max(steps, 1))
+def default_lr(d: int, n: int, batch: int, steps: int) -> float:
+  """The automatic peak rate: see LR_REFERENCE."""
+  ref = LR_REFERENCE_SHAPE
+  length = min(1.0, (batch / ref["batch"] * ref["steps"] / max(steps, 1)) ** (1 / 3))
+  return LR_REFERENCE * math.sqrt(ref["d"] / d) * (ref["n"] / n) ** (1 / 6) * length
 
 
 def resolve_lr(config) -> tuple[float, str]:
-  """(peak learning rate, how it was chosen): train.lr, else default_lr from sae.d and steps."""
-  t = config.train
+  """(peak learning rate, how it was chosen): train.lr, else default_lr from the shapes."""
+  t, s = config.train, config.sae
   if t.lr is not None:
     return float(t.lr), "train.lr"
-  return default_lr(config.sae.d, t.steps), (
-      f"automatic: {LR_CONSTANT:g} / sqrt(d={config.sae.d} x steps={t.steps})")
+  return default_lr(s.d, s.n, t.batch_size, t.steps), (
+      f"automatic: {LR_REFERENCE:g} x sqrt(576/d={s.d}) x (4096/n={s.n})^(1/6) x "
+      f"min(1, (batch={t.batch_size}/4096 x 225/steps={t.steps})^(1/3))")
 
 
 # train.lazy_optimizer unset. Lazy Adam (below) differs from dense Adam in two ways. (1) A latent

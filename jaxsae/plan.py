@@ -243,8 +243,9 @@ def device_memory(setting: str) -> int | None:
   return None
 
 
-def check(config, specs) -> Plan:
-  """Refuses (PlanError, holding the table) a run whose step would not fit the devices."""
+def check(config, specs, log: bool = True) -> Plan:
+  """Refuses (PlanError, holding the table) a run whose step would not fit the devices; logs the
+  table unless `log` is off (the dry run prints it instead)."""
   from absl import logging
   plan = estimate(Problem.from_config(config), specs.data_size, specs.model_size)
   if config.mesh.device_memory == "off":
@@ -254,17 +255,19 @@ def check(config, specs) -> Plan:
   except ValueError as e:
     raise PlanError(f"mesh.device_memory: {e}") from None
   if memory is None:
-    logging.info("memory plan (device memory unknown, not checked):\n%s", table(plan, 0))
+    if log:
+      logging.info("memory plan (device memory unknown, not checked):\n%s", table(plan, 0))
     return plan
   fits, text = verdict(plan, memory)
   if not fits:
     raise PlanError("the step does not fit in device memory (mesh.device_memory to override, "
                     f"'off' to skip):\n{text}")
-  logging.info("memory plan:\n%s", text)
+  if log:
+    logging.info("memory plan:\n%s", text)
   return plan
 
 
-def check_sweep(named_configs: list, specs) -> list:
+def check_sweep(named_configs: list, specs, log: bool = True) -> list:
   """A sweep's check (train.py): every member's state and step counted as if all were live at
   once (stacked members are; members of separate steps hold their state throughout, and this
   over-counts only their activations). Refuses, naming the members to drop or move to another job,
@@ -284,7 +287,8 @@ def check_sweep(named_configs: list, specs) -> list:
   text = "per device, each member's peak:\n" + "\n".join(lines) + (
       f"\n  {'all members':<30}{fmt_bytes(total):>12}")
   if memory is None:
-    logging.info("sweep memory plan (device memory unknown, not checked):\n%s", text)
+    if log:
+      logging.info("sweep memory plan (device memory unknown, not checked):\n%s", text)
     return plans
   if total > memory:
     drop, left = [], total
@@ -296,8 +300,9 @@ def check_sweep(named_configs: list, specs) -> list:
     raise PlanError(f"the sweep does not fit in device memory ({fmt_bytes(memory)}; "
                     f"mesh.device_memory to override, 'off' to skip):\n{text}\n"
                     f"drop these members or move them to another job: {', '.join(drop)}")
-  logging.info("sweep memory plan:\n%s\nfits (%.0f%% of device memory)", text,
-               100 * total / memory)
+  if log:
+    logging.info("sweep memory plan:\n%s\nfits (%.0f%% of device memory)", text,
+                 100 * total / memory)
   return plans
 
 

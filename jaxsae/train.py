@@ -437,12 +437,40 @@ def train_and_evaluate(config, workdir: str):
     data.close()
   if skipped:
     logging.warning("skipped %d batches holding NaN/inf rows", skipped)
+  if lead and done == total_steps:
+    logging.info("%s", run_summary(workdir, trainees, data, done, batch_size, is_sweep))
   if not is_sweep:
     return trainees[0].last_record
   if lead:
     logging.info("sweep of %d members in %s:\n%s", len(members), workdir,
                  sweep_lib.summary_table(workdir))
   return {t.member.name: t.last_record for t in trainees}
+
+
+def run_summary(workdir: str, trainees, data, step: int, batch_size: int, is_sweep: bool) -> str:
+  """What a finished run tells its user: where the SAE is, how it scored on held-out rows, how
+  much data it saw, and the commands that come next."""
+  tokens = step * batch_size
+  if data.train_rows:
+    seen = (f"{tokens / data.train_rows:.2f} passes over {data.train_rows:,} training rows; "
+            f"{data.eval_rows:,} rows held out")
+  else:
+    seen = f"a generated stream; {data.eval_rows:,} rows held out"
+  lines = [f"finished: {step} steps, {tokens:,} tokens ({seen})"]
+  for t in trainees:
+    r = t.last_record or {}
+    scores = ", ".join(f"{key} {r[key]:.4g}" for key in ("eval/fvu", "eval/l0") if key in r)
+    dead = r.get("sparsity/dead_frac")
+    lines.append(f"  {t.label()}{scores or 'no eval'}"
+                 + (f", dead {100 * dead:.2f}%" if dead is not None else "")
+                 + f"; checkpoint {t.checkpoints.directory}")
+  first = trainees[0].member.workdir
+  lines += ["next:",
+            f"  python -m jaxsae.inspect {workdir}" + ("   # the members" if is_sweep else ""),
+            f"  python -m jaxsae.export --workdir={first} --format=saelens --out=EXPORT_DIR",
+            f"  python -m jaxsae.plot {first}",
+            f"  python -m jaxsae.evaluate --sae={first} --model=MODEL --layer=L --text=FILES"]
+  return "\n".join(lines)
 
 
 def _restore(trainees, groups, stopped, step, is_sweep, data, lead):

@@ -66,6 +66,13 @@ def test_summary_has_best_and_default_per_dataset_and_trainer():
   head = quality.table(rows).split("All runs:")[0]
   assert ("| fixture | 4096 | 614,400 | jaxsae | 0.2000 / 1.0% (lr 0.004) | "
           "0.2100 / 0.0% (lr 0.002) | 1.050 |") in head
+  # A newer rule's default: the older default is one more swept rate, the newest the default.
+  rows.append(dict(base, trainer="jaxsae", lr=3e-3, eval_fvu=0.19, dead_frac=0.0,
+                   lr_choice="default"))
+  rows[2]["eval_fvu"] = 0.18
+  head = quality.table(rows).split("All runs:")[0]
+  assert ("| fixture | 4096 | 614,400 | jaxsae | 0.1800 / 0.0% (lr 0.002) | "
+          "0.1900 / 0.0% (lr 0.003) | 1.056 |") in head
   assert "| fixture | 4096 | 614,400 | sparsify | - | 0.4000 / 0.0% (lr 0.0004) | - |" in head
   assert "x.y=1" not in head   # variants stay out of the summary
 
@@ -74,7 +81,7 @@ def test_default_learning_rates_are_each_trainers_own():
   from jaxsae import optim
   c = quickstart.get_config()
   c.sae.n, c.sae.d, c.train.steps, c.train.lr = 4096, 576, 150, 3e-3
-  assert quality.default_lr("jaxsae", c) == optim.default_lr(576, 150)
+  assert quality.default_lr("jaxsae", c) == optim.default_lr(576, 4096, c.train.batch_size, 150)
   assert c.train.lr == 3e-3   # the caller's config is left alone
   assert quality.default_lr("sparsify", c) == pytest.approx(4e-4)
   assert quality.default_lr("dictlearn", c) == pytest.approx(4e-4)
@@ -87,10 +94,12 @@ def test_a_run_at_another_n_or_variant_is_not_skipped():
   have = {quality.run_key(row)}
   assert quality.run_key(dict(row)) in have
   for change in (dict(n=16384), dict(steps=1250), dict(variant="train.seed=1"), dict(lr=1.2e-2),
-                 dict(lr="default")):
+                 dict(lr_choice="default")):
     assert quality.run_key(dict(row, **change)) not in have, change
-  assert quality.run_key(dict(row, lr=8.5e-3, lr_choice="default")) == quality.run_key(
-      dict(row, lr="default"))
+  # A default is the run at the rate its rule gave; another rule's default is another run.
+  default = dict(row, lr=8.5e-3, lr_choice="default")
+  assert quality.run_key(default) == quality.run_key(dict(default, lr=0.0085000001))
+  assert quality.run_key(default) != quality.run_key(dict(default, lr=9.6e-3))
 
 
 def test_a_jumprelu_is_scored_at_exactly_k_latents_per_row_on_average():

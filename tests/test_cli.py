@@ -38,6 +38,40 @@ def test_two_step_run_writes_config_and_metrics(tmp_path):
   assert {"eval/fvu", "eval/l0", "eval/gt_mmcs", "eval/gt_recovered_frac"} <= records[-1].keys()
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(wd, "tb")))
   assert "step 2/2" in r.stderr and "tok/s" in r.stderr and "ETA" in r.stderr
+  # The end-of-run summary: what it saw, how it scored, where it is, what to run next.
+  fvu = records[-1]["eval/fvu"]
+  assert "finished: 2 steps, 256 tokens (a generated stream; 256 rows held out)" in r.stderr
+  assert f"eval/fvu {fvu:.4g}" in r.stderr and os.path.join(wd, "checkpoints") in r.stderr
+  assert f"python -m jaxsae.export --workdir={wd} --format=saelens" in r.stderr
+
+
+def test_dry_run_checks_and_prints_the_choices_without_writing(tmp_path):
+  wd = str(tmp_path / "dry")
+  r = run_cli([*TINY, f"--workdir={wd}", "--dry_run"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert not os.path.exists(wd)   # nothing written, nothing trained
+  out = r.stdout
+  assert "memory plan:" in out and "fits (" in out and f"workdir {wd}: a new run" in out
+  assert "data synthetic: a generated stream, 800 steps of 128, 256 rows held out, d=32" in out
+  assert "learning rate" in out and "automatic: 0.0096 x sqrt(576/d=32)" in out
+  assert "lazy Adam" in out and "kernels" in out and "auto on cpu" in out
+  # What the run would refuse, the dry run refuses, with the same one-line error.
+  r = run_cli([*TINY, "--dry_run", "--config.mesh.device_memory=4KiB"])
+  assert r.returncode == 1 and "does not fit in device memory" in r.stderr, r.stderr[-2000:]
+  r = run_cli([*TINY, "--dry_run", "--config.sae.k=1000"])
+  assert r.returncode == 1 and "sae.k" in r.stderr, r.stderr[-2000:]
+  r = run_cli(TINY)   # and a real run still needs a workdir
+  assert r.returncode != 0 and "--workdir is required" in r.stderr
+
+
+def test_dry_run_of_a_store_counts_its_passes(tmp_path):
+  rows = np.random.default_rng(0).standard_normal((4096, 32)).astype(np.float32)
+  np.save(tmp_path / "acts.npy", rows)
+  r = run_cli([*TINY, "--dry_run", "--config.data.source=npy",
+               f"--config.data.path={tmp_path / 'acts.npy'}", "--config.data.eval_rows=1024",
+               "--config.train.steps=48"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "3,072 training rows (2.00 passes in 48 steps of 128), 1,024 held out" in r.stdout
 
 
 def _fails_before_training(args, tmp_path, *needles):
@@ -134,7 +168,7 @@ def test_automatic_lr_is_deterministic_and_logged(tmp_path):
     assert "learning rate" in r.stderr and "automatic" in r.stderr
   (resolved, rates), again = got
   assert got[1] == got[0]
-  lr = optim.default_lr(32, 4)
+  lr = optim.default_lr(32, 128, 128, 4)
   assert resolved["lr"] == pytest.approx(lr) and resolved["lr_source"].startswith("automatic")
   assert resolved["warmup_steps"] == 0   # 5% of 4 steps rounds to none
   assert resolved["b_pre_lr_ratio_source"].startswith("automatic") and "b_pre at" in r.stderr
@@ -143,3 +177,35 @@ def test_automatic_lr_is_deterministic_and_logged(tmp_path):
   assert "kernels=xla (auto on cpu)" in r.stderr
   # Linear decay to 0 over the run: the rate each logged step ran at.
   assert rates == pytest.approx([lr, 0.75 * lr, 0.5 * lr, 0.25 * lr], rel=1e-6)
+
+
+def test_own_store_config_reads_d_and_dtype_from_the_store(tmp_path):
+  """configs/store.py:PATH: d and dtype from the store (d=48 float32, which no config pins),
+  about one pass by default; a path that is not a store is one line."""
+  import subprocess
+  import sys
+  rows = np.random.default_rng(0).standard_normal((8192, 48)).astype(np.float32)
+  np.save(tmp_path / "acts.npy", rows)
+  store = str(tmp_path / "store")
+  r = subprocess.run([sys.executable, "-m", "jaxsae.dump", f"--from-npy={tmp_path / 'acts.npy'}",
+                      f"--out={store}", "--chunk_rows=512", "--shard_rows=4096",
+                      "--progress=false"],
+                     capture_output=True, text=True, timeout=300,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0, r.stderr[-3000:]
+  small = ["--config.sae.n=256", "--config.sae.k=8", "--config.train.batch_size=512",
+           "--config.train.init_rows=512", "--config.data.eval_rows=1024"]
+  r = run_cli([f"--config=configs/store.py:{store}", *small, "--dry_run"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (f"data {store}: 7,168 training rows (1.00 passes in 14 steps of 512), 1,024 held out, "
+          "d=48 float32") in r.stdout
+  wd = str(tmp_path / "run")
+  r = run_cli([f"--config=configs/store.py:{store}", *small, f"--workdir={wd}",
+               "--config.train.steps=3", "--config.checkpoint.every_steps=0"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.load(open(os.path.join(wd, "config.json")))["sae"]["d"] == 48
+  assert "finished: 3 steps" in r.stderr
+  r = run_cli([f"--config=configs/store.py:{tmp_path}", f"--workdir={wd}"])
+  assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+      f"jaxsae: error: --config: {tmp_path} is not an activation store (it has no "
+      "metadata.json): make one with python -m jaxsae.dump")

@@ -70,17 +70,21 @@ def test_k_aux_default():
 
 
 def test_automatic_lr_and_schedule():
-  """lr unset: LR_CONSTANT / sqrt(d * steps), independent of n and batch; train.lr wins when set.
-  The schedule warms up linearly over 5% of the run, then decays linearly to 0 at the last step."""
+  """lr unset: the reference rate, carried to other shapes by sqrt(576/d), (4096/n)^(1/6) and
+  min(1, (batch/4096 x 225/steps)^(1/3)); train.lr wins when set. The schedule warms up linearly
+  over 5% of the run, then decays linearly to 0 at the last step."""
   c = base.get_config()
-  c.sae.d, c.train.steps = 576, 150
+  c.sae.d, c.sae.n, c.train.batch_size, c.train.steps = 576, 4096, 4096, 150
   lr, source = optim.resolve_lr(c)
-  assert lr == pytest.approx(optim.LR_CONSTANT / np.sqrt(576 * 150))
+  assert lr == optim.LR_REFERENCE   # a short run at the reference shape: the ceiling
   assert "automatic" in source and "d=576" in source and "steps=150" in source
-  c.sae.n, c.train.batch_size = 4 * c.sae.n, 2 * c.train.batch_size
-  assert optim.resolve_lr(c)[0] == lr
-  c.train.steps = 600   # four times the steps: half the rate
+  c.train.steps = 225 * 8   # eight times the knee's steps: half the rate
   assert optim.resolve_lr(c)[0] == pytest.approx(lr / 2)
+  c.train.batch_size = 4096 * 8   # and eight times the batch: the ceiling again
+  assert optim.resolve_lr(c)[0] == pytest.approx(lr)
+  c.train.batch_size = 4096
+  c.sae.d, c.sae.n = 4 * 576, 64 * 4096   # four times the width: half; 64 times the latents: half
+  assert optim.resolve_lr(c)[0] == pytest.approx(lr / 8)
   c.train.lr = 1e-3
   assert optim.resolve_lr(c) == (1e-3, "train.lr")
 

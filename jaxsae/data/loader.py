@@ -292,4 +292,5 @@ def open_store(path: str, global_batch: int, eval_rows: int, eval_batches: int, 
     meta.pop(bulky, None)
   return Data(d=d_input, d_target=d_target, dtype=store.dtype, train=train,
               eval_batches=eval_iter if eval_total else None, init_sample=init_sample,
-              metadata=meta, close=train.close)
+              metadata=meta, close=train.close, eval_rows=eval_total,
+              train_rows=sum(b - a for a, b in map(store.chunk, train_ids)))

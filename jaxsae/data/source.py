@@ -34,6 +34,8 @@ class Data:
   d_target: int = 0                        # a transcoder's target width: rows are then d + d_target
                                            # wide, the input then the target (data/paired.py)
   metadata: dict = dataclasses.field(default_factory=dict)   # model, hook, ... (exports record it)
+  train_rows: int = 0                      # rows the training stream draws from (0: endless)
+  eval_rows: int = 0                       # held-out rows
   ground_truth: Optional[np.ndarray] = None  # [features, d] unit true features (synthetic data only)
   close: Callable[[], Any] = lambda: None
 
@@ -99,4 +101,5 @@ def open_npy(path: str, global_batch: int, eval_rows: int, eval_batches: int, se
 
   return Data(d=rows.shape[1], dtype=str(rows.dtype), train=train,
               eval_batches=eval_iter if eval_rows else None, init_sample=init_sample,
-              metadata={"source": "npy", "path": path})
+              metadata={"source": "npy", "path": path}, train_rows=split,
+              eval_rows=len(rows) - split)

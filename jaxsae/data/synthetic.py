@@ -63,6 +63,6 @@ def create(cfg, d: int, global_batch: int, eval_rows: int, eval_batches: int,
     return sample(feats, probs, cfg.noise, count, np.random.default_rng([cfg.seed, 3]))
 
   return Data(d=d, dtype="float32", train=train, eval_batches=eval_iter if eval_rows else None,
-              init_sample=init_sample, ground_truth=feats,
+              init_sample=init_sample, ground_truth=feats, eval_rows=eval_rows,
               metadata={"source": "synthetic", "num_features": cfg.num_features,
                         "active": cfg.active})
