@@ -86,6 +86,10 @@ def _parse_flags(argv):
 
 def run():
   """Console script `jaxsae-train`."""
+  # absl's --help lists the flags of the module named sys.argv[0]: for a console script that is
+  # the wrapper, which defines none, so this module's flags are registered as its own.
+  for flag in flags.FLAGS.get_key_flags_for_module(__name__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(main, flags_parser=_parse_flags)
 
 

@@ -209,3 +209,18 @@ def test_own_store_config_reads_d_and_dtype_from_the_store(tmp_path):
   assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
       f"jaxsae: error: --config: {tmp_path} is not an activation store (it has no "
       "metadata.json): make one with python -m jaxsae.dump")
+
+
+def test_console_script_help_lists_the_flags():
+  """`jaxsae-train --help` shows the flags, as `python -m jaxsae.main --help` does (absl lists the
+  flags of the module named by argv[0], which for a console script is its wrapper)."""
+  import shutil
+  import subprocess
+  script = shutil.which("jaxsae-train")
+  if script is None:
+    pytest.skip("jaxsae-train is not installed (pip install -e .)")
+  r = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert "Traceback" not in r.stderr, r.stderr[-2000:]   # (absl's --help exits with status 1)
+  for flag in ("--config", "--workdir", "--[no]dry_run", "--num_processes"):
+    assert flag in r.stdout + r.stderr, flag
