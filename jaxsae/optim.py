@@ -17,7 +17,7 @@ from jaxsae import model
 # The learning rate when train.lr is unset: the best rate measured at a reference shape, carried to
 # other shapes by one factor per cause (bench/RESULTS.md, eleventh session, for each measurement):
 #
-#   lr = LR_REFERENCE * sqrt(576 / d) * (4096 / n)^(1/6) * min(1, (batch / 4096 * 225 / steps)^(1/3))
+#   lr = LR_REFERENCE sqrt(576/d) (4096/n)^(1/6) min(1, (batch/4096 x 225/steps)^(1/3))
 #
 # - d: Adam moves every weight by about lr per step, whatever the gradient's scale. A decoder row
 #   is a unit vector, its elements ~1/sqrt(d), and learning a feature turns it by O(1): the step
@@ -35,9 +35,10 @@ from jaxsae import model
 #   at a fixed token budget it grows as batch^(2/3) until it meets the ceiling.
 # - n: with more latents each is fed fewer tokens per step (batch x k / n), a noisier step again:
 #   measured, n 4096 -> 16384 moved the best rate by 0.78x and 0.80x on two datasets: n^(-1/6).
-# - The ceiling, LR_REFERENCE: the best rate where the length no longer limits it (the geometric
-#   mean of the best rates at 50 and 150 steps on four real datasets). Above it a step turns a
-#   decoder row by more than lr sqrt(d) ~ 0.23 rad, and short runs degrade fast.
+# - The ceiling, LR_REFERENCE: the best rate where the length no longer limits it (L3's at 150
+#   steps; the eight best rates at 50 and 150 steps on four real datasets have a geometric mean of
+#   ~9.7e-3, two below the swept rates taken as 8e-3, one above as 1.2e-2). Above it a step
+#   turns a decoder row by more than lr sqrt(d) ~ 0.23 rad, and short runs degrade fast.
 LR_REFERENCE = 9.6e-3
 LR_REFERENCE_SHAPE = {"d": 576, "n": 4096, "batch": 4096, "steps": 225}
 
