@@ -31,12 +31,8 @@ def describe(config, workdir: str = "") -> str:
   for spec in spec_of:
     specs.check(spec.n, config.train.batch_size, jax.process_count())
   lines = [f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} device(s)"]
-  memory = None
-  if config.mesh.device_memory != "off":
-    try:
-      memory = plan_lib.device_memory(config.mesh.device_memory)
-    except ValueError as e:
-      raise plan_lib.PlanError(f"mesh.device_memory: {e}") from None
+  setting = config.mesh.device_memory
+  memory = None if setting == "off" else plan_lib.configured_memory(setting)
   if is_sweep:
     plans = plan_lib.check_sweep([(m.name, m.config) for m in members], specs, log=False)
     stacking, why = sweep_lib.resolve_stacking(config)

@@ -243,6 +243,14 @@ def device_memory(setting: str) -> int | None:
   return None
 
 
+def configured_memory(setting: str) -> int | None:
+  """device_memory for mesh.device_memory (not "off"), a bad value refused naming the field."""
+  try:
+    return device_memory(setting)
+  except ValueError as e:
+    raise PlanError(f"mesh.device_memory: {e}") from None
+
+
 def check(config, specs, log: bool = True) -> Plan:
   """Refuses (PlanError, holding the table) a run whose step would not fit the devices; logs the
   table unless `log` is off (the dry run prints it instead)."""
@@ -250,10 +258,7 @@ def check(config, specs, log: bool = True) -> Plan:
   plan = estimate(Problem.from_config(config), specs.data_size, specs.model_size)
   if config.mesh.device_memory == "off":
     return plan
-  try:
-    memory = device_memory(config.mesh.device_memory)
-  except ValueError as e:
-    raise PlanError(f"mesh.device_memory: {e}") from None
+  memory = configured_memory(config.mesh.device_memory)
   if memory is None:
     if log:
       logging.info("memory plan (device memory unknown, not checked):\n%s", table(plan, 0))
@@ -278,10 +283,7 @@ def check_sweep(named_configs: list, specs, log: bool = True) -> list:
   setting = named_configs[0][1].mesh.device_memory
   if setting == "off":
     return plans
-  try:
-    memory = device_memory(setting)
-  except ValueError as e:
-    raise PlanError(f"mesh.device_memory: {e}") from None
+  memory = configured_memory(setting)
   total = sum(pl.peak for _, pl in plans)
   lines = [f"  {name:<30}{fmt_bytes(pl.peak):>12}" for name, pl in plans]
   text = "per device, each member's peak:\n" + "\n".join(lines) + (
