@@ -21,7 +21,7 @@ def get_config():
   c.sae.dead_tokens = 10_000_000  # a latent is dead after this many tokens without firing
   c.sae.auxk_relu = False        # AuxK values without the paper's ReLU: dead latents whose
                                  # pre-activations are all negative still train (4-10x fewer stay
-                                 # dead, same FVU: bench/RESULTS.md); True: the paper's AuxK
+                                 # dead, same FVU: bench/history.md); True: the paper's AuxK
   c.sae.auxk_norm = "input"      # AuxK's squared error over the variance of the "input" (as
                                  # sparsify) or of the "residual" it rebuilds (OpenAI's train.py:
                                  # 1/FVU times stronger; model.loss_terms)
@@ -39,7 +39,7 @@ def get_config():
   c.sae.encoder_init_norm = 0.3  # encoder rows at init: the decoder's unit rows times this. 0.3,
                                  # not the paper's 1: lower or equal FVU on SmolLM2 at every LR
                                  # tried, far fewer dead latents on synthetic data; 0.1 is best at
-                                 # high LRs, worse at low ones (bench/RESULTS.md)
+                                 # high LRs, worse at low ones (bench/history.md)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 10_000
@@ -63,9 +63,9 @@ def get_config():
   c.train.auxk_buckets = True    # run AuxK only as wide as the dead latents need (same result)
   c.train.auxk_compact = True    # AuxK over a list of the dead latents when few are dead (at most
                                  # ~n/8 per shard): its top-k and sparse ops over the list's rows,
-                                 # not all n (same update; 1.9x faster AuxK steps on CPU, README)
+                                 # not all n (same update; 1.9x faster AuxK steps on CPU, docs/training.md)
   c.train.warmup_steps = 0       # linear warmup steps; -1: 5% of the run, at most 1000 (on the
-                                 # fixture at lr 1.2e-2 it cost 2% held-out FVU: bench/RESULTS.md)
+                                 # fixture at lr 1.2e-2 it cost 2% held-out FVU: bench/history.md)
   c.train.b_pre_lr_ratio = -1.0  # b_pre's learning rate / the weights'; -1: 1 / (encoder_init_norm
                                  # x sqrt(d)), which keeps b_pre's nearly noise-free drift from
                                  # pushing latents below the top-k (optim.resolve_b_pre_ratio)

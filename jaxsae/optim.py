@@ -15,7 +15,7 @@ from jaxsae import model
 
 
 # The learning rate when train.lr is unset: the best rate measured at a reference shape, carried to
-# other shapes by one factor per cause (bench/RESULTS.md, eleventh session, for each measurement):
+# other shapes by one factor per cause (bench/history.md, eleventh session, for each measurement):
 #
 #   lr = LR_REFERENCE sqrt(576/d) (4096/n)^(1/6) min(1, (batch/4096 x 225/steps)^(1/3))
 #
@@ -64,7 +64,7 @@ def resolve_lr(config) -> tuple[float, str]:
 # that stops being selected stops moving; under dense Adam it coasts on its first moment for
 # ~1/(1 - b1) = 10 more steps in the direction that was lowering it, further below the top-k: on
 # the benchmark datasets that is where the latents that die late in a run die (dead 0.6-1.0% ->
-# 0.0-0.2% on the fixture over three seeds, the FVU within 0.2%: bench/RESULTS.md, ninth session).
+# 0.0-0.2% on the fixture over three seeds, the FVU within 0.2%: bench/history.md, ninth session).
 # (2) A latent selected once every T >> 10 steps moves by one Adam step per selection instead of
 # the ~10 its momentum spreads over the following steps: a ~10x lower rate for rare latents. Where
 # batch x k >= n the average latent is selected every step and (2) touches only the rarest; in a
@@ -98,7 +98,7 @@ def resolve_warmup(train) -> int:
 
 # train.warmup_steps=-1: a warmup over 5% of the run. Not the default: Adam's first steps move
 # every weight by a full lr (bias correction makes m / sqrt(v) = sign(g)), which a warmup tames,
-# but on the fixture at lr 1.2e-2 the 5% warmup cost 2% held-out FVU (bench/RESULTS.md).
+# but on the fixture at lr 1.2e-2 the 5% warmup cost 2% held-out FVU (bench/history.md).
 WARMUP_FRAC = 0.05
 WARMUP_MAX = 1000
 
@@ -142,7 +142,7 @@ def learning_rate(config):
 # 1 / (encoder_init_norm sqrt(d)) keeps every latent's drift from b_pre within what its bias can
 # follow. The encoder rows grow (to ~2 by the end of the benchmark runs), where the same bound would
 # allow less; its limit, a frozen b_pre, cost up to 0.7% held-out FVU, so the init norm it is.
-# Measured (bench/RESULTS.md, seventh session): dead latents 2.7% -> 0.2% on SmolLM2 L25 and
+# Measured (bench/history.md, seventh session): dead latents 2.7% -> 0.2% on SmolLM2 L25 and
 # 2.5% -> 0.3% on Gemma 3 L9, held-out FVU within 0.2% on every dataset.
 def resolve_b_pre_ratio(config) -> tuple[float, str]:
   """(b_pre's learning rate / the weights', how it was chosen)."""

@@ -144,7 +144,7 @@ def resolve_stacking(config) -> tuple:
   """(how members that could share a step run, why): config.sweep_stacking, else "separate" on
   CPU and "vmap" on GPU and TPU, where one batched GEMM fills the chip that one small SAE leaves
   idle (group.py; not yet measured on one). On the 2-core CPU no variant beat the members run one
-  after the other (steady state vmap 0.81x, loop 0.83x, separate 0.81x: bench/RESULTS.md, tenth
+  after the other (steady state vmap 0.81x, loop 0.83x, separate 0.81x: bench/history.md, tenth
   session); separate is the one whose members are bit for bit their runs alone."""
   setting = config.get("sweep_stacking", "auto")
   if setting != "auto":
