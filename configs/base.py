@@ -108,6 +108,10 @@ def get_config():
   c.data.synthetic.noise = 0.01         # Gaussian noise std, relative to unit features
   c.data.synthetic.seed = 1234
 
+  c.metrics = ml_collections.ConfigDict()
+  c.metrics.wandb_project = ""   # also log the scalars to this Weights & Biases project ("" off;
+                                 # pip install -e ".[wandb]"; WANDB_MODE=offline: no network)
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000  # also saved at the end and on SIGTERM; 0: only those
   c.checkpoint.max_to_keep = 3

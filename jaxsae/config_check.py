@@ -1,4 +1,7 @@
 """Checks a config before anything is built or compiled; every problem is named by its field."""
+import importlib
+import os
+
 from jaxsae import model, stats
 
 KERNELS = ("auto", "xla", "pallas")
@@ -6,8 +9,26 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 ON_NONFINITE = ("stop", "skip")
 
 
+# kernels=pallas on a CPU backend runs the kernels in Pallas interpret mode: an emulation, grid step
+# by grid step, that checks them against their references but is far slower than kernels=xla. It is
+# for tests (tests/conftest.py sets this variable); a run asks for it explicitly or is refused.
+PALLAS_INTERPRET_ENV = "JAXSAE_PALLAS_INTERPRET"
+
+
 class ConfigError(ValueError):
   pass
+
+
+def _importable(module: str) -> bool:
+  try:
+    importlib.import_module(module)
+  except ImportError:
+    return False
+  return True
+
+
+def pallas_interpret_allowed() -> bool:
+  return os.environ.get(PALLAS_INTERPRET_ENV, "").lower() not in ("", "0", "false")
 
 
 def _problems(c):
@@ -90,6 +111,9 @@ def _problems(c):
            f"rounded bf16 moments are not implemented for it")
   if c.encoder_tile < 0:
     yield f"encoder_tile={c.encoder_tile} must be >= 0 (0: no tiling)"
+  if c.metrics.wandb_project and not _importable("wandb"):
+    yield (f"metrics.wandb_project={c.metrics.wandb_project!r} but wandb is not installed: "
+           f"pip install -e \".[wandb]\" (or leave metrics.wandb_project empty)")
   if c.checkpoint.every_steps < 0 or c.checkpoint.max_to_keep < 1:
     yield "checkpoint.every_steps must be >= 0 and checkpoint.max_to_keep >= 1"
 
@@ -136,6 +160,11 @@ def _backend_problems(c):
   if backend not in ("cpu", "tpu", "gpu"):
     yield (f"kernels=pallas: the Pallas kernels exist for TPU and GPU (CPU runs them in interpret "
            f"mode); there is no {backend} version: use kernels=xla")
+    return
+  if backend == "cpu" and not pallas_interpret_allowed():
+    yield (f"kernels=pallas on CPU would run the Pallas kernels in interpret mode, a slow "
+           f"emulation for testing them: use kernels=xla or auto (or set {PALLAS_INTERPRET_ENV}=1 "
+           f"to test the kernels)")
     return
   import pallas_kernels
   if pallas_kernels.flavor() == "gpu":

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 import tqdm
-from absl import app, flags, logging
+from absl import app, flags
 
 from jaxsae import paths
 from jaxsae.data import inputs
@@ -221,9 +221,8 @@ def main(argv):
     raise app.UsageError("--hooks needs --model: --from_npy stores its one array")
   try:
     from_npy() if FLAGS.from_npy else from_model()
-  except DataError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
+  except DataError as e:   # once, as the other commands do: not also as an absl log line
+    print(f"jaxsae.dump: error: {e}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -1,20 +1,23 @@
 r"""Summarizes a run or an exported SAE, and shows what chosen latents fire on.
 
   python -m jaxsae.inspect PATH
-  python -m jaxsae.inspect PATH --store=STORE --latents=3,17 [--tokenizer=TOK] [--top=10]
+  python -m jaxsae.inspect PATH --store=STORE [--latents=3,17] [--tokenizer=TOK] [--top=10]
       [--max_rows=200000] [--html=latents.html]
 
 PATH is a training workdir (local or gs://), a sweep's (its members' table) or an export (a saelens/sparsify folder, or a .npz;
 local). The summary gives the config, step, tokens, last metrics and the fraction of dead latents.
 With --store (an activation store from `python -m jaxsae.dump`, with token ids), the SAE encodes the
-store's first --max_rows rows and lists each chosen latent's top-activating tokens in their
-context. Token ids are decoded by --tokenizer (a tokenizer.json, an HF folder or a .gguf), by
-default the store's model when that path exists; without one the ids are printed.
+store's first --max_rows rows and lists each chosen latent's firing frequency and top-activating
+tokens in their context. Without --latents it shows the --frequent latents that fire most often and
+--random others that fire (drawn with --seed, so a rerun shows the same ones). Token ids are
+decoded by --tokenizer (a tokenizer.json, an HF folder or a .gguf), by default the store's model
+when that path exists; without one the ids are printed.
 
 Run it as `python -m jaxsae.inspect` (a script inside jaxsae/ named inspect.py would shadow the
 standard library's `inspect` if run by path).
 """
 import base64
+import dataclasses
 import html
 import json
 import os
@@ -99,25 +102,67 @@ def summary(meta: dict, config: dict) -> str:
 
 # ---- top-activating contexts ------------------------------------------------------------------
 
-def top_examples(sae: sae_io.SaeWeights, store, latents: list[int], top: int, max_rows: int):
-  """{latent: [(activation, row), ...] best first} over the store's first max_rows rows."""
+@dataclasses.dataclass
+class Latent:
+  """One latent's top-activating rows among the scanned ones, and how often it fires there."""
+  index: int
+  fires: int        # scanned rows it fires on
+  rows: int         # rows scanned
+  top: list         # [(activation, row), ...] best first
+  why: str = ""     # how it was chosen when --latents was not given
+
+  def heading(self) -> str:
+    why = f" ({self.why})" if self.why else ""
+    return (f"latent {self.index}{why}: fires on {100 * self.fires / max(self.rows, 1):.3g}% of "
+            f"{self.rows:,} rows; {len(self.top)} top activations")
+
+
+def _encoded(sae: sae_io.SaeWeights, store, max_rows: int):
+  """(first row, [rows, n] codes) for blocks of the store's first max_rows rows."""
+  rows_total = min(store.rows, max_rows)
+  block = max(1, BLOCK_FLOATS // sae.n)
+  for start in range(0, rows_total, block):
+    yield start, sae.encode_dense(store.read(start, min(start + block, rows_total)))
+
+
+def firing_counts(sae: sae_io.SaeWeights, store, max_rows: int) -> np.ndarray:
+  """[n]: how many of the store's first max_rows rows each latent fires on."""
+  counts = np.zeros(sae.n, np.int64)
+  for _, z in _encoded(sae, store, max_rows):
+    counts += np.count_nonzero(z > 0, axis=0)
+  return counts
+
+
+def default_latents(counts: np.ndarray, frequent: int, random: int, seed: int) -> dict:
+  """{latent: why}: the `frequent` latents that fire most often, then `random` others drawn with
+  `seed` among those that fire at all (a dead latent has no contexts to show)."""
+  order = np.argsort(-counts, kind="stable")   # ties: the lower index first, so runs agree
+  chosen = {int(j): "most frequent" for j in order[:frequent] if counts[j] > 0}
+  live = np.setdiff1d(np.flatnonzero(counts > 0), list(chosen))
+  drawn = np.random.default_rng(seed).choice(live, size=min(random, len(live)), replace=False)
+  return {**chosen, **{int(j): "random" for j in sorted(drawn)}}
+
+
+def top_examples(sae: sae_io.SaeWeights, store, latents: list[int], top: int,
+                 max_rows: int) -> list[Latent]:
+  """Each latent's `top` best rows among the store's first max_rows rows, and its firing count."""
   n = sae.w_enc.shape[1]
   bad = [j for j in latents if not 0 <= j < n]
   if bad:
     raise InspectError(f"--latents {bad} out of range: the SAE has n={n} latents")
-  rows_total = min(store.rows, max_rows)
-  block = max(1, BLOCK_FLOATS // n)
   acts = {j: np.zeros(0, np.float32) for j in latents}
   rows = {j: np.zeros(0, np.int64) for j in latents}
-  for start in range(0, rows_total, block):
-    stop = min(start + block, rows_total)
-    z = sae.encode_dense(store.read(start, stop))
+  fires = dict.fromkeys(latents, 0)
+  for start, z in _encoded(sae, store, max_rows):
     for j in latents:
       hit = np.flatnonzero(z[:, j] > 0)
+      fires[j] += len(hit)
       a, r = np.concatenate([acts[j], z[hit, j]]), np.concatenate([rows[j], hit + start])
       keep = np.argsort(-a, kind="stable")[:top]
       acts[j], rows[j] = a[keep], r[keep]
-  return {j: list(zip(acts[j].tolist(), rows[j].tolist())) for j in latents}
+  scanned = min(store.rows, max_rows)
+  return [Latent(j, fires[j], scanned, list(zip(acts[j].tolist(), rows[j].tolist())))
+          for j in latents]
 
 
 def load_tokenizer(spec: str):
@@ -149,18 +194,19 @@ def context(store, row: int, decode):
   return join(pieces[:at]), pieces[at], join(pieces[at + 1:])
 
 
-def render_text(examples: dict, store, decode) -> str:
+def render_text(examples: list[Latent], store, decode) -> str:
   out = []
-  for latent, items in examples.items():
-    out.append(f"latent {latent}: {len(items)} top activations")
-    for value, row in items:
+  for latent in examples:
+    out.append(latent.heading())
+    for value, row in latent.top:
       before, tok, after = context(store, row, decode)
       out.append(f"  {value:9.3f}  row {row:>9}  {before!r} [[{tok}]] {after!r}"
                  .replace("\\n", "\u21b5"))
   return "\n".join(out)
 
 
-def render_html(examples: dict, store, decode, title: str, about: str = "", images=()) -> str:
+def render_html(examples: list[Latent], store, decode, title: str, about: str = "",
+                images=()) -> str:
   """The page: the summary `about`, the PNGs `images` (embedded, so the page travels alone; from
   `python -m jaxsae.plot`), and each latent's top-activating contexts."""
   parts = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>",
@@ -174,9 +220,9 @@ def render_html(examples: dict, store, decode, title: str, about: str = "", imag
     name = html.escape(paths.of(image).name)
     parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{name}">'
                  f"<figcaption>{name}</figcaption></figure>")
-  for latent, items in examples.items():
-    parts.append(f"<h2>latent {latent}</h2><table>")
-    for value, row in items:
+  for latent in examples:
+    parts.append(f"<h2>{html.escape(latent.heading())}</h2><table>")
+    for value, row in latent.top:
       before, tok, after = context(store, row, decode)
       parts.append(f"<tr><td>{value:.3f}</td><td class=c>{html.escape(before)}<mark>"
                    f"{html.escape(tok)}</mark>{html.escape(after)}</td></tr>")
@@ -192,7 +238,13 @@ FLAGS = flags.FLAGS
 def define_flags():
   flags.DEFINE_integer("step", -1, "Checkpoint step of a workdir; -1: the latest.")
   flags.DEFINE_string("store", "", "Activation store with token ids, for top-activating contexts.")
-  flags.DEFINE_list("latents", [], "Latents whose top-activating contexts are listed.")
+  flags.DEFINE_list("latents", [], "Latents whose top-activating contexts are listed; default: "
+                    "the --frequent most often firing and --random others that fire.")
+  flags.DEFINE_integer("frequent", 5, "Without --latents: how many of the most often firing "
+                       "latents to show.")
+  flags.DEFINE_integer("random", 5, "Without --latents: how many others to show, drawn among the "
+                       "latents that fire at all.")
+  flags.DEFINE_integer("seed", 0, "Seed of the --random draw (the same seed, the same latents).")
   flags.DEFINE_string("tokenizer", "", "tokenizer.json, HF folder or .gguf; default: the store's "
                       "model when that path exists.")
   flags.DEFINE_integer("top", 10, "Contexts per latent.")
@@ -213,11 +265,11 @@ def main(argv):
     return
   try:
     latents = [int(x) for x in FLAGS.latents]
-    sae, meta, config = load(path, FLAGS.step, with_weights=bool(FLAGS.store and latents))
+    sae, meta, config = load(path, FLAGS.step, with_weights=bool(FLAGS.store))
     about = summary(meta, config)
     print(about)
-    examples, store, decode = {}, None, None
-    if FLAGS.store and latents:
+    examples, store, decode = [], None, None
+    if FLAGS.store:
       from jaxsae.data.store import Store   # only now: tensorstore + the store format
       store = Store(FLAGS.store)
       if "tokens" not in store.columns:
@@ -228,8 +280,19 @@ def main(argv):
       spec = FLAGS.tokenizer or (store.metadata.get("info") or {}).get("model", "")
       decode = load_tokenizer(spec) if spec and os.path.exists(spec) else \
           (lambda i: f"<{int(i)}>")
+      why = {}
+      if not latents:   # one more pass over the rows: which latents fire, how often
+        why = default_latents(firing_counts(sae, store, FLAGS.max_rows), FLAGS.frequent,
+                              FLAGS.random, FLAGS.seed)
+        latents = list(why)
       examples = top_examples(sae, store, latents, FLAGS.top, FLAGS.max_rows)
+      for latent in examples:
+        latent.why = why.get(latent.index, "")
       print()
+      if why:
+        drawn = sum(v == "random" for v in why.values())
+        print(f"no --latents: the {len(why) - drawn} most often firing and {drawn} random others "
+              f"that fire (--seed={FLAGS.seed})")
       print(render_text(examples, store, decode))
     if FLAGS.html:
       plots = FLAGS.plots or paths.join(path, "plots")

@@ -1,5 +1,6 @@
-"""Where metrics go: metrics.jsonl and TensorBoard events in the workdir (process 0), and a one-line
-step log on every process. Keys are fixed; benchmarks and dashboards read them."""
+"""Where metrics go: metrics.jsonl and TensorBoard events in the workdir (process 0), optionally a
+Weights & Biases run (config.metrics.wandb_project), and a one-line step log on every process. Keys
+are fixed; benchmarks and dashboards read them."""
 import json
 import math
 import time
@@ -24,9 +25,10 @@ class Writer:
   `rewrite_every_s` seconds (GCS allows about one write a second to an object) and on flush().
   """
 
-  def __init__(self, workdir: str, enabled: bool, rewrite_every_s: float = 10.0):
+  def __init__(self, workdir: str, enabled: bool, rewrite_every_s: float = 10.0,
+               wandb_project: str = "", run_name: str = "", run_config: dict | None = None):
     self._enabled = enabled
-    self._jsonl = self._tb = None
+    self._jsonl = self._tb = self._wandb = None
     self._remote = paths.is_url(workdir)
     self._path = paths.join(workdir, "metrics.jsonl")
     self._rewrite_every_s, self._written_at, self._dirty = rewrite_every_s, 0.0, False
@@ -38,6 +40,8 @@ class Writer:
         self._jsonl = paths.of(self._path).open("a")
       # tensorboardX writes gs:// (google-cloud-storage) and s3:// (boto3) itself.
       self._tb = SummaryWriter(paths.join(workdir, "tb"))
+      if wandb_project:
+        self._wandb = _wandb_run(workdir, wandb_project, run_name, run_config)
 
   def write(self, record: dict):
     if not self._enabled:
@@ -51,9 +55,12 @@ class Writer:
     else:
       self._jsonl.write(line)
       self._jsonl.flush()
-    for key, value in record.items():
-      if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-        self._tb.add_scalar(key, value, record["step"])
+    scalars = {key: value for key, value in record.items()
+               if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)}
+    for key, value in scalars.items():
+      self._tb.add_scalar(key, value, record["step"])
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=record["step"])
 
   def flush(self):
     """Everything written so far is in metrics.jsonl (the loop calls it before each checkpoint)."""
@@ -67,6 +74,18 @@ class Writer:
       if self._jsonl is not None:
         self._jsonl.close()
       self._tb.close()
+      if self._wandb is not None:
+        self._wandb.finish()
+
+
+def _wandb_run(workdir: str, project: str, name: str, config: dict | None):
+  """A W&B run that mirrors the TensorBoard scalars. Where it sends them is wandb's own setting:
+  online after `wandb login`, or WANDB_MODE=offline (no network; `wandb sync` uploads later). Its
+  files go in WORKDIR/wandb (a gs:// workdir: ./wandb, as wandb writes local files only)."""
+  import wandb   # the optional extra: pip install -e ".[wandb]"; config_check refuses it missing
+  # reinit="create_new": a sweep's members each log to a run of their own, all in this process.
+  return wandb.init(project=project, name=name or paths.of(workdir).name, config=config,
+                    dir=None if paths.is_url(workdir) else workdir, reinit="create_new")
 
 
 def _duration(seconds: float) -> str:

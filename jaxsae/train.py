@@ -291,7 +291,9 @@ def train_and_evaluate(config, workdir: str):
         resolved["resolved"].update(sweep_member=m.name, sweep_overrides=m.overrides)
       if lead:   # process 0 writes the shared files (config.json, metrics, events)
         _write_json(paths.join(m.workdir, "config.json"), resolved)
-      trainees.append(Trainee(m, group, index, resolved, metrics_lib.Writer(m.workdir, lead),
+      writer = metrics_lib.Writer(m.workdir, lead, wandb_project=m.config.metrics.wandb_project,
+                                  run_name=m.name, run_config=resolved)
+      trainees.append(Trainee(m, group, index, resolved, writer,
                               checkpoint_lib.Checkpointer(m.workdir, keep,
                                                           config.checkpoint.async_save, m.name),
                               optim.learning_rate(m.config)))

@@ -5,6 +5,9 @@ import sys
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# kernels=pallas on CPU: the tests check the Pallas kernels in interpret mode, which a run refuses
+# unless asked for (jaxsae/config_check.py).
+os.environ.setdefault("JAXSAE_PALLAS_INTERPRET", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

@@ -121,6 +121,37 @@ def test_a_typo_in_the_config_flags_is_one_line(tmp_path, args, line):
   assert r.returncode == 1 and r.stderr.strip() == line, r.stderr[-3000:]
 
 
+def test_an_error_is_printed_once_without_the_backend_probe_line(tmp_path):
+  """With JAX left to choose its backend (JAX_PLATFORMS unset, as for a user), stderr holds the
+  error once, not again as a log line, and not JAX's quiet "Unable to initialize backend 'tpu'"
+  probe line; a dry run that succeeds prints no such line either."""
+  wd = str(tmp_path / "run")
+  r = run_cli([*TINY, "--config.sae.k=200", f"--workdir={wd}"], env={"JAX_PLATFORMS": ""})
+  assert r.returncode == 1 and r.stderr.strip() == (
+      "jaxsae: error: invalid config:\n  sae.k=200 must satisfy 0 < k <= sae.n=128"), r.stderr
+  r = run_cli([*TINY, "--dry_run"], env={"JAX_PLATFORMS": ""})
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Unable to initialize backend" not in r.stderr + r.stdout, r.stderr[-3000:]
+
+
+def test_pallas_kernels_on_cpu_need_the_interpret_switch(tmp_path):
+  """kernels=pallas on CPU would emulate the kernels (Pallas interpret mode, for tests): refused
+  before anything is written or compiled, naming the field and the fix, unless
+  JAXSAE_PALLAS_INTERPRET is set (tests/conftest.py sets it for the kernel tests)."""
+  wd = str(tmp_path / "run")
+  args = [*TINY, "--config.kernels=pallas", f"--workdir={wd}", "--config.train.steps=2",
+          "--config.checkpoint.every_steps=0"]
+  r = run_cli(args, env={"JAXSAE_PALLAS_INTERPRET": "0"})
+  assert r.returncode == 1 and not os.path.exists(wd), r.stderr[-3000:]
+  assert r.stderr.strip() == (
+      "jaxsae: error: invalid config:\n  kernels=pallas on CPU would run the Pallas kernels in "
+      "interpret mode, a slow emulation for testing them: use kernels=xla or auto (or set "
+      "JAXSAE_PALLAS_INTERPRET=1 to test the kernels)"), r.stderr[-3000:]
+  r = run_cli(args, env={"JAXSAE_PALLAS_INTERPRET": "1"})
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "kernels=pallas (set in the config)" in r.stderr
+
+
 def test_data_dimension_mismatch_is_refused(tmp_path):
   path = tmp_path / "acts.npy"
   np.save(path, np.random.default_rng(0).normal(size=(2048, 24)).astype(np.float32))

@@ -124,6 +124,7 @@ def test_nonfinite_rows_are_refused_with_a_count(tmp_path):
            check=False)
   assert r.returncode == 2
   assert "3 of 300 rows" in r.stderr and "NaN or inf" in r.stderr
+  assert r.stderr.count("3 of 300 rows") == 1, r.stderr   # once: not also as a log line
   assert not json.load(open(tmp_path / "s" / "metadata.json"))["complete"]
   # float16 overflow is caught after the cast, too.
   y = np.ones((10, 4), np.float32)
