@@ -15,13 +15,23 @@ from jaxsae import model
 
 
 # The learning rate when train.lr is unset: the best rate measured at a reference shape, carried to
-# other shapes by one factor per cause (bench/history.md, eleventh session, for each measurement):
+# other shapes by one factor per cause (bench/history.md, eleventh and twelfth sessions, for the
+# measurements):
 #
-#   lr = LR_REFERENCE sqrt(576/d) (4096/n)^(1/6) min(1, (batch/4096 x 225/steps)^(1/3))
+#   lr = LR_REFERENCE sqrt(576/d) min(1, sqrt(48/k)) (4096/n)^(1/6)
+#        x min(1, (batch/4096 x 225/steps)^(1/3))
 #
 # - d: Adam moves every weight by about lr per step, whatever the gradient's scale. A decoder row
 #   is a unit vector, its elements ~1/sqrt(d), and learning a feature turns it by O(1): the step
 #   scales as 1/sqrt(d).
+# - k: a second bound, on the codes. An encoder row moves by ~lr per element too, so a selected
+#   latent's pre-activation moves by ~lr d (x scaled to mean squared norm d, elements ~1) against
+#   a code of ~sqrt(d/k) (the k codes share |x|^2 = d): a relative jitter of lr sqrt(d k). Both
+#   bounds scale as 1/sqrt(d); the decoder's binds at small k, the codes' past a knee K_KNEE,
+#   where the rate falls as 1/sqrt(k). Measured at 150 steps (n=4096), as a fraction of each
+#   dataset's best rate at k=32: k=16 0.88 and 1.06 (SmolLM2 L25, Gemma 3 L9), k=64 0.92 (L25),
+#   k=128 0.59 and 0.57 (L25, Gemma). sqrt(K/k) meets them with the knee at K = 43 (k=128) to
+#   54 (k=64): K_KNEE = 48.
 # - steps: between two limits. A problem set by gradient noise alone wants the distance over
 #   sqrt(steps) (the classic stochastic-approximation rate); one set by how far the weights have
 #   travelled (lr x steps: the loss falls as a power of it while the SAE still finds features)
@@ -41,13 +51,15 @@ from jaxsae import model
 #   turns a decoder row by more than lr sqrt(d) ~ 0.23 rad, and short runs degrade fast.
 LR_REFERENCE = 9.6e-3
 LR_REFERENCE_SHAPE = {"d": 576, "n": 4096, "batch": 4096, "steps": 225}
+K_KNEE = 48   # the codes' bound binds past it (above)
 
 
-def default_lr(d: int, n: int, batch: int, steps: int) -> float:
+def default_lr(d: int, k: int, n: int, batch: int, steps: int) -> float:
   """The automatic peak rate: see LR_REFERENCE."""
   ref = LR_REFERENCE_SHAPE
+  codes = min(1.0, math.sqrt(K_KNEE / k))
   length = min(1.0, (batch / ref["batch"] * ref["steps"] / max(steps, 1)) ** (1 / 3))
-  return LR_REFERENCE * math.sqrt(ref["d"] / d) * (ref["n"] / n) ** (1 / 6) * length
+  return (LR_REFERENCE * math.sqrt(ref["d"] / d) * codes * (ref["n"] / n) ** (1 / 6) * length)
 
 
 def resolve_lr(config) -> tuple[float, str]:
@@ -55,8 +67,9 @@ def resolve_lr(config) -> tuple[float, str]:
   t, s = config.train, config.sae
   if t.lr is not None:
     return float(t.lr), "train.lr"
-  return default_lr(s.d, s.n, t.batch_size, t.steps), (
-      f"automatic: {LR_REFERENCE:g} x sqrt(576/d={s.d}) x (4096/n={s.n})^(1/6) x "
+  return default_lr(s.d, s.k, s.n, t.batch_size, t.steps), (
+      f"automatic: {LR_REFERENCE:g} x sqrt(576/d={s.d}) x min(1, sqrt({K_KNEE}/k={s.k})) x "
+      f"(4096/n={s.n})^(1/6) x "
       f"min(1, (batch={t.batch_size}/4096 x 225/steps={t.steps})^(1/3))")
 
 

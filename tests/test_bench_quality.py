@@ -81,7 +81,7 @@ def test_default_learning_rates_are_each_trainers_own():
   from jaxsae import optim
   c = quickstart.get_config()
   c.sae.n, c.sae.d, c.train.steps, c.train.lr = 4096, 576, 150, 3e-3
-  assert quality.default_lr("jaxsae", c) == optim.default_lr(576, 4096, c.train.batch_size, 150)
+  assert quality.default_lr("jaxsae", c) == optim.default_lr(576, c.sae.k, 4096, c.train.batch_size, 150)
   assert c.train.lr == 3e-3   # the caller's config is left alone
   assert quality.default_lr("sparsify", c) == pytest.approx(4e-4)
   assert quality.default_lr("dictlearn", c) == pytest.approx(4e-4)

@@ -70,14 +70,19 @@ def test_k_aux_default():
 
 
 def test_automatic_lr_and_schedule():
-  """lr unset: the reference rate, carried to other shapes by sqrt(576/d), (4096/n)^(1/6) and
-  min(1, (batch/4096 x 225/steps)^(1/3)); train.lr wins when set. The schedule warms up linearly
-  over 5% of the run, then decays linearly to 0 at the last step."""
+  """lr unset: the reference rate, carried to other shapes by sqrt(576/d), min(1, sqrt(48/k)),
+  (4096/n)^(1/6) and min(1, (batch/4096 x 225/steps)^(1/3)); train.lr wins when set. The schedule
+  warms up linearly over 5% of the run, then decays linearly to 0 at the last step."""
   c = base.get_config()
-  c.sae.d, c.sae.n, c.train.batch_size, c.train.steps = 576, 4096, 4096, 150
+  c.sae.d, c.sae.k, c.sae.n, c.train.batch_size, c.train.steps = 576, 32, 4096, 4096, 150
   lr, source = optim.resolve_lr(c)
   assert lr == optim.LR_REFERENCE   # a short run at the reference shape: the ceiling
-  assert "automatic" in source and "d=576" in source and "steps=150" in source
+  assert "automatic" in source and "d=576" in source and "k=32" in source and "steps=150" in source
+  c.sae.k = 4 * optim.K_KNEE   # four times the knee's k: half the rate
+  assert optim.resolve_lr(c)[0] == pytest.approx(lr / 2)
+  c.sae.k = 8     # below the knee the decoder's bound holds: the ceiling
+  assert optim.resolve_lr(c)[0] == pytest.approx(lr)
+  c.sae.k = 32
   c.train.steps = 225 * 8   # eight times the knee's steps: half the rate
   assert optim.resolve_lr(c)[0] == pytest.approx(lr / 2)
   c.train.batch_size = 4096 * 8   # and eight times the batch: the ceiling again
