@@ -58,12 +58,17 @@ def get_config():
                                   # selected about once a step or more (batch x k >= n), where it
                                   # stops latents coasting out of the top-k on momentum
                                   # (optim.resolve_lazy; logged, in config.json)
-  c.train.dense_op_ratio = 16    # xla path: sparse ops over K latents run as dense GEMMs when
-                                 # n_local <= ratio * K (AuxK on small dictionaries); 0: never
-  c.train.auxk_buckets = True    # run AuxK only as wide as the dead latents need (same result)
-  c.train.auxk_compact = True    # AuxK over a list of the dead latents when few are dead (at most
-                                 # ~n/8 per shard): its top-k and sparse ops over the list's rows,
-                                 # not all n (same update; 1.9x faster AuxK steps on CPU, docs/training.md)
+  # Chosen by the system (None: automatic, logged at start-up with why, in config.json's
+  # `resolved`; knobs.py). They change only speed or memory, never the result; set one to override.
+  c.train.dense_op_ratio = config_dict.placeholder(int)  # xla path: sparse ops over K latents run
+                                 # as dense GEMMs when n_local <= ratio * K (AuxK on small
+                                 # dictionaries); 0: never. Automatic: 16 (knobs.dense_op_ratio)
+  c.train.auxk_buckets = config_dict.placeholder(bool)  # run AuxK only as wide as the dead latents
+                                 # need (same result). Automatic: on
+  c.train.auxk_compact = config_dict.placeholder(bool)  # AuxK over a list of the dead latents when
+                                 # few are dead (at most ~n/8 per shard): its top-k and sparse ops
+                                 # over the list's rows, not all n (same update; 1.9x faster AuxK
+                                 # steps on CPU, docs/training.md). Automatic: on
   c.train.warmup_steps = 0       # linear warmup steps; -1: 5% of the run, at most 1000 (on the
                                  # fixture at lr 1.2e-2 it cost 2% held-out FVU: bench/history.md)
   c.train.b_pre_lr_ratio = -1.0  # b_pre's learning rate / the weights'; -1: 1 / (encoder_init_norm
@@ -97,8 +102,11 @@ def get_config():
   c.data.shuffle_buffer_chunks = 8  # chunks whose rows are mixed in memory before batching
   c.data.num_threads = 2         # grain reader threads
   c.data.prefetch = 2            # chunk groups read ahead; memory ~ (2 prefetch + threads) groups
-  c.data.retain_freed_memory = True  # glibc keeps freed buffers for reuse (loader ~1.5x faster)
-  c.data.direct_read = True      # local uncompressed stores: pread + crc32c, not TensorStore
+  # Chosen by the system unless set (knobs.py; logged, in config.json's `resolved`):
+  c.data.retain_freed_memory = config_dict.placeholder(bool)  # glibc keeps freed buffers for reuse
+                                 # (loader ~1.5x faster). Automatic: on for a store under glibc
+  c.data.direct_read = config_dict.placeholder(bool)  # local uncompressed stores: pread + crc32c,
+                                 # not TensorStore. Automatic: on for a local store
   c.data.allow_incomplete = False  # read a store whose dump has not finished
   c.data.missing_hint = ""       # printed when data.path holds no store: the command that makes it
   c.data.synthetic = ml_collections.ConfigDict()
@@ -142,6 +150,9 @@ def get_config():
   c.kernels = "auto"             # "auto" | "xla" | "pallas"; auto: pallas on GPU, xla on TPU and
                                  # CPU (config_check.resolve_kernels says why; logged at start-up)
   c.compute_dtype = "float32"    # dtype of the encoder GEMM: "float32" | "bfloat16"
-  c.encoder_tile = 0             # >0: compute pre[B, n] in tiles of this many latents with a
-                                 # running top-k (memory O(B x tile), topk.py); 0: in one piece
+  c.encoder_tile = config_dict.placeholder(int)  # >0: compute pre[B, n] in tiles of this many
+                                 # latents with a running top-k (memory O(B x tile), same picks,
+                                 # topk.py); 0: in one piece. Automatic (plan.resolve_encoder_tile):
+                                 # 0 where the un-tiled step fits the device memory, else the
+                                 # largest power-of-two tile that fits (logged, in config.json)
   return c

@@ -27,9 +27,9 @@ from jax.experimental import multihost_utils
 from absl import logging
 from etils import epath
 
-# The on-disk layout is shared with export.py, which reads checkpoints without importing JAX.
 from jaxsae import paths
-from jaxsae.export import StepReader, checkpoint_dir, complete_steps
+# The on-disk layout, which export.py also reads (without JAX).
+from jaxsae.checkpoint_layout import StepReader, checkpoint_dir, complete_steps
 
 # Array chunks on disk are at most this large, so export and inspect read them a block at a time.
 CHUNK_BYTES = 64 << 20

@@ -109,8 +109,10 @@ def _problems(c):
     yield (f"train.lazy_optimizer=True needs train.opt_state_dtype='float32' (got "
            f"{t.opt_state_dtype!r}): the lazy sweep reads and writes fp32 moments; stochastically "
            f"rounded bf16 moments are not implemented for it")
-  if c.encoder_tile < 0:
-    yield f"encoder_tile={c.encoder_tile} must be >= 0 (0: no tiling)"
+  if c.encoder_tile is not None and c.encoder_tile < 0:
+    yield f"encoder_tile={c.encoder_tile} must be >= 0 (0: no tiling; unset: automatic)"
+  if t.dense_op_ratio is not None and t.dense_op_ratio < 0:
+    yield f"train.dense_op_ratio={t.dense_op_ratio} must be >= 0 (0: never dense; unset: automatic)"
   if c.metrics.wandb_project and not _importable("wandb"):
     yield (f"metrics.wandb_project={c.metrics.wandb_project!r} but wandb is not installed: "
            f"pip install -e \".[wandb]\" (or leave metrics.wandb_project empty)")

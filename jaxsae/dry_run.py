@@ -4,13 +4,14 @@ Everything a run checks before it compiles, with the same errors: the config (an
 member's), the mesh, the data (opened, its width and dtype checked, never read past its metadata),
 the memory plan against the devices, and a workdir it would resume. Then what the system chose by
 itself (learning rate, b_pre's rate, lazy or dense Adam, kernels, warmup, k_aux, a sweep's
-stacking), each with why, as the run would log and record them. Nothing is written, nothing is
-compiled, no statistics are computed.
+stacking, the performance knobs of knobs.py), each with why, as the run would log and record
+them. Nothing is written, nothing is compiled, no statistics are computed.
 """
 import jax
 from jax.sharding import NamedSharding
 
-from jaxsae import config_check, mesh as mesh_lib, model, plan as plan_lib, sweep as sweep_lib
+from jaxsae import config_check, knobs, mesh as mesh_lib, model, plan as plan_lib
+from jaxsae import sweep as sweep_lib
 from jaxsae import train
 
 _CHOICES = (("lr", "learning rate", "{:.4g}"), ("b_pre_lr_ratio", "b_pre's rate / lr", "{:.3g}"),
@@ -68,4 +69,5 @@ def describe(config, workdir: str = "") -> str:
                  f"k={spec.k} k_aux={res['k_aux']}, warmup {res['warmup_steps']} steps")
     for key, label, fmt in _CHOICES:
       lines.append(f"  {label:<20}{fmt.format(res[key]):<10}({res[key + '_source']})")
+    lines.append("  speed and memory only (knobs.py):\n" + knobs.describe(res, "    "))
   return "\n".join(lines)

@@ -26,7 +26,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from jaxsae import export as export_lib, paths, sae_io
+from jaxsae import checkpoint_layout, paths, sae_io
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 3
 BLOCK_FLOATS = 16 << 20   # pre-activations computed per block of store rows (64 MiB of float32)
@@ -39,7 +39,7 @@ class InspectError(ValueError):
 # ---- loading a run or an export --------------------------------------------------------------
 
 def _read_workdir(path: str, step: int, with_weights: bool):
-  reader = export_lib.StepReader(path, step)
+  reader = checkpoint_layout.StepReader(path, step)
   meta = reader.describe()
   sae = sae_io.from_reader(reader) if with_weights else None
   # Dead latents: the counters of tokens since each latent last fired, saturating at the window.
@@ -47,7 +47,8 @@ def _read_workdir(path: str, step: int, with_weights: bool):
   window = int(reader.config["sae"]["dead_tokens"])
   meta["dead_frac"] = float(np.mean(since >= window))
   meta["dead_window_tokens"] = window
-  meta["steps_saved"] = export_lib.complete_steps(export_lib.checkpoint_dir(path))
+  meta["steps_saved"] = checkpoint_layout.complete_steps(
+      checkpoint_layout.checkpoint_dir(path))
   last = _last_metrics(paths.join(path, "metrics.jsonl"))
   if last:
     meta["metrics"] = last
@@ -66,7 +67,7 @@ def _last_metrics(path: str) -> dict:
 
 def load(path: str, step: int = -1, with_weights: bool = False):
   """(Sae or None, metadata, config) of a workdir or an export."""
-  if paths.of(export_lib.checkpoint_dir(path)).is_dir():
+  if paths.of(checkpoint_layout.checkpoint_dir(path)).is_dir():
     return _read_workdir(path, step, with_weights)
   if path.endswith(".npz") or paths.of(paths.join(path, "cfg.json")).exists():
     sae = sae_io.load(path)
@@ -300,7 +301,8 @@ def main(argv):
       with paths.of(FLAGS.html).open("w") as f:
         f.write(render_html(examples, store, decode, f"{path}", about, images))
       print(f"wrote {FLAGS.html}" + (f" ({len(images)} pictures from {plots})" if images else ""))
-  except (InspectError, export_lib.ExportError, sae_io.SaeError, OSError, ValueError) as e:
+  except (InspectError, checkpoint_layout.CheckpointNotFound, sae_io.SaeError, OSError,
+          ValueError) as e:
     print(f"jaxsae.inspect: error: {e}", file=sys.stderr)
     sys.exit(1)
 

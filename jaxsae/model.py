@@ -33,7 +33,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxsae import sparse, topk
+from jaxsae import knobs, sparse, topk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,7 @@ class SaeSpec:
     k_aux = resolve_k_aux(sae.k_aux, sae.d, sae.n) if sae.auxk_coef > 0 else 0
     return cls(d=sae.d, n=sae.n, k=sae.k, k_aux=k_aux, auxk_coef=float(sae.auxk_coef),
                dead_tokens=int(sae.dead_tokens), multi_topk=bool(sae.multi_topk),
-               dense_op_ratio=int(config.train.dense_op_ratio), auxk_relu=bool(sae.auxk_relu),
+               dense_op_ratio=knobs.dense_op_ratio(config)[0], auxk_relu=bool(sae.auxk_relu),
                auxk_norm=str(sae.auxk_norm), encoder_init_norm=float(sae.encoder_init_norm),
                architecture=str(sae.architecture), batchtopk_cap=int(sae.batchtopk_cap),
                threshold_ema_steps=threshold_ema_steps(config.train.steps),

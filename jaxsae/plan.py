@@ -33,7 +33,7 @@ import re
 import sys
 
 from jaxsae import mesh as mesh_lib
-from jaxsae import config_check, model, optim, topk
+from jaxsae import config_check, knobs, model, optim, topk
 
 UPDATE_TEMPS = 5       # f32 [n_l, d] buffers the optimizer pass holds besides the gradients
 LAZY_TEMPS = 5         # f32 [chunk, d] buffers of the lazy optimizer's gathered rows
@@ -86,15 +86,19 @@ class Problem:
     return self.k_select or model.select_width(self.k, self.multi_topk, "topk", 1)
 
   @classmethod
-  def from_config(cls, config):
+  def from_config(cls, config, encoder_tile: int | None = None):
+    """The problem of a config; encoder_tile: the tile resolved for its mesh (check passes
+    resolve_encoder_tile's), else encoder_tile as set (unset: un-tiled)."""
     spec = model.SaeSpec.from_config(config)
+    if encoder_tile is None:
+      encoder_tile = config.encoder_tile or 0
     ratio = spec.dense_op_ratio if config_check.resolve_kernels(config)[0] == "xla" else 0
     # A transcoder is planned as an SAE of its wider side (W_enc [n, d], W_dec [n, d_out]).
     return cls(d=max(spec.d, spec.d_out), n=spec.n, k=spec.k, batch=config.train.batch_size,
                k_aux=spec.k_aux,
                multi_topk=spec.multi_topk, k_select=spec.k_select,
                opt_state=config.train.opt_state_dtype,
-               encoder_tile=config.encoder_tile, dense_op_ratio=ratio,
+               encoder_tile=encoder_tile, dense_op_ratio=ratio,
                lazy_optimizer=optim.resolve_lazy(config)[0])
 
 
@@ -251,11 +255,39 @@ def configured_memory(setting: str) -> int | None:
     raise PlanError(f"mesh.device_memory: {e}") from None
 
 
+def resolve_encoder_tile(config, data_size: int, model_size: int) -> tuple[int, str]:
+  """(encoder_tile, why): as set, else 0 (pre[B, n_local] in one piece, the fastest) wherever the
+  un-tiled step fits the device memory, and where it does not, the largest power-of-two tile
+  whose step fits (fewest scan steps). Tiling never changes the picks (topk.py)."""
+  if config.encoder_tile is not None:
+    return int(config.encoder_tile), knobs.SET
+  setting = config.mesh.device_memory
+  memory = None if setting == "off" else configured_memory(setting)
+  if memory is None:
+    return 0, "automatic: device memory unknown or not checked, pre[B, n_local] in one piece"
+  p = Problem.from_config(config, encoder_tile=0)
+  whole = estimate(p, data_size, model_size).peak
+  if whole <= memory:
+    return 0, (f"automatic: pre[B, n_local] in one piece fits, {fmt_bytes(whole)} of "
+               f"{fmt_bytes(memory)} per device")
+  n_local, widest = -(-p.n // model_size), max(p.selected, p.k_aux, 1)
+  tile = 1 << max(n_local - 1, 1).bit_length() - 1   # the largest power of two below n_local
+  while tile >= widest:   # a tile holds at least one whole candidate list (topk.py)
+    peak = estimate(dataclasses.replace(p, encoder_tile=tile), data_size, model_size).peak
+    if peak <= memory:
+      return tile, (f"automatic: the un-tiled step needs {fmt_bytes(whole)} of "
+                    f"{fmt_bytes(memory)} per device; tiles of {tile} latents need "
+                    f"{fmt_bytes(peak)}")
+    tile //= 2
+  return 0, (f"automatic: the step does not fit, {fmt_bytes(whole)} of {fmt_bytes(memory)}, "
+             "and no tile makes it fit")
+
+
 def check(config, specs, log: bool = True) -> Plan:
   """Refuses (PlanError, holding the table) a run whose step would not fit the devices; logs the
   table unless `log` is off (the dry run prints it instead)."""
   from absl import logging
-  plan = estimate(Problem.from_config(config), specs.data_size, specs.model_size)
+  plan = estimate(_problem(config, specs), specs.data_size, specs.model_size)
   if config.mesh.device_memory == "off":
     return plan
   memory = configured_memory(config.mesh.device_memory)
@@ -272,13 +304,19 @@ def check(config, specs, log: bool = True) -> Plan:
   return plan
 
 
+def _problem(config, specs) -> Problem:
+  """The problem as the run builds it on specs' mesh: with its resolved encoder tile."""
+  tile, _ = resolve_encoder_tile(config, specs.data_size, specs.model_size)
+  return Problem.from_config(config, encoder_tile=tile)
+
+
 def check_sweep(named_configs: list, specs, log: bool = True) -> list:
   """A sweep's check (train.py): every member's state and step counted as if all were live at
   once (stacked members are; members of separate steps hold their state throughout, and this
   over-counts only their activations). Refuses, naming the members to drop or move to another job,
   a sweep whose members together do not fit."""
   from absl import logging
-  plans = [(name, estimate(Problem.from_config(c), specs.data_size, specs.model_size))
+  plans = [(name, estimate(_problem(c, specs), specs.data_size, specs.model_size))
            for name, c in named_configs]
   setting = named_configs[0][1].mesh.device_memory
   if setting == "off":

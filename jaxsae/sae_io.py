@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-from jaxsae import export as export_lib, paths
+from jaxsae import checkpoint_layout, export as export_lib, paths
 
 SAELENS_FILE, SPARSIFY_FILE = "sae_weights.safetensors", "sae.safetensors"
 TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -90,10 +90,10 @@ def load(path: str, step: int = -1) -> SaeWeights:
   remote = paths.is_url(path)   # gs://...: a workdir is read there; exports from a local copy
   if not remote and not os.path.exists(path):
     raise SaeError(f"{path}: no such file or folder")
-  if paths.of(export_lib.checkpoint_dir(path)).is_dir():
+  if paths.of(checkpoint_layout.checkpoint_dir(path)).is_dir():
     try:
-      return from_reader(export_lib.StepReader(path, step))
-    except export_lib.ExportError as e:   # no such step, or no complete checkpoint yet
+      return from_reader(checkpoint_layout.StepReader(path, step))
+    except checkpoint_layout.CheckpointNotFound as e:   # no such step, or none complete yet
       raise SaeError(str(e)) from None
   if remote:   # an export on a bucket: read from a temporary local copy
     try:
@@ -117,7 +117,7 @@ def load(path: str, step: int = -1) -> SaeWeights:
                  f"folder with {SAELENS_FILE} or {SPARSIFY_FILE}")
 
 
-def from_reader(reader: export_lib.StepReader) -> SaeWeights:
+def from_reader(reader: checkpoint_layout.StepReader) -> SaeWeights:
   """A workdir's checkpoint step, with the input scale folded in as the exports fold it."""
   if reader.transcoder:
     raise SaeError(f"{reader.path} is a transcoder ({reader.config['data']['target_path']} from "

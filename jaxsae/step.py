@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsae import config_check, model, optim, topk
+from jaxsae import config_check, knobs, model, optim, plan, topk
 from jaxsae.sparse import localize
 from jaxsae.state import TrainState
 
@@ -45,15 +45,18 @@ class StepFns:
     self.spec, self.specs, self.tx = spec, specs, tx
     self.kernels, _ = config_check.resolve_kernels(config)
     self.compute_dtype = DTYPES[config.compute_dtype]
-    self.encoder_tile = config.encoder_tile   # 0: pre[B, n_local] in one piece (topk.py)
+    # The performance knobs (knobs.py), resolved here to the plain values the step is traced with.
+    # encoder_tile 0: pre[B, n_local] in one piece (topk.py).
+    self.encoder_tile, _ = plan.resolve_encoder_tile(config, specs.data_size, specs.model_size)
     self.axis = specs.latent_axis if specs.model_size > 1 else None
     self.batch_size = config.train.batch_size
-    self.aux_sizes = aux_sizes(spec.k_aux, config.train.auxk_buckets)
+    self.aux_sizes = aux_sizes(spec.k_aux, knobs.auxk_buckets(config)[0])
     n_local = spec.n // specs.model_size
+    compact = knobs.auxk_compact(config)[0]
     # (AuxK width, dead-list length or 0 for all latents) of each branch a step may take.
     self.aux_branches = [(0, 0)] + [
         (w, size) for w in self.aux_sizes
-        for size in (topk.compact_sizes(n_local, w) if config.train.auxk_compact else ()) + (0,)]
+        for size in (topk.compact_sizes(n_local, w) if compact else ()) + (0,)]
     self.param_specs = jax.tree.map(lambda s: s.spec, state_shardings.params)
     self.lazy = optim.resolve_lazy(config)[0]   # optim.py: only the selected latent rows
     self.fused_optimizer = None

@@ -11,7 +11,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 
 from jaxsae import checkpoint as checkpoint_lib, config_check, data as data_lib
-from jaxsae import mesh as mesh_lib, metrics as metrics_lib
+from jaxsae import knobs, mesh as mesh_lib, metrics as metrics_lib
 from jaxsae import model, optim, paths, plan as plan_lib, state as state_lib, stats
 from jaxsae import sweep as sweep_lib
 from jaxsae.group import Group
@@ -42,6 +42,10 @@ def resolved_config(config, spec: model.SaeSpec, mesh) -> dict:
                      "warmup_steps": optim.resolve_warmup(config.train), "k_aux": spec.k_aux,
                      "mesh_shape": dict(mesh.shape),
                      "process_count": jax.process_count(), "jax_version": jax.__version__}
+  specs = mesh_lib.Specs(mesh, config.mesh)
+  for name, (value, why) in knobs.resolve_all(config, specs.data_size,
+                                              specs.model_size).items():
+    out["resolved"].update({name: value, name + "_source": why})
   return out
 
 
@@ -253,6 +257,8 @@ def _log_start(t: Trainee, mesh):
                res["warmup_steps"], c.train.decay_frac, res["b_pre_lr_ratio"],
                res["b_pre_lr_ratio_source"], "lazy" if res["lazy_optimizer"] else "dense",
                res["lazy_optimizer_source"])
+  logging.info("%schosen by the system (speed and memory only; set a field to override):\n%s",
+               who, knobs.describe(res))
 
 
 def train_and_evaluate(config, workdir: str):

@@ -11,7 +11,7 @@ from conftest import REPO, run_cli
 from test_cli import TINY
 
 from jaxsae import checkpoint, train
-from jaxsae.export import StepReader, checkpoint_dir, complete_steps
+from jaxsae.checkpoint_layout import StepReader, checkpoint_dir, complete_steps
 
 ARGS = [*TINY, "--config.train.decay_frac=0", "--config.train.lr=3e-3",
         "--config.train.log_every=2", "--config.checkpoint.every_steps=2"]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
+from jaxsae import knobs
 
 REQUIRED_KEYS = {"step", "tokens", "train/fvu", "train/explained_variance", "train/l0",
                  "sparsity/dead_frac", "losses/mse", "losses/auxk", "perf/tokens_per_sec"}
@@ -30,6 +31,13 @@ def test_two_step_run_writes_config_and_metrics(tmp_path):
   # batch x k = 512 >= n = 128: every latent is selected about 4 times a step, so Adam is lazy
   assert config["resolved"]["lazy_optimizer"] is True
   assert "lazy Adam (automatic: batch x k = 512 >= n = 128)" in r.stderr
+  # The performance knobs, chosen by the system: logged once each with why, and recorded.
+  res = config["resolved"]
+  assert (res["encoder_tile"], res["dense_op_ratio"], res["auxk_buckets"], res["auxk_compact"],
+          res["direct_read"], res["retain_freed_memory"]) == (0, 16, True, True, False, False)
+  for key, field in knobs.FIELDS.items():
+    assert res[key + "_source"].startswith("automatic: "), (key, res[key + "_source"])
+    assert r.stderr.count(f"  {field} ") == 1 and res[key + "_source"] in r.stderr, field
   records = _records(wd)
   assert [r["step"] for r in records] == [1, 2]
   for rec in records:
@@ -47,10 +55,15 @@ def test_two_step_run_writes_config_and_metrics(tmp_path):
 
 def test_dry_run_checks_and_prints_the_choices_without_writing(tmp_path):
   wd = str(tmp_path / "dry")
-  r = run_cli([*TINY, f"--workdir={wd}", "--dry_run"])
+  r = run_cli([*TINY, f"--workdir={wd}", "--dry_run", "--config.encoder_tile=64",
+               "--config.train.auxk_compact=False"])
   assert r.returncode == 0, r.stderr[-3000:]
   assert not os.path.exists(wd)   # nothing written, nothing trained
   out = r.stdout
+  # The performance knobs: a value set is honoured (the plan is of the tiled step), the rest chosen.
+  assert "encoder_tile=64" in out and "encoder_tile              64      (set in the config)" in out
+  assert "train.auxk_compact        False   (set in the config)" in out
+  assert "train.auxk_buckets        True    (automatic: " in out
   assert "memory plan:" in out and "fits (" in out and f"workdir {wd}: a new run" in out
   assert "data synthetic: a generated stream, 800 steps of 128, 256 rows held out, d=32" in out
   assert "learning rate" in out and "automatic: 0.0096 x sqrt(576/d=32)" in out
@@ -199,7 +212,7 @@ def test_automatic_lr_is_deterministic_and_logged(tmp_path):
     assert "learning rate" in r.stderr and "automatic" in r.stderr
   (resolved, rates), again = got
   assert got[1] == got[0]
-  lr = optim.default_lr(32, 128, 128, 4)
+  lr = optim.default_lr(32, 4, 128, 128, 4)
   assert resolved["lr"] == pytest.approx(lr) and resolved["lr_source"].startswith("automatic")
   assert resolved["warmup_steps"] == 0   # 5% of 4 steps rounds to none
   assert resolved["b_pre_lr_ratio_source"].startswith("automatic") and "b_pre at" in r.stderr

@@ -26,7 +26,7 @@ from test_cli import TINY
 
 import gcs_fake
 from jaxsae import export as export_lib, inspect as inspect_lib, paths, plot, sae_io
-from jaxsae.export import checkpoint_dir, complete_steps
+from jaxsae.checkpoint_layout import checkpoint_dir, complete_steps
 
 BUCKET = "jaxsae-test"
 STEPS = 100

@@ -129,7 +129,7 @@ def _local(workdir, steps, **popen):
 
 
 def _state(workdir):
-  from jaxsae.export import StepReader
+  from jaxsae.checkpoint_layout import StepReader
   reader = StepReader(workdir)
   return {name: reader.read(name) for name in reader.names}
 
@@ -149,7 +149,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_p
   import signal
   import time
 
-  from jaxsae.export import checkpoint_dir, complete_steps
+  from jaxsae.checkpoint_layout import checkpoint_dir, complete_steps
   ref_dir, wd = str(tmp_path / "reference"), str(tmp_path / "run")
   ref = _local(ref_dir, RESUME_STEPS)
   out = ref.communicate(timeout=300)[0]

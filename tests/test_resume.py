@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO, run_cli
 from test_cli import TINY
 
-from jaxsae.export import StepReader, checkpoint_dir, complete_steps
+from jaxsae.checkpoint_layout import StepReader, checkpoint_dir, complete_steps
 
 STEPS = 300
 ARGS = [*TINY, "--config.train.decay_frac=0", "--config.train.lr=3e-3",

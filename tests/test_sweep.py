@@ -20,7 +20,7 @@ from test_cli import TINY
 from test_resume import assert_same_state, read_state, wait_for
 
 from jaxsae import sweep
-from jaxsae.export import checkpoint_dir, complete_steps
+from jaxsae.checkpoint_layout import checkpoint_dir, complete_steps
 
 STEPS = 120
 ARGS = [*TINY, "--config.train.log_every=20", "--config.checkpoint.every_steps=20",

@@ -21,7 +21,7 @@ from jaxsae import model, topk
 from jaxsae.data.loader import open_store
 from jaxsae.data.source import DataError
 from jaxsae.data.store import Layout, StoreWriter
-from jaxsae.export import StepReader, checkpoint_dir
+from jaxsae.checkpoint_layout import StepReader, checkpoint_dir
 
 D, D_OUT, ROWS, C = 32, 24, 8192, 256
 

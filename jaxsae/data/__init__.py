@@ -1,4 +1,5 @@
 """Activation sources: each returns a `Data` (see source.py) for one JAX process."""
+from jaxsae import knobs
 from jaxsae.data import loader, source, synthetic
 from jaxsae.data.source import BatchIterator, Data, DataError
 
@@ -16,12 +17,12 @@ def create(config, process_index: int = 0, process_count: int = 1) -> Data:
   if dc.source == "npy":
     return source.open_npy(dc.path, seed=dc.shuffle_seed, **common)
   if dc.source == "store":
-    if dc.retain_freed_memory:
+    if knobs.retain_freed_memory(config)[0]:
       loader.retain_freed_memory()
     data = loader.open_store(dc.path, seed=dc.shuffle_seed, epochs=dc.epochs,
                              group_chunks=dc.shuffle_buffer_chunks, num_threads=dc.num_threads,
                              prefetch=dc.prefetch, allow_incomplete=dc.allow_incomplete,
-                             direct_read=dc.direct_read,
+                             direct_read=knobs.direct_read(config)[0],
                              dtype=dc.dtype, missing_hint=dc.missing_hint,
                              target_path=dc.target_path, **common)
     if data.d != config.sae.d:   # checked here too, so the message names the store
