@@ -1,4 +1,4 @@
-r"""Exports a checkpoint's SAE in the layouts the field's tools load (DESIGN.md section 7).
+r"""Exports a checkpoint's SAE in the layouts the field's tools load (docs/design.md).
 
   python -m jaxsae.export --workdir=DIR [--step=N] --format=saelens|sparsify|npz \
       [--dtype=float32|bfloat16] --out=PATH

@@ -24,7 +24,7 @@ own bias b_dec [d_out] (b_pre only centres the input), plus x W_skip^T with sae.
 transcoders, Paulo et al. 2025). The losses and AuxK are those of y; an SAE is the case y = x,
 b_dec = b_pre.
 
-Both matrices are stored [n, d] (row gathers; DESIGN.md 3). `loss_terms` is the sparse training
+Both matrices are stored [n, d] (row gathers; docs/design.md). `loss_terms` is the sparse training
 loss over selected latents; `dense_loss` computes the same loss by dense autodiff and is the
 reference the sparse backward is tested against.
 """
