@@ -5,7 +5,9 @@ Decoder rows live on the unit sphere: before each update the gradient of every W
 component along that row (it would only change the norm), and after the update rows are
 renormalized. Both are row-local, so they work unchanged on latent-sharded weights.
 """
+import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -354,8 +356,9 @@ def fused_update(config, params, grads, opt_state, touched=None, *, kernels="pal
   """What tx.update + apply_updates + renormalize_decoder do, one sweep per weight matrix: with
   kernels=pallas in Pallas (pallas_kernels/fused_adam.py, or fused_adam_gpu.py for the GPU
   flavour), with kernels=xla in their pure-JAX references. Biases take the same arithmetic in plain
-  JAX. Reads and writes make_optimizer's fp32 state layout: (EmptyState, (ScaleByAdamState,
-  ScaleByScheduleState)). Runs per shard: rows are independent.
+  JAX. Reads and writes make_optimizer's fp32 state (its ScaleByAdamState and
+  ScaleByScheduleState). Runs per shard: rows are independent. make_step_optimizer wraps it as
+  the step's optimizer.
 
   touched: None updates every row (dense). A [n_local] bool mask of this shard's latents makes the
   step lazy (see above): the matrices' touched rows are updated `chunk` rows a pass (default: the
@@ -365,7 +368,8 @@ def fused_update(config, params, grads, opt_state, touched=None, *, kernels="pal
   """
   train = config.train
   fa = _adam_module(kernels)
-  empty, (adam, sched) = opt_state
+  adam, sched = _find_state(opt_state, optax.ScaleByAdamState), _find_state(
+      opt_state, optax.ScaleByScheduleState)
   count = optax.safe_increment(adam.count)
   peak = resolve_lr(config)[0] if peak_lr is None else peak_lr
   lr, ratios = peak * rate_shape(train)(sched.count), lr_ratios(config)
@@ -387,6 +391,62 @@ def fused_update(config, params, grads, opt_state, touched=None, *, kernels="pal
     out[name] = _as_rows(fa.adam_rows if pallas_sweep else fa.adam_rows_reference, a,
                          hyper(name), flags(name), keep)
   new = {key: {name: out[name][i] for name in params} for i, key in enumerate(("w", "mu", "nu"))}
-  state = (empty, (optax.ScaleByAdamState(count=count, mu=new["mu"], nu=new["nu"]),
-                   optax.ScaleByScheduleState(count=optax.safe_increment(sched.count))))
-  return new["w"], state
+  return new["w"], _replace_states(opt_state, {
+      optax.ScaleByAdamState: optax.ScaleByAdamState(count=count, mu=new["mu"], nu=new["nu"]),
+      optax.ScaleByScheduleState: optax.ScaleByScheduleState(
+          count=optax.safe_increment(sched.count))})
+
+
+# fused_update reads and writes make_optimizer's state by the type of its parts, not their position
+# in the chain: the state stays the one pytree (and checkpoint layout) whichever update wrote it.
+def _is_part(kind):
+  return lambda node: isinstance(node, kind)
+
+
+def _find_state(opt_state, kind):
+  """The one `kind` part of an optimizer state (an optax.ScaleByAdamState, ...)."""
+  (part,) = [n for n in jax.tree.leaves(opt_state, is_leaf=_is_part(kind)) if isinstance(n, kind)]
+  return part
+
+
+def _replace_states(opt_state, parts: dict):
+  """opt_state with its parts of each type in `parts` (type -> new part) replaced."""
+  kinds = tuple(parts)
+  return jax.tree.map(lambda n: parts[type(n)] if isinstance(n, kinds) else n, opt_state,
+                      is_leaf=_is_part(kinds))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptimizer:
+  """The update the train step runs, optax-style but returning the new parameters (the fused sweep
+  writes them directly; params + (new - params) would not round-trip bit for bit):
+
+    init(params) -> state                     make_optimizer's, so checkpoints are the same
+    update(grads, state, params, *, touched=None, peak_lr=None) -> (new params, new state)
+
+  touched and peak_lr are as in fused_update (a dense update ignores touched). per_shard: update
+  must run on each device's own rows, inside shard_map (Pallas calls are not partitioned by XLA,
+  and the lazy sweep works on a shard's own touched rows); otherwise it runs on the global,
+  sharded arrays (bf16 moments' stochastic rounding hashes the global position)."""
+  init: Callable
+  update: Callable
+  per_shard: bool
+
+
+def make_step_optimizer(config, tx: optax.GradientTransformation, *, kernels: str,
+                        chunk: int = 0) -> StepOptimizer:
+  """tx (make_optimizer(config)) as the step applies it: with train.lazy_optimizer or
+  kernels=pallas (fp32 moments) as fused_update's one sweep per matrix, `chunk` rows a lazy pass;
+  otherwise tx.update, apply_updates and renormalize_decoder."""
+  if resolve_lazy(config)[0] or (kernels == "pallas"
+                                  and config.train.opt_state_dtype == "float32"):
+    def fused(grads, state, params, *, touched=None, peak_lr=None):
+      return fused_update(config, params, grads, state, touched, kernels=kernels, chunk=chunk,
+                          peak_lr=peak_lr)
+    return StepOptimizer(tx.init, fused, per_shard=True)
+
+  def dense(grads, state, params, *, touched=None, peak_lr=None):
+    del touched   # every row
+    updates, state = tx.update(grads, state, params, peak_lr=peak_lr)
+    return renormalize_decoder(optax.apply_updates(params, updates)), state
+  return StepOptimizer(tx.init, dense, per_shard=False)

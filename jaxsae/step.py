@@ -4,16 +4,15 @@ The per-device work runs in shard_map: each device holds a slice of the batch an
 latents; selection, the sparse ops and their backward do their own collectives over the latent
 axis (topk.py, sparse.py), and gradients are summed over the batch axes here. The optimizer update
 is elementwise or row-local: optax's runs outside shard_map on the sharded arrays, the fused and
-lazy sweeps (optim.fused_update) inside it, each device on its own rows. check_vma=False
-because Pallas kernels inside shard_map need it; correctness does not rest on it, since no psum is
-differentiated by autodiff (the custom VJPs do their own).
+lazy sweeps (optim.fused_update; optim.StepOptimizer.per_shard) inside it, each device on its own
+rows. check_vma=False because Pallas kernels inside shard_map need it; correctness does not rest on
+it, since no psum is differentiated by autodiff (the custom VJPs do their own).
 """
 import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsae import config_check, knobs, model, optim, plan, topk
@@ -59,20 +58,19 @@ class StepFns:
         for size in (topk.compact_sizes(n_local, w) if compact else ()) + (0,)]
     self.param_specs = jax.tree.map(lambda s: s.spec, state_shardings.params)
     self.lazy = optim.resolve_lazy(config)[0]   # optim.py: only the selected latent rows
-    self.fused_optimizer = None
-    if self.lazy or (self.kernels == "pallas" and config.train.opt_state_dtype == "float32"):
-      # Pallas calls are not partitioned by XLA, and the lazy update works on each shard's own
-      # touched rows: each device sweeps its own rows in shard_map.
-      specs_of = lambda tree: jax.tree.map(lambda s: s.spec, tree)
-      n_local = spec.n // specs.model_size
-      fused = functools.partial(optim.fused_update, config, kernels=self.kernels,
-                                chunk=optim.lazy_chunk_rows(n_local, self.batch_size,
-                                                            spec.k_select, specs.model_size))
-      opt_specs = specs_of(state_shardings.opt_state)
-      self.fused_optimizer = self._shard_map(
-          lambda *args: fused(*args[1:], peak_lr=args[0]),
-          (P(), self.param_specs, self.param_specs, opt_specs) +
-          ((specs.latent,) if self.lazy else ()), (self.param_specs, opt_specs))
+    # The optimizer update, dense or the fused/lazy sweep (optim.StepOptimizer), as one call:
+    # (grads, opt_state, params, touched or None, peak rate) -> (params, opt_state).
+    self.optimizer = optim.make_step_optimizer(
+        config, tx, kernels=self.kernels,
+        chunk=optim.lazy_chunk_rows(n_local, self.batch_size, spec.k_select, specs.model_size))
+    self._apply_optimizer = lambda grads, opt_state, params, touched, lr: self.optimizer.update(
+        grads, opt_state, params, touched=touched, peak_lr=lr)
+    if self.optimizer.per_shard:   # each device sweeps its own rows (optim.StepOptimizer)
+      opt_specs = jax.tree.map(lambda s: s.spec, state_shardings.opt_state)
+      self._apply_optimizer = self._shard_map(
+          self._apply_optimizer,
+          (self.param_specs, opt_specs, self.param_specs, specs.latent, P()),
+          (self.param_specs, opt_specs))
     # What a sweep may vary between the members stacked in one step (train.py): the peak rate,
     # and whether the member still trains (one whose loss went non-finite is frozen).
     self.hyper = {"lr": jnp.float32(optim.resolve_lr(config)[0]), "active": jnp.bool_(True)}
@@ -248,14 +246,9 @@ class StepFns:
     ok = (nonfinite_rows == 0) & finite & hyper["active"]
 
     def update(state):
-      if self.fused_optimizer is not None:
-        touched = (latents["touched"],) if self.lazy else ()
-        params, opt_state = self.fused_optimizer(hyper["lr"], state.params, grads,
-                                                 state.opt_state, *touched)
-      else:
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params,
-                                            peak_lr=hyper["lr"])
-        params = optim.renormalize_decoder(optax.apply_updates(state.params, updates))
+      # touched: only with lazy Adam (_local_grads); None updates every row.
+      params, opt_state = self._apply_optimizer(grads, state.opt_state, state.params,
+                                                latents.get("touched"), hyper["lr"])
       since = jnp.minimum(state.since_fired + self.batch_size, spec.dead_tokens)
       new = state.replace(params=params, opt_state=opt_state,
                           since_fired=jnp.where(latents["fired"], 0, since))

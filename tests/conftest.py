@@ -35,7 +35,7 @@ def assert_pallas_step_equals_xla(config, steps):
   for kernels in ("xla", "pallas"):
     config.kernels = kernels
     run = train.setup(config)
-    assert (run.steps.fused_optimizer is not None) == (kernels == "pallas" or run.steps.lazy)
+    assert run.steps.optimizer.per_shard == (kernels == "pallas" or run.steps.lazy)
     state, metrics = run.state, []
     for _ in range(steps):
       state, m, _ = run.steps.train(state, jax.device_put(next(run.data.train),

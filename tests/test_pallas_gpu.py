@@ -300,10 +300,10 @@ def test_auto_kernels_builds_the_pallas_step_on_gpu(tiny_config, gpu_flavor, mon
   tiny_config.kernels = "auto"
   tiny_config.train.lazy_optimizer = False   # lazy Adam takes the fused sweep on xla too
   run = train.setup(tiny_config)
-  assert run.steps.kernels == "xla" and run.steps.fused_optimizer is None
+  assert run.steps.kernels == "xla" and not run.steps.optimizer.per_shard
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   steps = train.StepFns(tiny_config, run.spec, run.specs, run.tx, run.shardings)
-  assert steps.kernels == "pallas" and steps.fused_optimizer is not None
+  assert steps.kernels == "pallas" and steps.optimizer.per_shard
 
 
 # ---- compiled on a GPU (skipped elsewhere) ---------------------------------------------------
