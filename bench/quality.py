@@ -45,7 +45,10 @@ Reported per run: held-out FVU (sum ||x - x_hat||^2 / sum ||x - mean||^2 over al
 in raw units, the same numpy code for both), held-out L0, dead fraction (latents that did not fire
 for `sae.dead_tokens` tokens; SAELens's counters read with the same rule), wall time (setup, and
 summed step times including the first, compiling, step), and for synthetic data gt_mmcs (mean over
-true features of the best cosine with a unit decoder row) and the fraction recovered above 0.9.
+true features of the best cosine with a unit decoder row), the fraction recovered above 0.9 and
+gt_mcc (a one-to-one matching of latents to features, as SAELens's synthetic benchmark scores it;
+gt_recovery). A store whose maker left PATH.ground_truth.npy beside it (bench/make_synthsae.py:
+SynthSAEBench-16k's generator) is scored the same way.
 
 jaxsae runs as `configs/smollm2_fixture.py` (real data) or `configs/quickstart.py` (synthetic)
 configure it, with configs/base.py's recipe: tied init, geometric-median b_pre, AuxK, decoder
@@ -60,6 +63,8 @@ Datasets:
   NAME       a --stores NAME=PATH store (sae.d read from it); --n sets n on every real dataset
   store      --store: a store dumped from SmolLM2-135M with `python -m jaxsae.dump` (d=576)
   synthetic  configs/quickstart.py's ground-truth data (d=128, 1024 true features)
+  synthsae16k  a --stores store made by bench/make_synthsae.py (SAELens's SynthSAEBench-16k
+             generator: 16,384 features in d=768, hierarchy, correlations; scored with gt_mcc)
 """
 import json
 import math
@@ -303,10 +308,27 @@ def jaxsae_reconstruct(params, scale: float, k: int, x):
   return np.concatenate(outs), np.concatenate(l0s)
 
 
-def gt_recovery(w_unit, truth):
+def gt_recovery(w_unit, truth) -> dict:
+  """How well unit decoder rows w_unit [n, d] recover the unit true features truth [F, d]:
+  gt_mmcs, the mean over features of the best cosine with any row, and the fraction above 0.9;
+  gt_mcc, the mean |cosine| of a one-to-one matching of rows to features (Hungarian: SAELens's
+  synthetic mean_correlation_coefficient, over min(n, F) pairs). With more features than latents
+  (superposition) gt_mmcs is bounded by the features no latent can spare, gt_mcc is not."""
   import numpy as np
-  best = np.max(truth @ w_unit.T, axis=1)
-  return float(best.mean()), float(np.mean(best > 0.9))
+  from scipy.optimize import linear_sum_assignment
+  cos = np.asarray(truth, np.float32) @ np.asarray(w_unit, np.float32).T
+  best = np.max(cos, axis=1)
+  rows, cols = linear_sum_assignment(np.abs(cos), maximize=True)
+  return {"gt_mmcs": float(best.mean()), "gt_recovered_frac": float(np.mean(best > 0.9)),
+          "gt_mcc": float(np.abs(cos[rows, cols]).mean())}
+
+
+def store_ground_truth(config):
+  """A store's true features, where its maker left them beside it (PATH.ground_truth.npy, as
+  bench/make_synthsae.py does), else None."""
+  import numpy as np
+  path = config.data.path.rstrip("/") + ".ground_truth.npy"
+  return np.load(path) if config.data.source == "store" and os.path.exists(path) else None
 
 
 def jaxsae_weights(params, scale: float, k: int, target: dict | None, threshold=None):
@@ -383,6 +405,8 @@ def run_pair(dataset: str, config, trainers, lm: dict | None = None) -> list[dic
             "batch": B, "steps": steps, "tokens": steps * B, "dead_tokens": spec.dead_tokens,
             "eval_rows": 0 if held is None else len(held), "load_start": load0, "load_end": load1,
             "date": time.strftime("%Y-%m-%d %H:%M")}
+  truth = (run.data.ground_truth if run.data.ground_truth is not None
+           else store_ground_truth(config))
   out, saes = [], []
   for t in trainers:
     rec = dict(common, trainer=t, setup_s=setup_s[t], train_s=float(np.sum(step_s[t])),
@@ -429,8 +453,8 @@ def run_pair(dataset: str, config, trainers, lm: dict | None = None) -> list[dic
         from bench import peers as peers_lib
         rec["equal_l0_threshold"], x_k = peers_lib.at_equal_l0(jumprelu, held, spec.k)
         rec["eval_fvu_at_k"] = fvu(held, x_k)
-    if run.data.ground_truth is not None:
-      rec["gt_mmcs"], rec["gt_recovered_frac"] = gt_recovery(w_unit, run.data.ground_truth)
+    if truth is not None:
+      rec.update(gt_recovery(w_unit, truth))
     out.append(rec)
   run.data.close()
   if lm:
@@ -493,15 +517,16 @@ def table(records: list[dict]) -> str:
   lines = summary(records) + lm_table(records) + [
       "All runs:", "",
       "| data | n | trainer | lr | tokens | eval FVU | eval L0 | FVU at L0=k | dead | gt_mmcs | "
-      "gt >0.9 | setup s | train s | tok/s (median step) | load |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+      "gt >0.9 | gt_mcc | setup s | train s | tok/s (median step) | load |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   f = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"
   for r in sorted(records, key=lambda r: (r["dataset"], r.get("n", 0), r["lr"], label(r))):
     lines.append(
         f"| {r['dataset']} | {r.get('n', '-')} | {label(r)} | {r['lr']:g} | {r['tokens']:,} | "
         f"{f(r, 'eval_fvu', '.4f')} | {f(r, 'eval_l0', '.1f')} | {f(r, 'eval_fvu_at_k', '.4f')} | "
         f"{100 * r['dead_frac']:.1f}% | "
-        f"{f(r, 'gt_mmcs', '.3f')} | {f(r, 'gt_recovered_frac', '.1%')} | {r['setup_s']:.1f} | "
+        f"{f(r, 'gt_mmcs', '.3f')} | {f(r, 'gt_recovered_frac', '.1%')} | "
+        f"{f(r, 'gt_mcc', '.3f')} | {r['setup_s']:.1f} | "
         f"{r['train_s']:.0f} | {r['tokens_per_s']:,.0f} | {r['load_start']:.1f}-{r['load_end']:.1f} |")
   best = {}
   for r in records:
@@ -510,10 +535,12 @@ def table(records: list[dict]) -> str:
     if key not in best or metric < best[key][0]:
       best[key] = (metric, r)
   lines += ["", "Best learning rate per trainer (lowest eval FVU):", "",
-            "| data | trainer | best lr | eval FVU | dead | gt_mmcs |", "|---|---|---|---|---|---|"]
+            "| data | trainer | best lr | eval FVU | dead | gt_mmcs | gt_mcc |",
+            "|---|---|---|---|---|---|---|"]
   for (ds, t), (_, r) in sorted(best.items()):
     lines.append(f"| {ds} | {t} | {r['lr']:g} | {f(r, 'eval_fvu', '.4f')} | "
-                 f"{100 * r['dead_frac']:.1f}% | {f(r, 'gt_mmcs', '.3f')} |")
+                 f"{100 * r['dead_frac']:.1f}% | {f(r, 'gt_mmcs', '.3f')} | "
+                 f"{f(r, 'gt_mcc', '.3f')} |")
   return "\n".join(lines) + "\n"
 
 

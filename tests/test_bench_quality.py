@@ -121,3 +121,37 @@ def test_a_jumprelu_is_scored_at_exactly_k_latents_per_row_on_average():
                              rtol=1e-5, atol=1e-5)
   own, _ = peers.numpy_reconstruct(sae, x)   # its own threshold: many more latents per row
   assert not np.allclose(own, x_hat)
+
+
+def test_ground_truth_recovery_matches_one_to_one_and_saelens_mcc():
+  import numpy as np
+  rng = np.random.default_rng(0)
+  truth = rng.standard_normal((48, 16))
+  truth /= np.linalg.norm(truth, axis=1, keepdims=True)
+  # Latents that are a permutation of 12 features with flipped signs: a perfect one-to-one match
+  # (|cos| = 1), while gt_mmcs (signed, over all 48 features) stays far below 1.
+  exact = -truth[rng.permutation(48)[:12]]
+  r = quality.gt_recovery(exact, truth)
+  assert r["gt_mcc"] == pytest.approx(1.0, abs=1e-6)
+  assert r["gt_mmcs"] < 0.6 and r["gt_recovered_frac"] == 0.0
+  # Two latents on one feature: a one-to-one matching gives the second its next-best feature.
+  next_best = np.max(np.abs(truth[1:] @ truth[0]))
+  assert quality.gt_recovery(truth[[0, 0]], truth)["gt_mcc"] == pytest.approx(
+      (1 + next_best) / 2, abs=1e-6)
+  noisy = truth[:20] + 0.3 * rng.standard_normal((20, 16))
+  noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+  ours = quality.gt_recovery(noisy, truth)["gt_mcc"]
+  synthetic = pytest.importorskip("sae_lens.synthetic")
+  import torch
+  theirs = synthetic.mean_correlation_coefficient(torch.tensor(noisy), torch.tensor(truth))
+  assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+def test_a_store_is_scored_against_the_features_left_beside_it(tmp_path):
+  import numpy as np
+  config = quickstart.get_config()
+  assert quality.store_ground_truth(config) is None   # synthetic: its truth is the source's
+  config.data.source, config.data.path = "store", str(tmp_path / "s") + "/"
+  assert quality.store_ground_truth(config) is None
+  np.save(tmp_path / "s.ground_truth.npy", np.eye(4, dtype=np.float32))
+  np.testing.assert_array_equal(quality.store_ground_truth(config), np.eye(4))
