@@ -422,7 +422,7 @@ class StepOptimizer:
   writes them directly; params + (new - params) would not round-trip bit for bit):
 
     init(params) -> state                     make_optimizer's, so checkpoints are the same
-    update(grads, state, params, *, touched=None, peak_lr=None) -> (new params, new state)
+    update(grads, state, params, touched=None, peak_lr=None) -> (new params, new state)
 
   touched and peak_lr are as in fused_update (a dense update ignores touched). per_shard: update
   must run on each device's own rows, inside shard_map (Pallas calls are not partitioned by XLA,
@@ -440,12 +440,12 @@ def make_step_optimizer(config, tx: optax.GradientTransformation, *, kernels: st
   otherwise tx.update, apply_updates and renormalize_decoder."""
   if resolve_lazy(config)[0] or (kernels == "pallas"
                                   and config.train.opt_state_dtype == "float32"):
-    def fused(grads, state, params, *, touched=None, peak_lr=None):
+    def fused(grads, state, params, touched=None, peak_lr=None):
       return fused_update(config, params, grads, state, touched, kernels=kernels, chunk=chunk,
                           peak_lr=peak_lr)
     return StepOptimizer(tx.init, fused, per_shard=True)
 
-  def dense(grads, state, params, *, touched=None, peak_lr=None):
+  def dense(grads, state, params, touched=None, peak_lr=None):
     del touched   # every row
     updates, state = tx.update(grads, state, params, peak_lr=peak_lr)
     return renormalize_decoder(optax.apply_updates(params, updates)), state

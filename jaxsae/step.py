@@ -63,8 +63,7 @@ class StepFns:
     self.optimizer = optim.make_step_optimizer(
         config, tx, kernels=self.kernels,
         chunk=optim.lazy_chunk_rows(n_local, self.batch_size, spec.k_select, specs.model_size))
-    self._apply_optimizer = lambda grads, opt_state, params, touched, lr: self.optimizer.update(
-        grads, opt_state, params, touched=touched, peak_lr=lr)
+    self._apply_optimizer = self.optimizer.update
     if self.optimizer.per_shard:   # each device sweeps its own rows (optim.StepOptimizer)
       opt_specs = jax.tree.map(lambda s: s.spec, state_shardings.opt_state)
       self._apply_optimizer = self._shard_map(
