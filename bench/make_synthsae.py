@@ -17,7 +17,8 @@ Writes OUT (a jaxsae store, through `python -m jaxsae.dump --from_npy`, float32,
 and OUT.ground_truth.npy ([16384, 768] float32, unit rows): bench/quality.py scores every SAE
 trained on OUT against it (gt_mcc: SAELens's mean correlation coefficient, a one-to-one Hungarian
 matching; gt_mmcs: each feature's best decoder row). Building the model orthogonalizes 16k x 768
-vectors (~20 min on 2 CPU cores); sampling 835k rows takes a few minutes more.
+vectors (~30 min on 2 CPU cores, once: the model is saved as OUT.model and reused); drawing
+835k rows takes ~10 min more.
 """
 import json
 import os
@@ -78,7 +79,7 @@ def main(_):
     model = SyntheticModel(cfg)
     model.save(saved + ".tmp")
     os.replace(saved + ".tmp", saved)
-  model.use_sparse_tensors = True
+  model.use_sparse_tensors = False   # its sparse-COO hierarchy path is ~10x slower on CPU here
   print(f"model built in {time.time() - t0:.0f} s", flush=True)
   truth = model.feature_dict.feature_vectors.detach().numpy().astype(np.float32)
   truth /= np.linalg.norm(truth, axis=1, keepdims=True)
