@@ -419,16 +419,15 @@ def _replace_states(opt_state, parts: dict):
 @dataclasses.dataclass(frozen=True)
 class StepOptimizer:
   """The update the train step runs, optax-style but returning the new parameters (the fused sweep
-  writes them directly; params + (new - params) would not round-trip bit for bit):
+  writes them directly; params + (new - params) would not round-trip bit for bit). The state is
+  make_optimizer's (its init), whichever update runs, so checkpoints are the same:
 
-    init(params) -> state                     make_optimizer's, so checkpoints are the same
     update(grads, state, params, touched=None, peak_lr=None) -> (new params, new state)
 
   touched and peak_lr are as in fused_update (a dense update ignores touched). per_shard: update
   must run on each device's own rows, inside shard_map (Pallas calls are not partitioned by XLA,
   and the lazy sweep works on a shard's own touched rows); otherwise it runs on the global,
   sharded arrays (bf16 moments' stochastic rounding hashes the global position)."""
-  init: Callable
   update: Callable
   per_shard: bool
 
@@ -443,10 +442,10 @@ def make_step_optimizer(config, tx: optax.GradientTransformation, *, kernels: st
     def fused(grads, state, params, touched=None, peak_lr=None):
       return fused_update(config, params, grads, state, touched, kernels=kernels, chunk=chunk,
                           peak_lr=peak_lr)
-    return StepOptimizer(tx.init, fused, per_shard=True)
+    return StepOptimizer(fused, per_shard=True)
 
   def dense(grads, state, params, touched=None, peak_lr=None):
     del touched   # every row
     updates, state = tx.update(grads, state, params, peak_lr=peak_lr)
     return renormalize_decoder(optax.apply_updates(params, updates)), state
-  return StepOptimizer(tx.init, dense, per_shard=False)
+  return StepOptimizer(dense, per_shard=False)

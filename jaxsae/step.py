@@ -41,7 +41,7 @@ class StepFns:
   """Builds the jitted steps for one config, mesh and optimizer."""
 
   def __init__(self, config, spec: model.SaeSpec, specs, tx, state_shardings):
-    self.spec, self.specs, self.tx = spec, specs, tx
+    self.spec, self.specs = spec, specs
     self.kernels, _ = config_check.resolve_kernels(config)
     self.compute_dtype = DTYPES[config.compute_dtype]
     # The performance knobs (knobs.py), resolved here to the plain values the step is traced with.
