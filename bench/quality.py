@@ -331,6 +331,18 @@ def store_ground_truth(config):
   return np.load(path) if config.data.source == "store" and os.path.exists(path) else None
 
 
+def jaxsae_recipe(config) -> str:
+  """What jaxsae's runs are trained with: a run recorded under another recipe is run again."""
+  from jaxsae import model
+  s, t = config.sae, config.train
+  k_aux = model.resolve_k_aux(s.k_aux, s.d, s.n) if s.auxk_coef > 0 else 0
+  return (("BatchTopK (JumpReLU at inference), " if s.architecture != "topk" else "") +
+          f"tied init (encoder norm {s.encoder_init_norm:g}), geometric-median b_pre and b_dec "
+          f"(b_dec at the full rate), AuxK k_aux={k_aux} alpha={s.auxk_coef:g} "
+          f"relu={s.auxk_relu}, projected unit decoder, lr decay over the last "
+          f"{t.decay_frac:g}, Adam eps {t.eps:g}")
+
+
 def jaxsae_weights(params, scale: float, k: int, target: dict | None, threshold=None):
   """jaxsae's SAE in raw units (the input scale folded in as its exports fold it); a BatchTopK
   SAE (threshold given) as its JumpReLU."""
@@ -338,8 +350,9 @@ def jaxsae_weights(params, scale: float, k: int, target: dict | None, threshold=
   from jaxsae import sae_io
   p = {name: np.asarray(a, np.float32) for name, a in params.items()}
   where = {"model": target["model"], "hook": f"model.layers.{target['layer']}"} if target else {}
+  b_enc = p["b_enc"] + p["W_enc"] @ (p["b_dec"] - p["b_pre"])   # one bias, as export.py folds
   return sae_io.SaeWeights(
-      p["W_enc"].T * scale, p["b_enc"], p["W_dec"] / scale, p["b_pre"] / scale,
+      p["W_enc"].T * scale, b_enc, p["W_dec"] / scale, p["b_dec"] / scale,
       0 if threshold is not None else k, kind="jaxsae", path="jaxsae (its params)",
       threshold=None if threshold is None else np.full(p["b_enc"].shape, threshold), **where)
 
@@ -416,12 +429,7 @@ def run_pair(dataset: str, config, trainers, lm: dict | None = None) -> list[dic
     if t == "jaxsae":
       params = jax.device_get(state.params)
       rec["dead_frac"] = float(np.mean(np.asarray(state.since_fired) >= spec.dead_tokens))
-      rec["recipe"] = (("BatchTopK (JumpReLU at inference), " if spec.batchtopk else "") +
-                       f"tied init (encoder norm {spec.encoder_init_norm:g}), geometric-median "
-                       f"b_pre, AuxK k_aux={spec.k_aux} "
-                       f"alpha={spec.auxk_coef:g} relu={spec.auxk_relu}, projected unit "
-                       f"decoder, lr decay over the last {config.train.decay_frac:g}, Adam eps "
-                       f"{config.train.eps:g}")
+      rec["recipe"] = jaxsae_recipe(config)
       w_unit = params["W_dec"] / np.linalg.norm(params["W_dec"], axis=1, keepdims=True)
       threshold = None if state.threshold is None else float(state.threshold)
       weights = (jaxsae_weights(params, run.input_scale, spec.k, lm, threshold)
@@ -479,6 +487,8 @@ def summary(records: list[dict]) -> list[str]:
            "| data | n | tokens | trainer | best swept | default | default / best |",
            "|---|---|---|---|---|---|---|"]
   for (ds, n, steps, name), rs in sorted(groups.items()):
+    if name == "jaxsae":   # its newest recipe only: older recipes' rows stay in the full table
+      rs = [r for r in rs if r.get("recipe") == rs[-1].get("recipe")]
     # The default is the newest default run (an older rule's default is a swept rate like any).
     default = next((r for r in reversed(rs) if r.get("lr_choice") == "default"), None)
     swept = [r for r in rs if r is not default and r["lr"] != (default or {}).get("lr")]
@@ -622,6 +632,7 @@ def main(_):
       r = have.get(run_key(dict(dataset=ds, n=config.sae.n, lr=lr, trainer=t, steps=steps,
                                 variant=variant(t), lr_choice=choice)))
       return (r is None or (lm is not None and "lm_loss_recovered" not in r)
+              or (t == "jaxsae" and r.get("recipe") != jaxsae_recipe(config))
               or (config.sae.architecture != "topk" and "eval_fvu_at_k" not in r))
 
     todo = [t for t in trainers if missing(t)]

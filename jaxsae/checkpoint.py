@@ -146,6 +146,13 @@ def check_compatible(workdir: str, config_dict: dict) -> Optional[int]:
   if not complete_steps(checkpoint_dir(workdir)):
     return None
   reader = StepReader(workdir)
+  if "params.b_dec" not in reader.names:
+    raise CheckpointError(
+        f"{checkpoint_dir(workdir)} holds step {reader.step} saved by jaxsae "
+        f"{reader.run.get('jaxsae_version') or '(unknown version)'}, from before the SAE had its "
+        "own output bias params.b_dec; this version cannot resume it. It still exports "
+        "(python -m jaxsae.export reads it); to train on, use a new --workdir or the jaxsae "
+        "that wrote it.")
   refused, changed = config_changes(reader.run["config"], config_dict)
   if refused:
     raise CheckpointError(

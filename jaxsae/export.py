@@ -16,11 +16,16 @@ SAELens's "jumprelu" architecture (plus a threshold [n] tensor; no k) and as an 
 [n] array (Gemma Scope's JumpReLU layout); sparsify's SparseCoder encodes k per row only, so that
 format is refused for it.
 
-jaxsae scales raw activations by a constant s before encoding (state.input_scale); an export takes
-and returns *raw* activations, so s is folded into the weights:
+jaxsae scales raw activations by a constant s before encoding (state.input_scale), and centres the
+encoder's input on b_pre while the output's bias is b_dec (model.py); the tools' SAEs subtract
+their one b_dec before encoding. An export takes and returns *raw* activations, so s is folded into
+the weights and b_dec - b_pre into the encoder bias:
 
-  pre = (x s - b_pre) W_enc^T + b_enc = (x - b_pre/s) (s W_enc^T) + b_enc   -> encoder s W_enc
-  x_hat / s = z (W_dec / s) + b_pre / s                                      -> W_dec / s, b_dec b_pre/s
+  pre = (x s - b_pre) W_enc^T + b_enc
+      = (x - b_dec/s) (s W_enc^T) + (b_enc + W_enc (b_dec - b_pre))   -> encoder s W_enc, that bias
+  x_hat / s = z (W_dec / s) + b_dec / s                               -> W_dec / s, b_dec / s
+
+(A checkpoint saved before b_dec existed has b_pre in both roles: b_dec = b_pre.)
 
 A transcoder (data.target_path) maps x to a target y scaled by its own t (state.target_scale),
 and the tools' transcoders take x uncentred, so b_pre goes into the encoder bias:
@@ -74,7 +79,8 @@ class FoldedSae:
     self.t = np.float32(reader.target_scale())   # the output's scale: s for an SAE
     self._w_enc, self._w_dec = reader.array("params.W_enc"), reader.array("params.W_dec")
     self._b_enc, self._b_pre = reader.array("params.b_enc"), reader.array("params.b_pre")
-    self._b_dec = reader.array("params.b_dec") if self.transcoder else None
+    # Checkpoints from before the fourteenth session have no b_dec: b_pre was both biases.
+    self._b_dec = reader.array("params.b_dec") if "params.b_dec" in reader.names else None
     self.skip = reader.skip
     self._w_skip = reader.array("params.W_skip") if reader.skip else None
     self.threshold = reader.threshold() if reader.has_threshold else None
@@ -94,10 +100,11 @@ class FoldedSae:
     """(first index, block) pieces of one exported tensor: rows [r, d] of W_enc / W_dec (in the
     stored [n, d] orientation, folded), slices of b_enc [n], and b_dec [d_out] and W_skip
     [d_out, d] in one piece."""
-    if which == "b_enc" and self.transcoder:   # b_pre folded in: needs the encoder rows
+    if which == "b_enc" and self._b_dec is not None:   # b_enc + W_enc shift: the encoder rows
       b_pre = self._b_pre.read().result()
+      shift = -b_pre if self.transcoder else self._b_dec.read().result() - b_pre
       for first, rows in self._row_blocks(self._w_enc):
-        yield first, self._b_enc[first:first + len(rows)].read().result() - rows @ b_pre
+        yield first, self._b_enc[first:first + len(rows)].read().result() + rows @ shift
     elif which in ("b_enc", "threshold"):
       step = self.rows * self.d   # the same byte budget
       for a in range(0, self.n, step):
@@ -105,7 +112,7 @@ class FoldedSae:
         yield a, (self._b_enc[a:end].read().result() if which == "b_enc" else
                   np.full(end - a, self.threshold, np.float32))
     elif which == "b_dec":
-      yield 0, (self._b_dec if self.transcoder else self._b_pre).read().result() / self.t
+      yield 0, (self._b_pre if self._b_dec is None else self._b_dec).read().result() / self.t
     elif which == "W_skip":
       yield 0, self._w_skip.read().result() * (self.s / self.t)
     else:

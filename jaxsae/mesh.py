@@ -1,7 +1,8 @@
 """The device mesh and the partition specs of everything the step touches; both come from config.
 
 Batch rows are split over config.mesh.batch_axes; the n latents (W_enc and W_dec rows, b_enc, the
-optimizer moments and the dead-latent counters) over config.mesh.latent_axis; b_pre is replicated.
+optimizer moments and the dead-latent counters) over config.mesh.latent_axis; b_pre and b_dec are
+replicated.
 
 Multi-slice / multi-host room: with config.mesh.dcn_shape set, mesh.shape is the shape *within* one
 slice (fast interconnect) and dcn_shape the shape *across* slices (data-centre network), axis by
@@ -84,11 +85,11 @@ class Specs:
     self.latent_axis = mc.latent_axis
     self.batch = P(self.batch_axes, None)
     self.latent = P(self.latent_axis)
-    self.params = self.params_of(("W_enc", "b_enc", "W_dec", "b_pre"))
+    self.params = self.params_of(("W_enc", "b_enc", "W_dec", "b_pre", "b_dec"))
 
   def params_of(self, names) -> dict:
     """Specs of the named parameters: the per-latent ones split over the latent axis, the rest
-    (b_pre, a transcoder's b_dec and W_skip) replicated."""
+    (b_pre, b_dec, a transcoder's W_skip) replicated."""
     latent = {"W_enc": P(self.latent_axis, None), "b_enc": P(self.latent_axis),
               "W_dec": P(self.latent_axis, None)}
     return {name: latent.get(name, P()) for name in names}

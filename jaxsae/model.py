@@ -1,8 +1,14 @@
 """The top-k SAE: parameters, tied init, encode/decode, and the training loss (Gao et al. 2024).
 
-  pre   = (x - b_pre) @ W_enc^T + b_enc          W_enc [n, d], b_enc [n]
+  pre   = (x - b_pre) @ W_enc^T + b_enc          W_enc [n, d], b_enc [n], b_pre [d]
   z     = ReLU(top-k(pre))                       k nonzeros per row
-  x_hat = z @ W_dec + b_pre                      W_dec [n, d] with unit-norm rows, b_pre [d]
+  x_hat = z @ W_dec + b_dec                      W_dec [n, d] with unit-norm rows, b_dec [d]
+
+b_pre centres the encoder's input and b_dec is the output's bias. Both start at the same point
+(the data's geometric median), as the paper's single b_pre, and are exported as one (the
+difference folds into b_enc: export.py). They are two parameters because they step at different
+rates: a move of b_pre moves every code, so it steps slowly (optim.resolve_b_pre_ratio), while
+b_dec moves no code and steps at the full rate.
 
 BatchTopK (sae.architecture="batchtopk", Bussmann et al. 2024) keeps instead the B*k largest
 ReLU'd pre-activations of the whole global batch: k per row on average, more on rows that need
@@ -20,9 +26,8 @@ prefix's reconstruction is the one decode with the pairs of later latents masked
 
 A transcoder (data.target_path set; Dunefsky et al. 2024) encodes x [B, d] as above and rebuilds a
 target y [B, d_out] (e.g. an MLP's output from its input): W_dec is [n, d_out] and the output has its
-own bias b_dec [d_out] (b_pre only centres the input), plus x W_skip^T with sae.skip (skip
-transcoders, Paulo et al. 2025). The losses and AuxK are those of y; an SAE is the case y = x,
-b_dec = b_pre.
+bias b_dec [d_out] starting at the target's median, plus x W_skip^T with sae.skip (skip
+transcoders, Paulo et al. 2025). The losses and AuxK are those of y; an SAE is the case y = x.
 
 Both matrices are stored [n, d] (row gathers; docs/design.md). `loss_terms` is the sparse training
 loss over selected latents; `dense_loss` computes the same loss by dense autodiff and is the
@@ -130,13 +135,15 @@ def unit_rows(w, eps=1e-12):
 def init_params(key, d: int, n: int, b_pre, encoder_norm: float = 1.0, b_dec=None,
                 skip: bool = False):
   """Tied init: decoder rows random unit vectors, encoder = decoder times encoder_norm (both
-  [n, d]), b_enc = 0. A transcoder (b_dec given, [d_out]) has no tie, its input and output being
-  different spaces: decoder [n, d_out] and encoder [n, d] rows are drawn apart; W_skip starts at 0."""
+  [n, d]), b_enc = 0, b_dec = b_pre. A transcoder (b_dec given, [d_out]) has no tie, its input and
+  output being different spaces: decoder [n, d_out] and encoder [n, d] rows are drawn apart;
+  W_skip starts at 0."""
   if b_dec is None:
     w = unit_rows(jax.random.normal(key, (n, d), jnp.float32))
+    b_pre = jnp.asarray(b_pre, jnp.float32)
     # Separate buffers: tied only at init, and a donated step must not see one twice.
     return {"W_enc": w * encoder_norm, "b_enc": jnp.zeros((n,), jnp.float32),
-            "W_dec": jnp.copy(w), "b_pre": jnp.asarray(b_pre, jnp.float32)}
+            "W_dec": jnp.copy(w), "b_pre": b_pre, "b_dec": jnp.copy(b_pre)}
   k_enc, k_dec = jax.random.split(key)
   b_dec = jnp.asarray(b_dec, jnp.float32)
   params = {"W_enc": unit_rows(jax.random.normal(k_enc, (n, d), jnp.float32)) * encoder_norm,
@@ -149,10 +156,7 @@ def init_params(key, d: int, n: int, b_pre, encoder_norm: float = 1.0, b_dec=Non
 
 
 def output_base(params, x):
-  """What the output holds before any latent: b_pre for an SAE; a transcoder's b_dec, plus
-  x W_skip^T for a skip transcoder (module docstring)."""
-  if "b_dec" not in params:
-    return params["b_pre"]
+  """What the output holds before any latent: b_dec, plus x W_skip^T for a skip transcoder."""
   if "W_skip" in params:
     return x @ params["W_skip"].T + params["b_dec"]
   return params["b_dec"]

@@ -147,8 +147,8 @@ def learning_rate(config):
   return lambda count: peak * shape(count)
 
 
-# b_pre's step, as a fraction of the weights' (train.b_pre_lr_ratio = -1). b_pre is the one
-# parameter whose gradient is a mean over every token of the batch: nearly noise-free, so Adam
+# b_pre's step, as a fraction of the weights' (train.b_pre_lr_ratio = -1). b_pre centres the
+# encoder's input. Its gradient is a mean over every token of the batch: nearly noise-free, so Adam
 # moves each of its d coordinates by the full lr in the same direction step after step (a noisy
 # weight random-walks), and a shift Delta of b_pre moves latent i's pre-activation by
 # -W_enc[i] . Delta: up to |W_enc[i]| sqrt(d) lr per step for the latents whose encoder row lies
@@ -156,9 +156,13 @@ def learning_rate(config):
 # latents fall below the top-k threshold for good. Scaling b_pre's steps by
 # 1 / (encoder_init_norm sqrt(d)) keeps every latent's drift from b_pre within what its bias can
 # follow. The encoder rows grow (to ~2 by the end of the benchmark runs), where the same bound would
-# allow less; its limit, a frozen b_pre, cost up to 0.7% held-out FVU, so the init norm it is.
-# Measured (bench/history.md, seventh session): dead latents 2.7% -> 0.2% on SmolLM2 L25 and
-# 2.5% -> 0.3% on Gemma 3 L9, held-out FVU within 0.2% on every dataset.
+# allow less; its limit, a frozen b_pre, cost up to 0.7% held-out FVU on the real datasets (4.6% on
+# SynthSAEBench-16k), so the init norm it is. Measured (bench/history.md, seventh session): dead
+# latents 2.7% -> 0.2% on SmolLM2 L25 and 2.5% -> 0.3% on Gemma 3 L9.
+# The output's bias, b_dec, moves no code and steps at the full rate. Until the fourteenth session
+# one b_pre did both jobs at this slow rate and could not travel from its init (the geometric
+# median) to where the decoder wanted its bias: 3.7% worse held-out FVU on SynthSAEBench-16k at
+# 1,024 tokens per step, 0.1-0.7% on the real datasets (bench/history.md, fourteenth session).
 def resolve_b_pre_ratio(config) -> tuple[float, str]:
   """(b_pre's learning rate / the weights', how it was chosen)."""
   ratio = config.train.b_pre_lr_ratio
@@ -295,8 +299,9 @@ def renormalize_decoder(params):
 # in W_enc, W_dec and b_enc, and their Adam moments. Every other latent row keeps its parameters and
 # both moments bit for bit: no moment decay, no step carried by momentum. A selected row gets
 # exactly the dense update (decoder-gradient projection, Adam with the global step's bias
-# correction, renormalization), also when its gradient is zero (selected, ReLU'd to 0). b_pre is
-# updated densely. The optimizer state is the dense one, so a run may switch between the two.
+# correction, renormalization), also when its gradient is zero (selected, ReLU'd to 0). The
+# [d] vectors (b_pre, b_dec) are updated densely. The optimizer state is the dense one, so a run
+# may switch between the two.
 
 LATENT_PARAMS = ("W_enc", "b_enc", "W_dec")   # one row per latent: what a lazy step may skip
 

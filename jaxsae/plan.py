@@ -10,7 +10,7 @@ training job runs the same check at start-up (`check`) and refuses with the same
 dying of out-of-memory at step 0.
 
 The model (per device; n_l = n / model, B_l = batch / data, P = one f32 [n_l, d] weight shard):
-  state       params (W_enc, W_dec, b_enc, b_pre) + Adam's two moments + dead-latent counters
+  state       params (W_enc, W_dec, b_enc, b_pre, b_dec) + Adam's two moments + dead-latent counters
   gradients   dense f32 gradients of the params
   then the largest of three phases, which are never live together:
   update      the optimizer pass's f32 temporaries: 5 P; with train.lazy_optimizer, 5 buffers of
@@ -120,7 +120,7 @@ class Plan:
 def estimate(p: Problem, data: int, model_size: int) -> Plan:
   """Per-device bytes of one train step of problem p on a (data, model) mesh."""
   n_l, b_l = -(-p.n // model_size), -(-p.batch // data)
-  weights = 2 * n_l * p.d + n_l + p.d                    # W_enc, W_dec, b_enc, b_pre elements
+  weights = 2 * n_l * p.d + n_l + 2 * p.d                # W_enc, W_dec, b_enc, b_pre, b_dec
   k_sel = p.selected
   cols = n_l if not p.encoder_tile or p.encoder_tile >= n_l \
       else min(n_l, max(p.encoder_tile, k_sel, p.k_aux))

@@ -14,8 +14,8 @@ from jaxsae import model
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array          # int32 []
-  params: dict             # W_enc [n, d], b_enc [n], W_dec [n, d_out], b_pre [d], all float32
-                           # (+ a transcoder's b_dec [d_out] and W_skip [d_out, d]: model.py)
+  params: dict             # W_enc [n, d], b_enc [n], W_dec [n, d_out], b_pre [d], b_dec [d_out],
+                           # all float32 (+ a skip transcoder's W_skip [d_out, d]: model.py)
   opt_state: Any
   since_fired: jax.Array   # int32 [n]: tokens since each latent last fired, saturating at dead_tokens
   input_scale: jax.Array   # float32 []: raw activations are multiplied by this before encoding

@@ -60,6 +60,29 @@ def test_incompatible_workdir_is_refused(tmp_path):
     assert open(os.path.join(wd, "config.json")).read() == config_json   # refused before writing
 
 
+def test_checkpoint_from_before_b_dec_is_refused_not_touched(tmp_path):
+  """A checkpoint saved before the SAE had its own output bias (params.b_dec) cannot be resumed:
+  refused before anything is set up, naming what it lacks, and left as it was (it still exports:
+  test_export's large checkpoint has that layout)."""
+  import jax.numpy as jnp
+  wd = str(tmp_path / "run")
+  d, n = 32, 128
+  state = {"params": {"W_enc": jnp.ones((n, d)), "W_dec": jnp.ones((n, d)),
+                      "b_enc": jnp.zeros(n), "b_pre": jnp.zeros(d)},
+           "since_fired": jnp.zeros(n, jnp.int32), "input_scale": jnp.float32(1.0)}
+  saver = checkpoint.Checkpointer(wd)
+  saver.save(2, state, {"step": 2}, {"config": {"sae": {"d": d, "n": n, "k": 8}}, "tokens": 64,
+                                     "jaxsae_version": "0.1.0+old"})
+  saver.wait()
+  saver.close()
+  r = run_cli([*ARGS, f"--workdir={wd}", "--config.train.steps=4"])
+  assert r.returncode == 1
+  assert "params.b_dec" in r.stderr and "cannot resume" in r.stderr, r.stderr[-2000:]
+  assert "0.1.0+old" in r.stderr
+  assert complete_steps(checkpoint_dir(wd)) == [2]
+  assert not os.path.exists(os.path.join(wd, "config.json"))
+
+
 def _capped_cli(args, fsize_bytes):
   """The CLI with a file-size limit (RLIMIT_FSIZE): a write past it fails with EFBIG, like a full
   disk. The limit is set in a small launcher that then execs Python (no preexec_fn after fork)."""

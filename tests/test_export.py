@@ -58,9 +58,12 @@ def workdir(tmp_path_factory):
 def jaxsae_ref(workdir):
   """jaxsae's encode/decode of raw inputs x, straight from the checkpoint's (scaled) params."""
   reader = export_lib.StepReader(workdir)
-  params = {k: jnp.asarray(reader.read(f"params.{k}")) for k in ("W_enc", "b_enc", "W_dec", "b_pre")}
+  params = {k: jnp.asarray(reader.read(f"params.{k}"))
+            for k in ("W_enc", "b_enc", "W_dec", "b_pre", "b_dec")}
   s = reader.input_scale()
   assert abs(s - 1) > 0.05, "the fixture should exercise a non-trivial input scale"
+  # b_dec steps faster than b_pre (model.py): the export must fold their difference into b_enc.
+  assert np.abs(params["b_dec"] - params["b_pre"]).max() > 1e-3
   x = np.random.default_rng(7).normal(size=(256, reader.d)).astype(np.float32) * 3 / np.sqrt(s)
   vals, idx = model.encode(params, jnp.asarray(x * s), reader.k)
   z = np.zeros((len(x), reader.n), np.float32)
@@ -202,7 +205,8 @@ CAP_MB = 700   # address-space cap (RLIMIT_AS) of the export process; its baseli
 
 def _big_checkpoint(workdir, n, d):
   """A checkpoint holding what export reads (params, input scale, run record) for a dictionary of
-  2 x n x d float32: written through the same Checkpointer the trainer uses."""
+  2 x n x d float32: written through the same Checkpointer the trainer uses. It has the layout
+  of checkpoints saved before b_dec existed (b_pre is both biases), which still export."""
   import jax.numpy as jnp
   from jaxsae import checkpoint
   w = (np.arange(n * d, dtype=np.int64) % 65521).astype(np.float32).reshape(n, d)
@@ -255,13 +259,13 @@ def test_batchtopk_exports_as_jumprelu(tmp_path):
                "--config.sae.architecture=batchtopk", "--config.train.log_every=2"])
   assert r.returncode == 0, r.stderr[-3000:]
   reader = export_lib.StepReader(wd)
-  p = {k: reader.read(f"params.{k}") for k in ("W_enc", "b_enc", "W_dec", "b_pre")}
+  p = {k: reader.read(f"params.{k}") for k in ("W_enc", "b_enc", "W_dec", "b_pre", "b_dec")}
   s, thr = reader.input_scale(), reader.threshold()
   assert thr > 0 and abs(s - 1) > 0.05
   x = np.random.default_rng(7).normal(size=(256, reader.d)).astype(np.float32) * 3 / np.sqrt(s)
   pre = (x * s - p["b_pre"]) @ p["W_enc"].T + p["b_enc"]
   z_ref = np.where(pre > thr, pre, 0.0)
-  x_hat_ref = (z_ref @ p["W_dec"] + p["b_pre"]) / s
+  x_hat_ref = (z_ref @ p["W_dec"] + p["b_dec"]) / s
   l0 = (z_ref > 0).sum(axis=1)
   assert l0.min() < l0.max(), "a JumpReLU's rows hold different numbers of latents"
 

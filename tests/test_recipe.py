@@ -122,7 +122,8 @@ def test_adam_is_lazy_where_every_latent_is_selected_each_step():
 
 def test_b_pre_steps_at_its_own_share_of_the_rate(tiny_config):
   """b_pre_lr_ratio unset: 1 / (encoder_init_norm sqrt(d)). Adam's first step moves every element
-  with a nonzero gradient by ~lr: the weights by lr, b_pre by ratio * lr; ratio 1 is one rate."""
+  with a nonzero gradient by ~lr: the weights by lr, b_pre by ratio * lr; ratio 1 is one rate.
+  The output's bias b_dec starts equal to b_pre and steps at the full rate whatever the ratio."""
   c = base.get_config()
   c.sae.d, c.sae.encoder_init_norm = 576, 0.3
   ratio, source = optim.resolve_b_pre_ratio(c)
@@ -139,11 +140,14 @@ def test_b_pre_steps_at_its_own_share_of_the_rate(tiny_config):
     state, _, _ = run.steps.train(run.state, jax.device_put(next(run.data.train),
                                                             run.batch_sharding))
     after = jax.device_get(state.params)
-    moved[setting] = {name: np.abs(after[name] - before[name]).max() for name in ("b_pre", "b_enc")}
+    np.testing.assert_array_equal(before["b_dec"], before["b_pre"])
+    moved[setting] = {name: np.abs(after[name] - before[name]).max()
+                      for name in ("b_pre", "b_enc", "b_dec")}
   auto = 1 / (0.3 * np.sqrt(32))   # tiny_config's d=32: 0.59
   assert moved[1.0]["b_pre"] == pytest.approx(3e-3, rel=1e-3)
   assert moved[-1]["b_pre"] == pytest.approx(auto * 3e-3, rel=1e-3)
   assert moved[-1]["b_enc"] == pytest.approx(3e-3, rel=1e-3) == moved[1.0]["b_enc"]
+  assert moved[-1]["b_dec"] == pytest.approx(3e-3, rel=1e-3) == moved[1.0]["b_dec"]
 
 
 def test_dead_latents_are_tracked_and_trained_by_auxk(tiny_config):
