@@ -488,7 +488,8 @@ def summary(records: list[dict]) -> list[str]:
            "|---|---|---|---|---|---|---|"]
   for (ds, n, steps, name), rs in sorted(groups.items()):
     if name == "jaxsae":   # its newest recipe only: older recipes' rows stay in the full table
-      rs = [r for r in rs if r.get("recipe") == rs[-1].get("recipe")]
+      newest = max(rs, key=lambda r: r.get("date", "")).get("recipe")
+      rs = [r for r in rs if r.get("recipe") == newest]
     # The default is the newest default run (an older rule's default is a swept rate like any).
     default = next((r for r in reversed(rs) if r.get("lr_choice") == "default"), None)
     swept = [r for r in rs if r is not default and r["lr"] != (default or {}).get("lr")]
