@@ -95,6 +95,27 @@ def test_summary_shows_jaxsaes_newest_recipe_only():
   assert "0.1500" in text.split("All runs:")[1]
 
 
+def test_jaxsae_weights_fold_both_biases_as_the_export_does():
+  """The weights bench/quality.py scores in the LM and as a JumpReLU: raw units, b_dec - b_pre
+  folded into b_enc, so they encode and decode as jaxsae's own model does."""
+  import jax
+  import numpy as np
+  from jaxsae import model
+  d, n, k, scale = 16, 64, 4, 2.5
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  params = model.init_params(keys[0], d, n, jax.random.normal(keys[1], (d,)), 0.3)
+  params["b_dec"] = params["b_pre"] + jax.random.normal(keys[2], (d,))
+  x = np.random.default_rng(0).normal(size=(32, d)).astype(np.float32)
+  vals, idx = model.encode(params, x * scale, k)
+  want = np.zeros((32, n), np.float32)
+  np.put_along_axis(want, np.asarray(idx), np.asarray(vals), axis=1)
+  w = quality.jaxsae_weights(params, scale, k, None)
+  z = w.encode_dense(x)
+  np.testing.assert_allclose(z, want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(z @ w.w_dec + w.b_dec, np.asarray(model.decode(params, vals, idx)) / scale,
+                             rtol=1e-4, atol=1e-4)
+
+
 def test_default_learning_rates_are_each_trainers_own():
   from jaxsae import optim
   c = quickstart.get_config()
