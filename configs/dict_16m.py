@@ -6,7 +6,7 @@ n=2^24, k=64, latents split over 64 chips, blocked encoder.
       --config.data.path=gs://BUCKET/stores/llama3-8b-L16
 
 Planner (python -m jaxsae.plan --d=4096 --n=16777216 --k=64 --batch=8192 --devices=64
---device-memory=95GiB --encoder-tile=32768): mesh (data=1, model=64), peak 52.00 GiB per chip
+--device-memory=95GiB --encoder-tile=32768): mesh (data=1, model=64), peak 52.01 GiB per chip
 (params 8, Adam 16, gradients 8, update temporaries 20 GiB) -> fits (55% of a v5p chip's 95 GiB).
 The same dictionary does not fit an 8-GPU node (8 x 80 GB): with power-of-two latent splits the
 planner's smallest fitting mesh is 64 devices of 80 GB, with fp32 or bf16 Adam moments.

@@ -253,7 +253,8 @@ def test_gpu_flavour_step_pieces_lower_for_cuda(gpu_flavor, cuda_lowering):
   spec = model.SaeSpec(d=d, n=n, k=k, k_aux=k_aux, auxk_coef=1 / 32, dead_tokens=1,
                        multi_topk=False)
   sds = lambda *s, t=jnp.float32: jax.ShapeDtypeStruct(s, t)
-  params = {"W_enc": sds(n, d), "W_dec": sds(n, d), "b_enc": sds(n), "b_pre": sds(d)}
+  params = {"W_enc": sds(n, d), "W_dec": sds(n, d), "b_enc": sds(n), "b_pre": sds(d),
+            "b_dec": sds(d)}
 
   def grads(params, x, dead):
     xc = x - params["b_pre"]
