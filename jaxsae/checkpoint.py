@@ -146,7 +146,7 @@ def check_compatible(workdir: str, config_dict: dict) -> Optional[int]:
   if not complete_steps(checkpoint_dir(workdir)):
     return None
   reader = StepReader(workdir)
-  if "params.b_dec" not in reader.names:
+  if not reader.has_b_dec:
     raise CheckpointError(
         f"{checkpoint_dir(workdir)} holds step {reader.step} saved by jaxsae "
         f"{reader.run.get('jaxsae_version') or '(unknown version)'}, from before the SAE had its "

@@ -112,6 +112,11 @@ class StepReader:
             "target_path": self.config["data"]["target_path"]}
 
   @property
+  def has_b_dec(self) -> bool:
+    """Saved since the SAE's output bias b_dec became its own parameter (before, b_pre was both)."""
+    return "params.b_dec" in self.names
+
+  @property
   def has_threshold(self) -> bool:
     """A BatchTopK or Matryoshka BatchTopK state holds its inference threshold."""
     return "threshold" in self.names

@@ -79,8 +79,7 @@ class FoldedSae:
     self.t = np.float32(reader.target_scale())   # the output's scale: s for an SAE
     self._w_enc, self._w_dec = reader.array("params.W_enc"), reader.array("params.W_dec")
     self._b_enc, self._b_pre = reader.array("params.b_enc"), reader.array("params.b_pre")
-    # Checkpoints from before the fourteenth session have no b_dec: b_pre was both biases.
-    self._b_dec = reader.array("params.b_dec") if "params.b_dec" in reader.names else None
+    self._b_dec = reader.array("params.b_dec") if reader.has_b_dec else None   # else b_pre is both
     self.skip = reader.skip
     self._w_skip = reader.array("params.W_skip") if reader.skip else None
     self.threshold = reader.threshold() if reader.has_threshold else None

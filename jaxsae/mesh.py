@@ -85,7 +85,6 @@ class Specs:
     self.latent_axis = mc.latent_axis
     self.batch = P(self.batch_axes, None)
     self.latent = P(self.latent_axis)
-    self.params = self.params_of(("W_enc", "b_enc", "W_dec", "b_pre", "b_dec"))
 
   def params_of(self, names) -> dict:
     """Specs of the named parameters: the per-latent ones split over the latent axis, the rest
