@@ -339,8 +339,8 @@ def jaxsae_recipe(config) -> str:
   return (("BatchTopK (JumpReLU at inference), " if s.architecture != "topk" else "") +
           f"tied init (encoder norm {s.encoder_init_norm:g}), geometric-median b_pre and b_dec "
           f"(b_dec at the full rate), AuxK k_aux={k_aux} alpha={s.auxk_coef:g} "
-          f"relu={s.auxk_relu}, projected unit decoder, lr decay over the last "
-          f"{t.decay_frac:g}, Adam eps {t.eps:g}")
+          f"relu={s.auxk_relu}, projected unit decoder at {t.decoder_lr_ratio:g}x the rate, lr decay "
+          f"over the last {t.decay_frac:g}, Adam eps {t.eps:g}")
 
 
 def jaxsae_weights(params, scale: float, k: int, target: dict | None, threshold=None):
@@ -490,8 +490,11 @@ def summary(records: list[dict]) -> list[str]:
     if name == "jaxsae":   # its newest recipe only: older recipes' rows stay in the full table
       newest = max(rs, key=lambda r: r.get("date", "")).get("recipe")
       rs = [r for r in rs if r.get("recipe") == newest]
-    # The default is the newest default run (an older rule's default is a swept rate like any).
-    default = next((r for r in reversed(rs) if r.get("lr_choice") == "default"), None)
+    # The default is the newest default run by date, then by place in the file (an older rule's
+    # default is a swept rate like any).
+    defaults = [(r.get("date", ""), i, r) for i, r in enumerate(rs)
+                if r.get("lr_choice") == "default"]
+    default = max(defaults, key=lambda t: t[:2])[2] if defaults else None
     swept = [r for r in rs if r is not default and r["lr"] != (default or {}).get("lr")]
     best = min(swept, key=lambda r: r["eval_fvu"]) if swept else None
     ratio = (f"{default['eval_fvu'] / best['eval_fvu']:.3f}" if best and default else "-")

@@ -74,6 +74,8 @@ def get_config():
   c.train.b_pre_lr_ratio = -1.0  # b_pre's learning rate / the weights'; -1: 1 / (encoder_init_norm
                                  # x sqrt(d)), which keeps b_pre's nearly noise-free drift from
                                  # pushing latents below the top-k (optim.resolve_b_pre_ratio)
+  c.train.decoder_lr_ratio = 1.5 # W_dec's learning rate / the weights'; its best measured 1.3-2x
+                                 # over k 16-128 (optim.lr_ratios; bench/history.md)
   c.train.decay_frac = 1.0       # linear decay to 0 over this final fraction of steps (1.0: from
                                  # the end of warmup to the last step, as sparsify)
   c.train.seed = 0

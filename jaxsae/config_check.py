@@ -84,6 +84,8 @@ def _problems(c):
     yield f"train.lr={t.lr} must be positive (or unset for the automatic rate)"
   if not (t.b_pre_lr_ratio == -1 or t.b_pre_lr_ratio >= 0):
     yield f"train.b_pre_lr_ratio={t.b_pre_lr_ratio} must be >= 0 (or -1: automatic)"
+  if not t.decoder_lr_ratio > 0:
+    yield f"train.decoder_lr_ratio={t.decoder_lr_ratio} must be positive"
   if t.log_every <= 0:
     yield f"train.log_every={t.log_every} must be positive"
   if not 0 <= t.decay_frac <= 1:

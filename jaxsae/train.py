@@ -253,9 +253,10 @@ def _log_start(t: Trainee, mesh):
   logging.info("%ssparse ops: kernels=%s (%s), compute dtype %s", who, res["kernels"],
                res["kernels_source"], c.compute_dtype)
   logging.info("%slearning rate %.4g (%s), warmup %d steps, linear decay to 0 over the last %g of "
-               "the run; b_pre at %.3g of it (%s); %s Adam (%s)", who, res["lr"], res["lr_source"],
-               res["warmup_steps"], c.train.decay_frac, res["b_pre_lr_ratio"],
-               res["b_pre_lr_ratio_source"], "lazy" if res["lazy_optimizer"] else "dense",
+               "the run; b_pre at %.3g of it (%s), W_dec at %g of it; %s Adam (%s)", who,
+               res["lr"], res["lr_source"], res["warmup_steps"], c.train.decay_frac,
+               res["b_pre_lr_ratio"], res["b_pre_lr_ratio_source"], c.train.decoder_lr_ratio,
+               "lazy" if res["lazy_optimizer"] else "dense",
                res["lazy_optimizer_source"])
   logging.info("%schosen by the system (speed and memory only; set a field to override):\n%s",
                who, knobs.describe(res))

@@ -79,7 +79,8 @@ def test_summary_has_best_and_default_per_dataset_and_trainer():
 
 def test_summary_shows_jaxsaes_newest_recipe_only():
   """A recipe change makes old jaxsae rows history: the summary's best and default come from the
-  newest recipe's runs (by date, whatever their order in the file); the full table keeps all."""
+  newest recipe's runs (by date, whatever their order in the file); the full table keeps all. The
+  default is the newest default run by date too (an older rule's default is a swept rate)."""
   base = dict(dataset="fixture", n=4096, steps=150, tokens=614400, eval_l0=32.0, setup_s=0.0,
               train_s=1.0, tokens_per_s=1.0, load_start=0.0, load_end=0.0, trainer="jaxsae")
   old = dict(base, recipe="one b_pre", date="2026-12-04 10:00")
@@ -87,6 +88,8 @@ def test_summary_shows_jaxsaes_newest_recipe_only():
   rows = [dict(new, lr=6e-3, eval_fvu=0.25, dead_frac=0.0),
           dict(old, lr=1.2e-2, eval_fvu=0.15, dead_frac=0.0),   # the old recipe's best rate
           dict(new, lr=9.6e-3, eval_fvu=0.24, dead_frac=0.0, lr_choice="default"),
+          dict(new, lr=8e-3, eval_fvu=0.26, dead_frac=0.0, lr_choice="default",
+               date="2026-12-04 12:00"),   # an older rule's default, later in the file
           dict(old, lr=3e-3, eval_fvu=0.30, dead_frac=0.0)]
   text = quality.table(rows)
   head = text.split("All runs:")[0]

@@ -150,6 +150,24 @@ def test_b_pre_steps_at_its_own_share_of_the_rate(tiny_config):
   assert moved[-1]["b_dec"] == pytest.approx(3e-3, rel=1e-3) == moved[1.0]["b_dec"]
 
 
+def test_decoder_steps_at_its_own_share_of_the_rate(tiny_config):
+  """train.decoder_lr_ratio scales W_dec's steps alone: Adam's first step moves every element with
+  a nonzero gradient by ~lr, the encoder's by lr whatever the ratio; a decoder row's move, its
+  renormalization's share included, is linear in its rate to first order."""
+  tiny_config.train.decay_frac = 0.0   # the first step at the peak rate, lr = 3e-3
+  moved = {}
+  for ratio in (1.0, 2.0):
+    tiny_config.train.decoder_lr_ratio = ratio
+    run = train.setup(tiny_config)
+    before = jax.device_get(run.state.params)
+    state, _, _ = run.steps.train(run.state, jax.device_put(next(run.data.train),
+                                                            run.batch_sharding))
+    after = jax.device_get(state.params)
+    moved[ratio] = {name: np.abs(after[name] - before[name]).max() for name in ("W_dec", "W_enc")}
+  assert moved[2.0]["W_dec"] == pytest.approx(2 * moved[1.0]["W_dec"], rel=0.05)
+  assert moved[2.0]["W_enc"] == pytest.approx(3e-3, rel=1e-3) == moved[1.0]["W_enc"]
+
+
 def test_dead_latents_are_tracked_and_trained_by_auxk(tiny_config):
   """A latent silent for dead_tokens tokens counts as dead, and AuxK, alone, trains its rows:
   one step from the same state with and without AuxK moves exactly the dead rows differently."""
