@@ -152,11 +152,12 @@ def test_untouched_rows_keep_their_bits(case, chunk, monkeypatch):
     flags = dict(project=name == "W_dec", renorm=name == "W_dec")
     args = (p, grads[name], state[1][0].mu[name], state[1][0].nu[name])
     after = (new[name], adam.mu[name], adam.nu[name])
+    # b_pre and W_dec at their own shares of the rate (optim.lr_ratios)
+    h = fused_adam.hyper(1e-3 * optim.lr_ratios(cfg).get(name, 1.0), 0.9, 0.999, 6.25e-10, 5)
     if name in optim.LATENT_PARAMS:
-      rows = fused_adam.adam_rows_reference(*(np.asarray(a)[touched] for a in args), H, **flags)
+      rows = fused_adam.adam_rows_reference(*(np.asarray(a)[touched] for a in args), h, **flags)
       _check_lazy(args[:1] + args[2:], after, touched, rows)
-    else:   # b_pre, at its own share of the rate (optim.resolve_b_pre_ratio)
-      h = fused_adam.hyper(1e-3 * optim.resolve_b_pre_ratio(cfg)[0], 0.9, 0.999, 6.25e-10, 5)
+    else:
       dense = fused_adam.adam_rows_reference(*(a[:, None] for a in args), h)
       for a, b in zip(after, dense):
         _close(a, b[:, 0], name)

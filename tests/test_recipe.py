@@ -120,6 +120,19 @@ def test_adam_is_lazy_where_every_latent_is_selected_each_step():
   assert optim.resolve_lazy(c) == (False, "set in the config")
 
 
+def _first_step_moves(config) -> dict:
+  """How far one step at the peak rate (lr 3e-3 in tiny_config) moves each parameter: the largest
+  element's change. The tied init's b_dec starts equal to b_pre."""
+  config.train.decay_frac = 0.0
+  run = train.setup(config)
+  before = jax.device_get(run.state.params)
+  state, _, _ = run.steps.train(run.state, jax.device_put(next(run.data.train),
+                                                          run.batch_sharding))
+  after = jax.device_get(state.params)
+  np.testing.assert_array_equal(before["b_dec"], before["b_pre"])
+  return {name: np.abs(after[name] - before[name]).max() for name in after}
+
+
 def test_b_pre_steps_at_its_own_share_of_the_rate(tiny_config):
   """b_pre_lr_ratio unset: 1 / (encoder_init_norm sqrt(d)). Adam's first step moves every element
   with a nonzero gradient by ~lr: the weights by lr, b_pre by ratio * lr; ratio 1 is one rate.
@@ -131,18 +144,10 @@ def test_b_pre_steps_at_its_own_share_of_the_rate(tiny_config):
   c.train.b_pre_lr_ratio = 0.5
   assert optim.resolve_b_pre_ratio(c) == (0.5, "set in the config")
 
-  tiny_config.train.decay_frac = 0.0   # the first step at the peak rate, lr = 3e-3
   moved = {}
   for setting in (-1, 1.0):
     tiny_config.train.b_pre_lr_ratio = setting
-    run = train.setup(tiny_config)
-    before = jax.device_get(run.state.params)
-    state, _, _ = run.steps.train(run.state, jax.device_put(next(run.data.train),
-                                                            run.batch_sharding))
-    after = jax.device_get(state.params)
-    np.testing.assert_array_equal(before["b_dec"], before["b_pre"])
-    moved[setting] = {name: np.abs(after[name] - before[name]).max()
-                      for name in ("b_pre", "b_enc", "b_dec")}
+    moved[setting] = _first_step_moves(tiny_config)
   auto = 1 / (0.3 * np.sqrt(32))   # tiny_config's d=32: 0.59
   assert moved[1.0]["b_pre"] == pytest.approx(3e-3, rel=1e-3)
   assert moved[-1]["b_pre"] == pytest.approx(auto * 3e-3, rel=1e-3)
@@ -154,16 +159,10 @@ def test_decoder_steps_at_its_own_share_of_the_rate(tiny_config):
   """train.decoder_lr_ratio scales W_dec's steps alone: Adam's first step moves every element with
   a nonzero gradient by ~lr, the encoder's by lr whatever the ratio; a decoder row's move, its
   renormalization's share included, is linear in its rate to first order."""
-  tiny_config.train.decay_frac = 0.0   # the first step at the peak rate, lr = 3e-3
   moved = {}
   for ratio in (1.0, 2.0):
     tiny_config.train.decoder_lr_ratio = ratio
-    run = train.setup(tiny_config)
-    before = jax.device_get(run.state.params)
-    state, _, _ = run.steps.train(run.state, jax.device_put(next(run.data.train),
-                                                            run.batch_sharding))
-    after = jax.device_get(state.params)
-    moved[ratio] = {name: np.abs(after[name] - before[name]).max() for name in ("W_dec", "W_enc")}
+    moved[ratio] = _first_step_moves(tiny_config)
   assert moved[2.0]["W_dec"] == pytest.approx(2 * moved[1.0]["W_dec"], rel=0.05)
   assert moved[2.0]["W_enc"] == pytest.approx(3e-3, rel=1e-3) == moved[1.0]["W_enc"]
 
