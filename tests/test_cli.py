@@ -107,6 +107,11 @@ def test_bad_encoder_init_norm_is_refused(tmp_path):
                          "sae.encoder_init_norm=0.0 must be positive")
 
 
+def test_bad_decoder_lr_ratio_is_refused(tmp_path):
+  _fails_before_training([*TINY, "--config.train.decoder_lr_ratio=0.0"], tmp_path,
+                         "train.decoder_lr_ratio=0.0 must be positive")
+
+
 def test_bad_architecture_settings_are_refused_together(tmp_path):
   _fails_before_training(
       [*TINY, "--config.sae.architecture=matryoshka_batchtopk", "--config.sae.multi_topk=True",
