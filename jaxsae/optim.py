@@ -178,8 +178,9 @@ def resolve_b_pre_ratio(config) -> tuple[float, str]:
 # ~lr sqrt(d) per step, while the codes' jitter, lr sqrt(d k), is set by the encoder's step. One
 # shared rate held the decoder to the encoder's limit. Measured at 614k tokens and the automatic
 # rate, the decoder's best ratio lay between 1.3 and 2 at every k tried (16, 32, 64, 128 on SmolLM2
-# L25; 32-128 on Gemma 3 L9), 2 costing up to 2.8% at k=128 and 4 worse everywhere but on clean
-# synthetic data: 1.5 is the middle (bench/history.md, fifteenth session).
+# L25 and Gemma 3 L9), 2 costing up to 2.8% at k=128 and 4 worse everywhere but on clean
+# synthetic data: 1.5 is the middle, and no worse than 1 at any of them (bench/history.md,
+# fifteenth session).
 def lr_ratios(config) -> dict:
   """Per-parameter factors on the schedule's rate (the others take 1): what make_optimizer and
   fused_update both apply."""
