@@ -30,8 +30,9 @@ bias b_dec [d_out] starting at the target's median, plus x W_skip^T with sae.ski
 transcoders, Paulo et al. 2025). The losses and AuxK are those of y; an SAE is the case y = x.
 
 Both matrices are stored [n, d] (row gathers; docs/design.md). `loss_terms` is the sparse training
-loss over selected latents; `dense_loss` computes the same loss by dense autodiff and is the
-reference the sparse backward is tested against.
+loss over selected latents, the sum of `main_terms` and AuxK's `aux_term` (which the step
+differentiates apart); `dense_loss` computes the same loss by dense autodiff and is the reference
+the sparse backward is tested against.
 """
 import dataclasses
 
@@ -165,7 +166,7 @@ def output_base(params, x):
 def encode(params, x, k, compute_dtype=jnp.float32):
   """Inference encode of x [B, d] (already input-scaled): (z values [B, k] >= 0, indices [B, k])."""
   xc = x - params["b_pre"]
-  idx, _, _ = topk.select(xc, params["W_enc"], params["b_enc"], k, compute_dtype=compute_dtype)
+  idx = topk.select(xc, params["W_enc"], params["b_enc"], k, compute_dtype=compute_dtype)
   vals = sparse.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], idx)
   return jax.nn.relu(vals), idx
 
@@ -195,22 +196,37 @@ def decode(params, z, idx, x=None):
 def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeSpec,
                axis=None, kernels="xla", batch_axes=None, aux_rows=None, threshold=None,
                target=None):
-  """Loss of one (local) batch given the selected latents, and its metrics.
+  """Loss of one (local) batch given the selected latents, and its metrics: main_terms plus, with
+  aux_idx, aux_term on main_terms' residual. The step differentiates the two apart (the AuxK term
+  alone varies with its branch, step.py); their gradients add up to this one's, the residual
+  being held fixed.
 
   target: what is rebuilt, a transcoder's y [B, d_out]; None: x itself (an SAE).
-  total_var is the summed squared deviation of the *global* batch's target from its mean, so the losses of
-  all data shards add up to the global normalized MSE (FVU). AuxK rebuilds the residual x - x_hat
-  (held fixed) from the selected dead latents only; aux_scale = min(dead / k_aux, 1). Its squared
-  error is divided by total_var (spec.auxk_norm="input", as EleutherAI's sparsify), or by the
-  residual's own centred variance over the global batch ("residual", as OpenAI's reference
-  train.py): that makes AuxK 1/FVU times stronger, and keeps it so as the FVU falls. batch_axes:
-  the mesh axes the batch is split over, for that variance. aux_rows: this shard's dead list
-  (topk.dead_list), when aux_idx are positions in it (topk.select's aux_list): AuxK then works on
-  those rows only, as dense GEMMs over the list where it is short (SaeSpec.ops_for).
-  BatchTopK (spec.batchtopk): idx are each row's candidates, coded by batchtopk_codes over the
-  global batch (threshold None) or with the inference threshold given.
-  Returns (loss, aux) with aux holding per-batch sums, z and the columns of idx it codes.
+  total_var is the summed squared deviation of the *global* batch's target from its mean, so the
+  losses of all data shards add up to the global normalized MSE (FVU); AuxK's own normalization
+  (spec.auxk_norm) and aux_rows: aux_term. batch_axes: the mesh axes the batch is split over.
+  Returns (loss, aux) with aux holding per-batch sums, z and the columns of idx it codes
+  (main_terms), and auxk_sq (0 without aux_idx).
   """
+  loss, aux = main_terms(params, x, idx, total_var, spec, axis, kernels, batch_axes, threshold,
+                         target)
+  resid = aux.pop("resid")
+  auxk_sq = jnp.zeros((), jnp.float32)
+  if aux_idx is not None:
+    aux_loss, auxk_sq = aux_term(params, x, resid, aux_idx, aux_ok, total_var, aux_scale, spec,
+                                 axis, kernels, batch_axes, aux_rows)
+    loss = loss + aux_loss
+  return loss, {**aux, "auxk_sq": auxk_sq}
+
+
+def main_terms(params, x, idx, total_var, spec: SaeSpec, axis=None, kernels="xla",
+               batch_axes=None, threshold=None, target=None):
+  """The loss of the selected latents idx (and its Matryoshka / Multi-TopK terms), without AuxK:
+  (loss, aux) with aux holding the sums sq (and BatchTopK's threshold, at_cap), z and the columns
+  of idx it codes, and resid, the residual y - y_hat held fixed, which AuxK rebuilds (aux_term).
+  BatchTopK (spec.batchtopk): idx are each row's candidates, coded by batchtopk_codes over the
+  global batch (threshold None) or with the inference threshold given. Other arguments as
+  loss_terms'."""
   n_local = params["W_enc"].shape[0]
   ops = lambda width: spec.ops_for(kernels, width, n_local)
   vals = sparse.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], idx, axis,
@@ -235,23 +251,34 @@ def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeS
   if spec.multi_topk:
     y_hat4 = sparse.decode(z, idx, params["W_dec"], axis, ops(idx.shape[1])) + base
     loss = loss + jnp.sum(jnp.square(y_hat4 - y)) / total_var / 8
-  auxk_sq = jnp.zeros((), jnp.float32)
-  if aux_idx is not None:
-    resid = jax.lax.stop_gradient(y - y_hat)
-    w_enc, b_enc, w_dec = params["W_enc"], params["b_enc"], params["W_dec"]
-    if aux_rows is not None:   # gradients flow back to the full matrices through the gathers
-      w_enc, b_enc, w_dec = (jnp.take(a, aux_rows, axis=0) for a in (w_enc, b_enc, w_dec))
-    aux_ops = spec.ops_for(kernels, aux_idx.shape[1], w_enc.shape[0])
-    aux_vals = sparse.encode_at(x, params["b_pre"], w_enc, b_enc, aux_idx, axis, aux_ops)
-    # With the ReLU, a dead latent whose pre-activations are all negative gets no AuxK gradient
-    # and stays dead (seen at high lr: 40% dead, losses/auxk == train/fvu); auxk_relu=False lets
-    # AuxK pull its encoder row back toward the residual.
-    z_aux = jnp.where(aux_ok, jax.nn.relu(aux_vals) if spec.auxk_relu else aux_vals, 0.0)
-    e_hat = sparse.decode(z_aux, aux_idx, w_dec, axis, aux_ops)
-    auxk_sq = jnp.sum(jnp.square(e_hat - resid))
-    aux_var = centred_sq_sum(resid, batch_axes)[0] if spec.auxk_norm == "residual" else total_var
-    loss = loss + spec.auxk_coef * aux_scale * auxk_sq / aux_var
-  return loss, {"sq": sq, "auxk_sq": auxk_sq, "z": z[:, :k], **extra}
+  resid = jax.lax.stop_gradient(y - y_hat)
+  return loss, {"sq": sq, "z": z[:, :k], "resid": resid, **extra}
+
+
+def aux_term(params, x, resid, aux_idx, aux_ok, total_var, aux_scale, spec: SaeSpec, axis=None,
+             kernels="xla", batch_axes=None, aux_rows=None):
+  """AuxK's term: (its loss, its squared error auxk_sq). It rebuilds the residual resid [B, d_out]
+  (main_terms', held fixed: no gradient reaches the main term through it) from the selected dead
+  latents aux_idx only (aux_ok: which picks are real); aux_scale = min(dead / k_aux, 1). Its
+  squared error is divided by total_var (spec.auxk_norm="input", as EleutherAI's sparsify), or by
+  the residual's own centred variance over the global batch ("residual", as OpenAI's reference
+  train.py): that makes AuxK 1/FVU times stronger, and keeps it so as the FVU falls. aux_rows: this
+  shard's dead list (topk.dead_list), when aux_idx are positions in it (topk.select_aux's
+  aux_list): AuxK then works on those rows only, as dense GEMMs over the list where it is short
+  (SaeSpec.ops_for)."""
+  w_enc, b_enc, w_dec = params["W_enc"], params["b_enc"], params["W_dec"]
+  if aux_rows is not None:   # gradients flow back to the full matrices through the gathers
+    w_enc, b_enc, w_dec = (jnp.take(a, aux_rows, axis=0) for a in (w_enc, b_enc, w_dec))
+  aux_ops = spec.ops_for(kernels, aux_idx.shape[1], w_enc.shape[0])
+  aux_vals = sparse.encode_at(x, params["b_pre"], w_enc, b_enc, aux_idx, axis, aux_ops)
+  # With the ReLU, a dead latent whose pre-activations are all negative gets no AuxK gradient
+  # and stays dead (seen at high lr: 40% dead, losses/auxk == train/fvu); auxk_relu=False lets
+  # AuxK pull its encoder row back toward the residual.
+  z_aux = jnp.where(aux_ok, jax.nn.relu(aux_vals) if spec.auxk_relu else aux_vals, 0.0)
+  e_hat = sparse.decode(z_aux, aux_idx, w_dec, axis, aux_ops)
+  auxk_sq = jnp.sum(jnp.square(e_hat - resid))
+  aux_var = centred_sq_sum(resid, batch_axes)[0] if spec.auxk_norm == "residual" else total_var
+  return spec.auxk_coef * aux_scale * auxk_sq / aux_var, auxk_sq
 
 
 def dense_loss(params, x, dead, total_var, spec: SaeSpec, target=None):

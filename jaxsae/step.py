@@ -158,48 +158,71 @@ class StepFns:
     return jnp.argmax(jnp.stack(ok))   # the first that fits: lists are ascending, 0 comes last
 
   def _local_grads(self, params, x, y, since_fired, branch):
-    """x: this shard's inputs; y: its targets (x itself for an SAE); branch: the AuxK branch."""
-    spec, axis = self.spec, self.axis
-    dead = since_fired >= spec.dead_tokens
+    """x: this shard's inputs; y: its targets (x itself for an SAE); branch: the AuxK branch.
+
+    The main selection, loss and gradient are traced once; only AuxK's (its selection among the
+    dead latents, its term and that term's gradient) is in the branches of the switch. The AuxK
+    term rebuilds the main residual held fixed (model.aux_term), so the two gradients add up to
+    the gradient of the whole loss."""
+    spec, axis, kernels = self.spec, self.axis, self.kernels
+    n_local = since_fired.shape[0]
     total_var, _ = model.centred_sq_sum(y, self.specs.batch_axes)
-    num_dead = jnp.sum(dead)
-    if axis is not None:
-      num_dead = jax.lax.psum(num_dead, axis)
     xc = x - params["b_pre"]
+    enc = dict(axis=axis, compute_dtype=self.compute_dtype, tile=self.encoder_tile,
+               kernels=kernels)
+    idx = topk.select(xc, params["W_enc"], params["b_enc"], spec.k_select, **enc)
+    (_, aux), grads = jax.value_and_grad(model.main_terms, has_aux=True)(
+        params, x, idx, total_var, spec, axis, kernels, self.specs.batch_axes, target=y)
+    z = aux["z"]
+    sums = {"sq": aux["sq"], "l0": jnp.sum(z > 0).astype(jnp.float32)}
+    if spec.batchtopk:
+      sums.update(threshold=aux["threshold"], at_cap=aux["at_cap"])
+    latents = {"fired": self._marked(idx[:, :z.shape[1]], z > 0, n_local)}
+    touched = None
+    if self.lazy:   # the rows the lazy optimizer updates: every selection, main and AuxK
+      # (BatchTopK: the kept candidates; the others have no gradient)
+      touched = self._marked(idx, z > 0 if spec.batchtopk else True, n_local)
+    auxk_sq = jnp.zeros((), jnp.float32)
+    if spec.k_aux:
+      dead = since_fired >= spec.dead_tokens
+      num_dead = jnp.sum(dead)
+      if axis is not None:
+        num_dead = jax.lax.psum(num_dead, axis)
+      aux_scale = jnp.minimum(num_dead / spec.k_aux, 1.0)
 
-    def run(k_aux, size):
-      idx, aux_idx, aux_ok = topk.select(
-          xc, params["W_enc"], params["b_enc"], spec.k_select, dead=dead,
-          k_aux=k_aux, axis=axis, compute_dtype=self.compute_dtype,
-          tile=self.encoder_tile, kernels=self.kernels, aux_list=size)
-      rows = topk.dead_list(dead, size)[0] if size else None
-      aux_scale = jnp.minimum(num_dead / max(spec.k_aux, 1), 1.0)
-      (_, aux), grads = jax.value_and_grad(model.loss_terms, has_aux=True)(
-          params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec, axis, self.kernels,
-          self.specs.batch_axes, rows, target=y)
-      z = aux["z"]
-      sums = {"sq": aux["sq"], "auxk_sq": aux["auxk_sq"],
-              "l0": jnp.sum(z > 0).astype(jnp.float32)}
-      if spec.batchtopk:
-        sums.update(threshold=aux["threshold"], at_cap=aux["at_cap"])
-      n_local = since_fired.shape[0]
-      latents = {"fired": self._marked(idx[:, :z.shape[1]], z > 0, n_local)}
-      if self.lazy:   # the rows the lazy optimizer updates: every selection, main and AuxK
-        # (BatchTopK: the kept candidates; the others have no gradient)
-        touched = self._marked(idx, z > 0 if spec.batchtopk else True, n_local)
-        if aux_idx is not None:
+      def add_auxk(k_aux, size, grads, touched):
+        """grads and touched with AuxK's added: its picks among the dead latents of this shard's
+        list of `size` (or of all of them: size 0), and the gradient of its term."""
+        # Over a list, the selection is a GEMM over the listed rows only. Over all latents
+        # (size 0), it is a second pass of the whole encoder GEMM, paid only on the steps that
+        # take this branch: those with more dead latents on some shard than the longest list
+        # holds (about n_local / 8), or with any dead and auxk_compact off. Taking the dead
+        # columns of the main pass's pre[B, n_local] instead (un-tiled xla) would keep pre alive
+        # into the switch: a peak of one more pre on every step (measured), which the memory
+        # estimate that picks encoder_tile (plan.py) does not count.
+        aux_idx, aux_ok = topk.select_aux(xc, params["W_enc"], params["b_enc"], dead, k_aux,
+                                          aux_list=size, **enc)
+        rows = topk.dead_list(dead, size)[0] if size else None
+        (_, auxk_sq), aux_grads = jax.value_and_grad(model.aux_term, has_aux=True)(
+            params, x, aux["resid"], aux_idx, aux_ok, total_var, aux_scale, spec, axis, kernels,
+            self.specs.batch_axes, rows)
+        if touched is not None:
           touched = jnp.maximum(touched, self._marked(aux_idx, aux_ok, n_local, rows))
-        latents["touched"] = touched
-      return grads, sums, latents
+        return jax.tree.map(jnp.add, grads, aux_grads), auxk_sq, touched
 
-    if spec.k_aux:  # AuxK's second top-k costs as much as the first: run it only when needed,
-      # only as wide as the dead latents need (aux_sizes), and over a list of them when every
-      # shard has few (topk.compact_sizes). The branch is the same on every shard (its ops hold
-      # collectives): self.branch, from the global counters; the list holds the most any shard has.
-      grads, sums, latents = jax.lax.switch(
-          branch, [functools.partial(run, w, size) for w, size in self.aux_branches])
-    else:
-      grads, sums, latents = run(0, 0)
+      # AuxK's top-k costs as much as the main one: run it only when needed, only as wide as the
+      # dead latents need (aux_sizes), and over a list of them when every shard has few
+      # (topk.compact_sizes). The branch is the same on every shard (its ops hold collectives):
+      # self.branch, from the global counters; the list holds the most any shard has. Branch 0 (no
+      # dead latent) passes the main gradient through: zeros added outside the switch would cost
+      # a pass over every parameter's gradient on every step.
+      no_auxk = lambda grads, touched: (grads, auxk_sq, touched)
+      grads, auxk_sq, touched = jax.lax.switch(
+          branch, [no_auxk] + [functools.partial(add_auxk, w, size)
+                               for w, size in self.aux_branches[1:]], grads, touched)
+    sums["auxk_sq"] = auxk_sq
+    if touched is not None:
+      latents["touched"] = touched
     threshold = sums.pop("threshold", None)   # already global (topk.kth_largest)
     grads, sums, latents = self._psum_batch((grads, sums, latents))
     sums["total_var"] = total_var
@@ -214,12 +237,12 @@ class StepFns:
     total_var, _ = model.centred_sq_sum(y, self.specs.batch_axes)
     xc = x - params["b_pre"]
     width = spec.k_select if spec.batchtopk else spec.k
-    idx, _, _ = topk.select(xc, params["W_enc"], params["b_enc"], width, axis=self.axis,
-                            compute_dtype=self.compute_dtype, tile=self.encoder_tile,
-                            kernels=self.kernels)
+    idx = topk.select(xc, params["W_enc"], params["b_enc"], width, axis=self.axis,
+                      compute_dtype=self.compute_dtype, tile=self.encoder_tile,
+                      kernels=self.kernels)
     plain = dataclasses.replace(spec, multi_topk=False)
-    _, aux = model.loss_terms(params, x, idx, None, None, total_var, 0.0, plain, self.axis,
-                              self.kernels, threshold=threshold, target=y)
+    _, aux = model.main_terms(params, x, idx, total_var, plain, self.axis, self.kernels,
+                              threshold=threshold, target=y)
     sums = self._psum_batch({"sq": aux["sq"], "l0": jnp.sum(aux["z"] > 0).astype(jnp.float32),
                              "rows": jnp.asarray(x.shape[0], jnp.float32)})
     return {**sums, "total_var": total_var}

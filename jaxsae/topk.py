@@ -26,37 +26,44 @@ def pre_activations(xc, w_enc, b_enc, compute_dtype):
   return (pre + b_enc).astype(compute_dtype)
 
 
-def _top_ks(pre, offset, dead, k, k_aux):
-  """Top-k of pre [B, cols] and, if k_aux, top-k_aux of its dead columns: ((v, i), (v, i) | None),
-  indices offset by `offset`."""
-  v, i = jax.lax.top_k(pre, k)
-  main = (v, i + offset)
-  if not k_aux:
-    return main, None
-  v, i = jax.lax.top_k(jnp.where(dead[None, :], pre, NEG), k_aux)
-  return main, (v, i + offset)
-
-
 def _merge(a, b, k):
   """Top-k of two candidate lists (a first: on ties its entries, the lower indices, win)."""
   v, pos = jax.lax.top_k(jnp.concatenate([a[0], b[0]], axis=1), k)
   return v, jnp.take_along_axis(jnp.concatenate([a[1], b[1]], axis=1), pos, axis=1)
 
 
-def _pallas_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype):
-  """The GEMM with a top-k epilogue (pallas_kernels/topk_encoder.py, or topk_encoder_gpu.py for the
-  GPU flavour): pre never leaves the chip. AuxK's "dead latents only" is a bias of -inf on live
-  latents, in the same kernel."""
-  import pallas_kernels  # only this path needs Pallas
-  if pallas_kernels.flavor() == "gpu":
-    from pallas_kernels import topk_encoder_gpu as topk_encoder
-  else:
-    from pallas_kernels import topk_encoder
-  main = topk_encoder.topk(xc, w_enc, b_enc, k, compute_dtype=compute_dtype)
-  if not k_aux:
-    return main, None
-  aux_bias = jnp.where(dead, b_enc, NEG)
-  return main, topk_encoder.topk(xc, w_enc, aux_bias, k_aux, compute_dtype=compute_dtype)
+def _local_top_k(xc, w_enc, b_enc, k, compute_dtype, tile, kernels):
+  """Top-k (values, indices local to the shard) of the pre-activations of w_enc's rows: the GEMM,
+  whole, in tiles, or in the Pallas kernel (the GEMM with a top-k epilogue: pre never leaves the
+  chip). A bias of -inf leaves a latent out (AuxK's live latents, a dead list's padding): it is
+  picked only when fewer than k others are left, at -inf."""
+  if kernels == "pallas":
+    import pallas_kernels  # only this path needs Pallas
+    if pallas_kernels.flavor() == "gpu":
+      from pallas_kernels import topk_encoder_gpu as topk_encoder
+    else:
+      from pallas_kernels import topk_encoder
+    return topk_encoder.topk(xc, w_enc, b_enc, k, compute_dtype=compute_dtype)
+  n = w_enc.shape[0]
+  if not tile or max(tile, k) >= n:
+    return jax.lax.top_k(pre_activations(xc, w_enc, b_enc, compute_dtype), k)
+  tile = max(tile, k)   # a tile must hold a whole candidate list
+
+  def tile_top_k(start, first_new):
+    """Tile [start, start + tile); columns before first_new were seen already (the last tile is
+    shifted back to fit, so it overlaps its predecessor) and cannot be picked again."""
+    w = jax.lax.dynamic_slice_in_dim(w_enc, start, tile)
+    b = jax.lax.dynamic_slice_in_dim(b_enc, start, tile)
+    pre = pre_activations(xc, w, b, compute_dtype)
+    v, i = jax.lax.top_k(jnp.where(start + jnp.arange(tile) >= first_new, pre, NEG), k)
+    return v, i + start
+
+  def body(best, t):
+    return _merge(best, tile_top_k(jnp.minimum(t * tile, n - tile), t * tile), k), None
+
+  # The first tile seeds the running list, so it always holds real (lowest-index) entries.
+  best, _ = jax.lax.scan(body, tile_top_k(0, 0), jnp.arange(1, -(-n // tile)))
+  return best
 
 
 def compact_sizes(n_local: int, k_aux: int) -> tuple[int, ...]:
@@ -76,60 +83,6 @@ def dead_list(dead, size: int):
   index), and which entries are real (the rest is padding, row 0)."""
   ids = jnp.nonzero(dead, size=size, fill_value=0)[0].astype(jnp.int32)
   return ids, jnp.arange(size) < jnp.sum(dead)
-
-
-def _dead_list_top_k(xc, w_enc, b_enc, dead, k_aux, size, compute_dtype, tile, kernels, pre):
-  """Top-k_aux of the dead latents over their list (dead_list): the columns of pre when it is at
-  hand, else a GEMM over the encoder's dead rows only. Positions in the list out; padding is
-  -inf, never a real pick."""
-  ids, real = dead_list(dead, size)
-  if pre is not None:
-    return jax.lax.top_k(jnp.where(real[None, :], jnp.take(pre, ids, axis=1), NEG), k_aux)
-  main, _ = _local_top_ks(xc, jnp.take(w_enc, ids, axis=0),
-                          jnp.where(real, jnp.take(b_enc, ids), NEG), None, k_aux, 0,
-                          compute_dtype, tile, kernels)
-  return main
-
-
-def _local_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype, tile, kernels="xla",
-                  aux_list=0):
-  """Top-k (and dead top-k_aux) over this shard's latents; indices local to the shard, or, with
-  aux_list, AuxK's as positions in the shard's dead list of that length (select)."""
-  n = w_enc.shape[0]
-  if aux_list and k_aux:
-    pre = None
-    if kernels == "xla" and (not tile or max(tile, k) >= n):
-      pre = pre_activations(xc, w_enc, b_enc, compute_dtype)
-      main, _ = _top_ks(pre, 0, dead, k, 0)
-    else:
-      main, _ = _local_top_ks(xc, w_enc, b_enc, None, k, 0, compute_dtype, tile, kernels)
-    return main, _dead_list_top_k(xc, w_enc, b_enc, dead, k_aux, aux_list, compute_dtype, tile,
-                                  kernels, pre)
-  if dead is None:
-    dead = jnp.zeros((n,), bool)
-  if kernels == "pallas":
-    return _pallas_top_ks(xc, w_enc, b_enc, dead, k, k_aux, compute_dtype)
-  if not tile or max(tile, k, k_aux) >= n:
-    return _top_ks(pre_activations(xc, w_enc, b_enc, compute_dtype), 0, dead, k, k_aux)
-  tile = max(tile, k, k_aux)   # a tile must hold a whole candidate list
-
-  def tile_top_ks(start, first_new):
-    """Tile [start, start + tile); columns before first_new were seen already (the last tile is
-    shifted back to fit, so it overlaps its predecessor) and cannot be picked again."""
-    w = jax.lax.dynamic_slice_in_dim(w_enc, start, tile)
-    b = jax.lax.dynamic_slice_in_dim(b_enc, start, tile)
-    pre = pre_activations(xc, w, b, compute_dtype)
-    pre = jnp.where(start + jnp.arange(tile) >= first_new, pre, NEG)
-    return _top_ks(pre, start, jax.lax.dynamic_slice_in_dim(dead, start, tile), k, k_aux)
-
-  def body(best, t):
-    new = tile_top_ks(jnp.minimum(t * tile, n - tile), t * tile)
-    main = _merge(best[0], new[0], k)
-    return (main, _merge(best[1], new[1], k_aux) if k_aux else None), None
-
-  # The first tile seeds the running lists, so they always hold real (lowest-index) entries.
-  best, _ = jax.lax.scan(body, tile_top_ks(0, 0), jnp.arange(1, -(-n // tile)))
-  return best
 
 
 def exchanges(batch: int, shards: int) -> bool:
@@ -181,31 +134,40 @@ def _global_top_k(vals, idx, k, axis, n_local):
   return vals, idx
 
 
-def select(xc, w_enc, b_enc, k, *, dead=None, k_aux=0, axis=None, compute_dtype=jnp.float32,
-           tile=0, kernels="xla", aux_list=0):
-  """Indices of the top-k latents of each row, and of the top-k_aux *dead* latents.
+def select(xc, w_enc, b_enc, k, *, axis=None, compute_dtype=jnp.float32, tile=0, kernels="xla"):
+  """Indices [B, k] (global) of the top-k latents of each row.
 
   xc [B, d], w_enc [n_local, d] and b_enc [n_local] are this shard's (all of them when axis is
   None); tile > 0 computes pre in column tiles of that many latents; kernels="pallas" computes it
-  tile by tile in a Pallas kernel that keeps only each tile's top-k. Returns global indices
-  idx [B, k] and, when k_aux > 0, (aux_idx [B, k_aux], aux_ok [B, k_aux]) where aux_ok is False for
-  picks that are not dead (fewer than k_aux dead latents are available; their index is arbitrary).
-
-  aux_list > 0: AuxK picks among each shard's first aux_list dead latents (dead_list; the caller
-  makes sure no shard has more), and aux_idx are positions in the global list, shard s's list
-  being [s * aux_list, (s + 1) * aux_list): the same picks, for a GEMM or a top-k over the list
-  instead of all n, and the index space of model.loss_terms' aux_rows.
+  tile by tile in a Pallas kernel that keeps only each tile's top-k.
   """
   n_local = w_enc.shape[0]
   # A shard smaller than k offers all its latents; the gathered candidates still number >= k.
-  main, aux = _local_top_ks(xc, w_enc, b_enc, dead, min(k, n_local), min(k_aux, n_local),
-                            compute_dtype, tile, kernels, aux_list)
+  local = _local_top_k(xc, w_enc, b_enc, min(k, n_local), compute_dtype, tile, kernels)
+  return _global_top_k(*local, k, axis, n_local)[1]
 
-  _, idx = _global_top_k(*main, k, axis, n_local)
-  if not k_aux:
-    return idx, None, None
-  aux_vals, aux_idx = _global_top_k(*aux, k_aux, axis, aux_list or n_local)
-  return idx, aux_idx, aux_vals > NEG
+
+def select_aux(xc, w_enc, b_enc, dead, k_aux, *, axis=None, compute_dtype=jnp.float32, tile=0,
+               kernels="xla", aux_list=0):
+  """AuxK's picks: the top-k_aux *dead* latents of each row, as (aux_idx [B, k_aux], aux_ok
+  [B, k_aux]); aux_ok is False for picks that are not dead (fewer than k_aux dead latents are
+  available; their index is arbitrary). Arguments as select's; dead [n_local] is this shard's.
+
+  A selection of its own, live latents left out by a bias of -inf: over all latents, a second
+  pass of the encoder GEMM. aux_list > 0: the picks among each shard's first aux_list dead latents
+  (dead_list; the caller makes sure no shard has more), by a GEMM over those rows of the encoder
+  only, and aux_idx are positions in the global list, shard s's list being
+  [s * aux_list, (s + 1) * aux_list): the index space of model.aux_term's aux_rows.
+  """
+  keep = dead
+  if aux_list:
+    ids, keep = dead_list(dead, aux_list)
+    w_enc, b_enc = jnp.take(w_enc, ids, axis=0), jnp.take(b_enc, ids)
+  n_local = w_enc.shape[0]
+  local = _local_top_k(xc, w_enc, jnp.where(keep, b_enc, NEG), min(k_aux, n_local), compute_dtype,
+                       tile, kernels)
+  vals, idx = _global_top_k(*local, k_aux, axis, n_local)
+  return idx, vals > NEG
 
 
 def kth_largest(v, kth, axes=None):

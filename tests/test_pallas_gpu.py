@@ -258,8 +258,9 @@ def test_gpu_flavour_step_pieces_lower_for_cuda(gpu_flavor, cuda_lowering):
 
   def grads(params, x, dead):
     xc = x - params["b_pre"]
-    idx, aidx, aok = topk.select(xc, params["W_enc"], params["b_enc"], k, dead=dead,
-                                 k_aux=k_aux, compute_dtype=jnp.bfloat16, kernels="pallas")
+    kw = dict(compute_dtype=jnp.bfloat16, kernels="pallas")
+    idx = topk.select(xc, params["W_enc"], params["b_enc"], k, **kw)
+    aidx, aok = topk.select_aux(xc, params["W_enc"], params["b_enc"], dead, k_aux, **kw)
     tv, _ = model.centred_sq_sum(x)
     return jax.grad(lambda p: model.loss_terms(p, x, idx, aidx, aok, tv, 1.0, spec, None,
                                                "pallas")[0])(params)

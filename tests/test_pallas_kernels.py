@@ -83,8 +83,10 @@ def test_pallas_selection_and_gradients(monkeypatch, flavor):
   tv, _ = model.centred_sq_sum(x)
   xc = x - params["b_pre"]
   # jitted: eagerly, every op and kernel would compile alone (~3x slower)
-  sel = {kern: jax.jit(functools.partial(topk.select, k=4, k_aux=8, kernels=kern))(
-      xc, params["W_enc"], params["b_enc"], dead=dead) for kern in ("xla", "pallas")}
+  both = lambda xc, w, b, dead, kernels: (topk.select(xc, w, b, 4, kernels=kernels),
+                                          *topk.select_aux(xc, w, b, dead, 8, kernels=kernels))
+  sel = {kern: jax.jit(functools.partial(both, kernels=kern))(
+      xc, params["W_enc"], params["b_enc"], dead) for kern in ("xla", "pallas")}
   for a, b_ in zip(sel["pallas"], sel["xla"]):   # idx, aux_idx, aux_ok
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b_))
   scale = jnp.minimum(jnp.sum(dead) / 8, 1.0)

@@ -15,11 +15,12 @@ STEPS = 3
 
 def _select(steps, params, x, since_fired):
   """The step's selection (step.py _local_grads), exposed so indices can be compared."""
-  spec = steps.spec
-  idx, aux_idx, aux_ok = topk.select(
-      x - params["b_pre"], params["W_enc"], params["b_enc"], spec.k_select,
-      dead=since_fired >= spec.dead_tokens, k_aux=spec.k_aux, axis=steps.axis,
-      tile=steps.encoder_tile)
+  spec, xc = steps.spec, x - params["b_pre"]
+  idx = topk.select(xc, params["W_enc"], params["b_enc"], spec.k_select, axis=steps.axis,
+                    tile=steps.encoder_tile)
+  aux_idx, aux_ok = topk.select_aux(xc, params["W_enc"], params["b_enc"],
+                                    since_fired >= spec.dead_tokens, spec.k_aux, axis=steps.axis,
+                                    tile=steps.encoder_tile)
   return idx, aux_idx, aux_ok
 
 
@@ -228,9 +229,10 @@ def test_blocked_selection_equals_plain(tile):
   b = 0.1 * jax.random.normal(ks[2], (n,))
   for dead in (jax.random.uniform(ks[3], (n,)) < 0.3,       # plenty of dead latents
                np.isin(np.arange(n), [5, 500, 999])):        # fewer dead than k_aux
-    plain = topk.select(xc, w, b, 8, dead=dead, k_aux=32)
-    tiled = jax.jit(lambda xc, w, b: topk.select(xc, w, b, 8, dead=dead, k_aux=32,
-                                                 tile=tile))(xc, w, b)
+    both = lambda xc, w, b, tile: (topk.select(xc, w, b, 8, tile=tile),
+                                   *topk.select_aux(xc, w, b, dead, 32, tile=tile))
+    plain = both(xc, w, b, 0)
+    tiled = jax.jit(functools.partial(both, tile=tile))(xc, w, b)
     np.testing.assert_array_equal(tiled[0], plain[0], err_msg=f"idx, tile={tile}")
     np.testing.assert_array_equal(tiled[2], plain[2], err_msg=f"aux_ok, tile={tile}")
     np.testing.assert_array_equal(np.where(plain[2], tiled[1], -1), np.where(plain[2], plain[1], -1),
@@ -251,8 +253,10 @@ def test_auxk_over_the_dead_list_equals_over_all_latents(path, monkeypatch):
   xc, w = jax.random.normal(ks[0], (16, 16)), jax.random.normal(ks[1], (n, 16))
   b = 0.1 * jax.random.normal(ks[2], (n,))
   order = np.asarray(jax.random.permutation(ks[3], n))
-  sel = jax.jit(lambda dead, size: topk.select(xc, w, b, 8, dead=dead, k_aux=k_aux, tile=tile,
-                                               kernels=kernels, aux_list=size), static_argnums=1)
+  sel = jax.jit(lambda dead, size: (
+      topk.select(xc, w, b, 8, tile=tile, kernels=kernels),
+      *topk.select_aux(xc, w, b, dead, k_aux, tile=tile, kernels=kernels, aux_list=size)),
+      static_argnums=1)
   for num_dead in (0, 20, 64, 300):   # none, fewer than k_aux, a full 64-list, the 512-list
     dead = np.isin(np.arange(n), order[:num_dead])
     full = sel(dead, 0)

@@ -20,13 +20,27 @@ def _problem(seed, b=48, d=24, n=160, dead_frac=0.3):
 
 
 def _sparse_loss_and_grads(params, x, dead, spec):
+  """(loss, grads) as the step has them: main_terms' and aux_term's each differentiated alone
+  (the residual held fixed), and summed; equal to loss_terms' differentiated as one."""
   total_var, _ = model.centred_sq_sum(x)
   xc = x - params["b_pre"]
-  idx, aux_idx, aux_ok = topk.select(xc, params["W_enc"], params["b_enc"], spec.k_select,
-                                     dead=dead, k_aux=spec.k_aux)
-  scale = jnp.minimum(jnp.sum(dead) / max(spec.k_aux, 1), 1.0)
-  f = lambda p: model.loss_terms(p, x, idx, aux_idx, aux_ok, total_var, scale, spec)[0]
-  return jax.value_and_grad(f)(params), total_var
+  idx = topk.select(xc, params["W_enc"], params["b_enc"], spec.k_select)
+  (loss, aux), grads = jax.value_and_grad(model.main_terms, has_aux=True)(
+      params, x, idx, total_var, spec)
+  aux_idx = aux_ok = None
+  if spec.k_aux:
+    aux_idx, aux_ok = topk.select_aux(xc, params["W_enc"], params["b_enc"], dead, spec.k_aux)
+    scale = jnp.minimum(jnp.sum(dead) / spec.k_aux, 1.0)
+    aux_loss, aux_grads = jax.value_and_grad(lambda p: model.aux_term(
+        p, x, aux["resid"], aux_idx, aux_ok, total_var, scale, spec)[0])(params)
+    loss, grads = loss + aux_loss, jax.tree.map(jnp.add, grads, aux_grads)
+    whole = lambda p: model.loss_terms(p, x, idx, aux_idx, aux_ok, total_var, scale, spec)[0]
+    one_loss, one_grads = jax.value_and_grad(whole)(params)
+    np.testing.assert_allclose(loss, one_loss, rtol=1e-6)
+    for name in params:
+      np.testing.assert_allclose(grads[name], one_grads[name], rtol=1e-5, atol=1e-7,
+                                 err_msg=name)
+  return (loss, grads), total_var
 
 
 def _rel(a, b):
@@ -175,7 +189,7 @@ def test_batchtopk_sparse_backward_equals_dense_autodiff(seed, k_aux, prefixes):
 
 def _codes(params, x, spec):
   """(dense [B, n] BatchTopK codes, threshold, rows at cap) through the sparse path."""
-  idx, _, _ = topk.select(x - params["b_pre"], params["W_enc"], params["b_enc"], spec.k_select)
+  idx = topk.select(x - params["b_pre"], params["W_enc"], params["b_enc"], spec.k_select)
   total_var, _ = model.centred_sq_sum(x)
   _, aux = model.loss_terms(params, x, idx, None, None, total_var, 0.0, spec)
   rows = jnp.arange(x.shape[0])[:, None]
@@ -228,7 +242,7 @@ def test_matryoshka_loss_is_the_mean_of_its_prefixes_errors():
   total_var, _ = model.centred_sq_sum(x)
   err = lambda p: float(jnp.sum(jnp.square(z[:, :p] @ params["W_dec"][:p] + params["b_pre"] - x))
                         / total_var)
-  idx, _, _ = topk.select(x - params["b_pre"], params["W_enc"], params["b_enc"], plain.k_select)
+  idx = topk.select(x - params["b_pre"], params["W_enc"], params["b_enc"], plain.k_select)
   loss, aux = model.loss_terms(params, x, idx, None, None, total_var, 0.0,
                                _batchtopk_spec(cap=20, prefixes=(10, 40)))
   assert float(loss) == pytest.approx((err(10) + err(40) + err(160)) / 3, rel=1e-5)

@@ -51,8 +51,9 @@ def test_sparse_backward_equals_dense_autodiff(architecture, skip):
                        batchtopk_cap=20 if batch else 4, prefixes=(10, 40) if batch else (),
                        d_out=20, transcoder=True, skip=skip)
   total_var, _ = model.centred_sq_sum(y)
-  idx, aux_idx, aux_ok = topk.select(x - params["b_pre"], params["W_enc"], params["b_enc"],
-                                     spec.k_select, dead=dead, k_aux=spec.k_aux)
+  xc = x - params["b_pre"]
+  idx = topk.select(xc, params["W_enc"], params["b_enc"], spec.k_select)
+  aux_idx, aux_ok = topk.select_aux(xc, params["W_enc"], params["b_enc"], dead, spec.k_aux)
   scale = jnp.minimum(jnp.sum(dead) / spec.k_aux, 1.0)
   sparse_loss = lambda p: model.loss_terms(p, x, idx, aux_idx, aux_ok, total_var, scale, spec,
                                            target=y)[0]
