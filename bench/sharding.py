@@ -77,13 +77,16 @@ def collective_bytes(a, shape=(2, 4)):
   xhat = b_l * a.d * 4                             # one partial [B_local, d] psum
   grads = (2 * n_l * a.d + n_l + a.d) * 4          # dense gradients, summed over the data axis
   return {
+      # "common" runs every step: the main selection's exchanges (latent axis) and the
+      # gradients' and sums' psums (batch axes); the AuxK branch adds its own selection's.
       "measured": {"no AuxK": total(groups["common"]) + total(groups["branch_0"]),
                    "AuxK": total(groups["common"]) + total(groups[aux]),
-                   "latent axis, no AuxK": total(groups["branch_0"]),
-                   "latent axis, AuxK": total(groups[aux]),
+                   "main candidates": total(
+                       [x for x in groups["common"] if x.kind in ("all-gather", "all-to-all")]),
+                   "AuxK branch": total(groups[aux]),
                    "of which candidates, AuxK": total(
                        [x for x in groups[aux] if x.kind in ("all-gather", "all-to-all")]),
-                   "batch axes (gradients, sums)": total(groups["common"])},
+                   "every step (main selection, gradients, sums)": total(groups["common"])},
       "minimum": {"candidates + x_hat psum": cand(a.k) + xhat,
                   "... + AuxK candidates + e_hat psum": cand(a.k) + xhat + cand(k_aux) + xhat,
                   "candidates, top-k + AuxK": cand(a.k) + cand(k_aux),

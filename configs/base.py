@@ -24,7 +24,7 @@ def get_config():
                                  # dead, same FVU: bench/history.md); True: the paper's AuxK
   c.sae.auxk_norm = "input"      # AuxK's squared error over the variance of the "input" (as
                                  # sparsify) or of the "residual" it rebuilds (OpenAI's train.py:
-                                 # 1/FVU times stronger; model.loss_terms)
+                                 # 1/FVU times stronger; model.aux_term)
   c.sae.multi_topk = False       # add L(4k)/8 to the loss (Multi-TopK)
   c.sae.architecture = "topk"    # "topk": k latents per row; "batchtopk": the B*k largest of the
                                  # global batch, a JumpReLU at inference; "matryoshka_batchtopk":

@@ -47,9 +47,10 @@ def collectives(hlo_text: str) -> list[Collective]:
 
 
 def by_branch(colls: list[Collective]) -> dict[str, list[Collective]]:
-  """Splits a train step's collectives by the AuxK lax.switch: 'common', and 'branch_0' (no dead
-  latents), 'branch_1', ... (AuxK at each width and dead-list length, step.StepFns.aux_branches;
-  the last: AuxK at full width over all latents), of which one runs per step."""
+  """Splits a train step's collectives by the AuxK lax.switch: 'common' (the main selection, the
+  gradients' and sums' psums: every step), and 'branch_0' (no dead latents: nothing), 'branch_1',
+  ... (AuxK at each width and dead-list length, step.StepFns.aux_branches; the last: AuxK at full
+  width over all latents), of which one runs per step."""
   groups = {"common": [], "branch_0": [], "branch_1": []}
   for c in colls:
     m = re.search(r"/(branch_\d+)_fun/", c.op_name)

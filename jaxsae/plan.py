@@ -16,13 +16,13 @@ The model (per device; n_l = n / model, B_l = batch / data, P = one f32 [n_l, d]
   update      the optimizer pass's f32 temporaries: 5 P; with train.lazy_optimizer, 5 buffers of
               the rows it gathers per pass ([chunk, d], optim.lazy_chunk_rows)
   activations the larger of selection: pre [B_l, n_l] (or a [B_l, tile] tile of the blocked
-              encoder, double-buffered), twice when AuxK masks a copy, plus the gathered top-k
-              candidates; and the sparse ops: 3 gathered-row buffers [B_l, c, d] (c: the chunk
-              of pallas_kernels/sparse_ops.py)
+              encoder, double-buffered; AuxK selects after the main selection, on its own pre),
+              plus the gathered top-k candidates; and the sparse ops: 2 gathered-row buffers
+              [B_l, c, d] (c: the chunk of pallas_kernels/sparse_ops.py)
   reduction   the gradients once more: their psum over the batch axes writes new buffers (on XLA:CPU
               even over one device). Under the dense update it never sets the peak; under the
               lazy one it usually does.
-The constants (5 P, 5 chunks, 3 buffers) come from XLA:CPU's compiled buffer assignment of the real
+The constants (5 P, 5 chunks, 2 buffers) come from XLA:CPU's compiled buffer assignment of the real
 step (tests/test_plan.py holds the planner to the compiled figure); other backends may pack tighter.
 """
 import argparse
@@ -37,7 +37,7 @@ from jaxsae import config_check, knobs, model, optim, topk
 
 UPDATE_TEMPS = 5       # f32 [n_l, d] buffers the optimizer pass holds besides the gradients
 LAZY_TEMPS = 5         # f32 [chunk, d] buffers of the lazy optimizer's gathered rows
-SPARSE_BUFFERS = 3     # gathered-row buffers live at once in the sparse ops
+SPARSE_BUFFERS = 2     # gathered-row buffers live at once in the sparse ops
 GATHER_ELEMS = 1 << 25  # = pallas_kernels.sparse_ops.MAX_GATHER_ELEMS (tests check), the bound on
                         # one gathered-row buffer (not imported: the planner should not load Pallas)
 OPT_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2}
@@ -124,7 +124,7 @@ def estimate(p: Problem, data: int, model_size: int) -> Plan:
   k_sel = p.selected
   cols = n_l if not p.encoder_tile or p.encoder_tile >= n_l \
       else min(n_l, max(p.encoder_tile, k_sel, p.k_aux))
-  pre_copies = (2 if p.k_aux else 1) * (2 if cols < n_l else 1)   # AuxK mask; scan buffers
+  pre_copies = 2 if cols < n_l else 1   # the scan's buffers (AuxK masks the bias, not pre)
   # The selections' f32 values + int32 indices: every shard's, gathered (<= 2 shards), or this
   # shard's, those exchanged and the gathered winners (topk._global_top_k).
   copies = 3 if topk.exchanges(b_l, model_size) else model_size
