@@ -7,8 +7,8 @@ Activations of a d=768 residual stream (e.g. GPT-2 small, layer 8) in an activat
       --config.data.path=/shared/stores/gpt2-small-L8
 
 Planner (python -m jaxsae.plan --d=768 --n=131072 --k=32 --batch=16384 --devices=1
---device-memory=80GiB): peak 19.04 GiB per device (activations 16.04 GiB, the [B, n] pre-activations
-and their AuxK copy) -> fits (24% of an 80 GiB H100).
+--device-memory=80GiB): peak 11.04 GiB per device (activations 8.04 GiB, the [B, n] pre-activations)
+-> fits (14% of an 80 GiB H100).
 """
 from configs import base
 
