@@ -42,8 +42,12 @@ def assert_pallas_step_equals_xla(config, steps):
                                                           run.batch_sharding))
       metrics.append(jax.device_get(m))
     out[kernels] = (jax.device_get(state.params), metrics)
+  # Adam divides each gradient element by its own scale, so an element whose gradient is near 0
+  # turns the kernels' different summation orders (float32 rounding) into steps that differ by
+  # a few 1e-6 after 3 steps (seen: 1 element of 4608, 3.7e-6); a wrong kernel moves whole rows
+  # by ~lr.
   for name in out["xla"][0]:
-    np.testing.assert_allclose(out["pallas"][0][name], out["xla"][0][name], rtol=1e-5, atol=1e-6,
+    np.testing.assert_allclose(out["pallas"][0][name], out["xla"][0][name], rtol=1e-5, atol=1e-5,
                                err_msg=name)
   for step, (a, b) in enumerate(zip(out["pallas"][1], out["xla"][1])):
     for key in b:
