@@ -264,7 +264,7 @@ def aux_term(params, x, resid, aux_idx, aux_ok, total_var, aux_scale, spec: SaeS
   the residual's own centred variance over the global batch ("residual", as OpenAI's reference
   train.py): that makes AuxK 1/FVU times stronger, and keeps it so as the FVU falls. aux_rows: this
   shard's dead list (topk.dead_list), when aux_idx are positions in it (topk.select_aux's
-  aux_list): AuxK then works on those rows only, as dense GEMMs over the list where it is short
+  listed): AuxK then works on those rows only, as dense GEMMs over the list where it is short
   (SaeSpec.ops_for)."""
   w_enc, b_enc, w_dec = params["W_enc"], params["b_enc"], params["W_dec"]
   if aux_rows is not None:   # gradients flow back to the full matrices through the gathers

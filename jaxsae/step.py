@@ -77,7 +77,7 @@ class StepFns:
     replicated = NamedSharding(specs.mesh, P())
     self.train = jax.jit(
         lambda state, batch: self._train_step(state, batch, self.hyper,
-                                              self.branch(state.since_fired)),
+                                              self.auxk(state.since_fired)),
         in_shardings=(state_shardings, self.batch_sharding),
         out_shardings=(state_shardings, replicated, replicated), donate_argnums=0)
     self.eval = jax.jit(self._eval_sums, in_shardings=(state_shardings, self.batch_sharding),
@@ -93,7 +93,7 @@ class StepFns:
 
     def train(states, batch, hypers):
       outs = [self._train_step(s, batch, jax.tree.map(lambda h: h[i], hypers),
-                               self.branch(s.since_fired)) for i, s in enumerate(states)]
+                               self.auxk(s.since_fired)) for i, s in enumerate(states)]
       stack = lambda *trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
       return tuple(o[0] for o in outs), stack(*[o[1] for o in outs]), stack(*[o[2] for o in outs])
 
@@ -114,8 +114,8 @@ class StepFns:
     replicated = NamedSharding(self.specs.mesh, P())
 
     def train(states, batch, hypers):
-      step = jax.vmap(self._train_step, in_axes=(0, None, 0, None))
-      return step(states, batch, hypers, self.branch(states.since_fired))
+      step = jax.vmap(self._train_step, in_axes=(0, None, 0, (None, 0)))
+      return step(states, batch, hypers, self.auxk(states.since_fired))
 
     train = jax.jit(train, in_shardings=(stacked_shardings, self.batch_sharding, replicated),
                     out_shardings=(stacked_shardings, replicated, replicated), donate_argnums=0)
@@ -138,14 +138,17 @@ class StepFns:
     return jnp.zeros((n_local,), jnp.int32).at[local.reshape(-1)].max(
         (own & ok).reshape(-1).astype(jnp.int32))
 
-  def branch(self, since_fired):
-    """The AuxK branch (aux_branch) for since_fired [..., n] (leading axes: stacked members, the
-    widest any needs); 0 without AuxK. Computed on the global array, before the shard_map."""
+  def auxk(self, since_fired):
+    """(branch, num_dead) for since_fired [..., n] (leading axes: stacked members): the AuxK
+    branch (aux_branch; the widest any member needs; 0 without AuxK) and each member's count of
+    dead latents, which scales AuxK's term. Counted once, on the global array, before the
+    shard_map: every shard takes the same branch and the same scale."""
     if not self.spec.k_aux:
-      return jnp.int32(0)
+      return jnp.int32(0), jnp.zeros(since_fired.shape[:-1], jnp.int32)
     dead = (since_fired >= self.spec.dead_tokens).astype(jnp.int32)
+    num_dead = jnp.sum(dead, axis=-1)
     shards = dead.reshape(*dead.shape[:-1], self.specs.model_size, -1)   # latent shards
-    return self.aux_branch(jnp.max(jnp.sum(dead, axis=-1)), jnp.max(jnp.sum(shards, axis=-1)))
+    return self.aux_branch(jnp.max(num_dead), jnp.max(jnp.sum(shards, axis=-1))), num_dead
 
   def aux_branch(self, num_dead, most):
     """Index into aux_branches: the narrowest AuxK width that holds num_dead (all shards' dead
@@ -157,8 +160,9 @@ class StepFns:
     ok = [(w == width) & ((size == 0) | (most <= size)) for w, size in self.aux_branches]
     return jnp.argmax(jnp.stack(ok))   # the first that fits: lists are ascending, 0 comes last
 
-  def _local_grads(self, params, x, y, since_fired, branch):
-    """x: this shard's inputs; y: its targets (x itself for an SAE); branch: the AuxK branch.
+  def _local_grads(self, params, x, y, since_fired, auxk):
+    """x: this shard's inputs; y: its targets (x itself for an SAE); auxk: (the AuxK branch, the
+    global count of dead latents), self.auxk's.
 
     The main selection, loss and gradient are traced once; only AuxK's (its selection among the
     dead latents, its term and that term's gradient) is in the branches of the switch. The AuxK
@@ -184,10 +188,8 @@ class StepFns:
       touched = self._marked(idx, z > 0 if spec.batchtopk else True, n_local)
     auxk_sq = jnp.zeros((), jnp.float32)
     if spec.k_aux:
+      branch, num_dead = auxk
       dead = since_fired >= spec.dead_tokens
-      num_dead = jnp.sum(dead)
-      if axis is not None:
-        num_dead = jax.lax.psum(num_dead, axis)
       aux_scale = jnp.minimum(num_dead / spec.k_aux, 1.0)
 
       def add_auxk(k_aux, size, grads, touched):
@@ -200,9 +202,10 @@ class StepFns:
         # columns of the main pass's pre[B, n_local] instead (un-tiled xla) would keep pre alive
         # into the switch: a peak of one more pre on every step (measured), which the memory
         # estimate that picks encoder_tile (plan.py) does not count.
+        listed = topk.dead_list(dead, size) if size else None
         aux_idx, aux_ok = topk.select_aux(xc, params["W_enc"], params["b_enc"], dead, k_aux,
-                                          aux_list=size, **enc)
-        rows = topk.dead_list(dead, size)[0] if size else None
+                                          listed=listed, **enc)
+        rows = listed[0] if size else None
         (_, auxk_sq), aux_grads = jax.value_and_grad(model.aux_term, has_aux=True)(
             params, x, aux["resid"], aux_idx, aux_ok, total_var, aux_scale, spec, axis, kernels,
             self.specs.batch_axes, rows)
@@ -213,7 +216,7 @@ class StepFns:
       # AuxK's top-k costs as much as the main one: run it only when needed, only as wide as the
       # dead latents need (aux_sizes), and over a list of them when every shard has few
       # (topk.compact_sizes). The branch is the same on every shard (its ops hold collectives):
-      # self.branch, from the global counters; the list holds the most any shard has. Branch 0 (no
+      # self.auxk, from the global counters; the list holds the most any shard has. Branch 0 (no
       # dead latent) passes the main gradient through: zeros added outside the switch would cost
       # a pass over every parameter's gradient on every step.
       no_auxk = lambda grads, touched: (grads, auxk_sq, touched)
@@ -253,16 +256,16 @@ class StepFns:
 
   # ---- global steps (jitted) ----------------------------------------------------------------
 
-  def _train_step(self, state: TrainState, batch, hyper, branch):
+  def _train_step(self, state: TrainState, batch, hyper, auxk):
     """One update, guarded: a batch with NaN/inf rows, or a non-finite loss, leaves the state as it
     was (only the step counter moves on); the guard flags tell the host, which decides to stop.
-    hyper: the peak rate and whether to train at all (self.hyper); branch: self.branch."""
+    hyper: the peak rate and whether to train at all (self.hyper); auxk: self.auxk's."""
     specs, spec = self.specs, self.spec
     finite_rows = jnp.all(jnp.isfinite(batch), axis=1)
     x, y = self._inputs(state, jnp.where(finite_rows[:, None], batch.astype(jnp.float32), 0.0))
     grads, sums, latents = self._shard_map(
         self._local_grads, (self.param_specs, specs.batch, specs.batch, specs.latent, P()),
-        (self.param_specs, P(), specs.latent))(state.params, x, y, state.since_fired, branch)
+        (self.param_specs, P(), specs.latent))(state.params, x, y, state.since_fired, auxk)
     nonfinite_rows = jnp.sum(~finite_rows)
     finite = jnp.isfinite(sums["sq"]) & jnp.isfinite(sums["auxk_sq"])
     ok = (nonfinite_rows == 0) & finite & hyper["active"]

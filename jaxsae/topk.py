@@ -148,20 +148,20 @@ def select(xc, w_enc, b_enc, k, *, axis=None, compute_dtype=jnp.float32, tile=0,
 
 
 def select_aux(xc, w_enc, b_enc, dead, k_aux, *, axis=None, compute_dtype=jnp.float32, tile=0,
-               kernels="xla", aux_list=0):
+               kernels="xla", listed=None):
   """AuxK's picks: the top-k_aux *dead* latents of each row, as (aux_idx [B, k_aux], aux_ok
   [B, k_aux]); aux_ok is False for picks that are not dead (fewer than k_aux dead latents are
   available; their index is arbitrary). Arguments as select's; dead [n_local] is this shard's.
 
   A selection of its own, live latents left out by a bias of -inf: over all latents, a second
-  pass of the encoder GEMM. aux_list > 0: the picks among each shard's first aux_list dead latents
-  (dead_list; the caller makes sure no shard has more), by a GEMM over those rows of the encoder
-  only, and aux_idx are positions in the global list, shard s's list being
-  [s * aux_list, (s + 1) * aux_list): the index space of model.aux_term's aux_rows.
+  pass of the encoder GEMM. listed: this shard's dead list, dead_list(dead, size) (the caller
+  makes sure no shard has more than size dead); the picks are then among its rows, by a GEMM
+  over those rows of the encoder only, and aux_idx are positions in the global list, shard s's
+  list being [s * size, (s + 1) * size): the index space of model.aux_term's aux_rows.
   """
   keep = dead
-  if aux_list:
-    ids, keep = dead_list(dead, aux_list)
+  if listed is not None:
+    ids, keep = listed
     w_enc, b_enc = jnp.take(w_enc, ids, axis=0), jnp.take(b_enc, ids)
   n_local = w_enc.shape[0]
   local = _local_top_k(xc, w_enc, jnp.where(keep, b_enc, NEG), min(k_aux, n_local), compute_dtype,

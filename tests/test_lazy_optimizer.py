@@ -181,7 +181,7 @@ def _lazy_on_two_shards(tiny_config, n, dead_tokens):
   local = st._shard_map(st._local_grads,
                         (st.param_specs, specs.batch, specs.batch, specs.latent, replicated),
                         (st.param_specs, replicated, specs.latent))
-  return run, jax.jit(lambda params, x, since: local(params, x, x, since, st.branch(since)))
+  return run, jax.jit(lambda params, x, since: local(params, x, x, since, st.auxk(since)))
 
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])

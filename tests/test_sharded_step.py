@@ -33,7 +33,7 @@ def _trace(config):
                                  (st.param_specs, specs.batch, specs.latent), (rows, rows, rows)))
   grads = jax.jit(lambda params, x, y, since: st._shard_map(
       st._local_grads, (st.param_specs, specs.batch, specs.batch, specs.latent, P()),
-      (st.param_specs, P(), specs.latent))(params, x, y, since, st.branch(since)))
+      (st.param_specs, P(), specs.latent))(params, x, y, since, st.auxk(since)))
   state, out = run.state, []
   for _ in range(STEPS):
     batch = jax.device_put(next(run.data.train), run.batch_sharding)
@@ -241,7 +241,7 @@ def test_blocked_selection_equals_plain(tile):
 
 @pytest.mark.parametrize("path", ["xla", "xla-tiled", "pallas-tpu", "pallas-gpu"])
 def test_auxk_over_the_dead_list_equals_over_all_latents(path, monkeypatch):
-  """aux_list: AuxK's top-k over a list of the dead latents (64 or 512 long for n=4096) picks
+  """listed: AuxK's top-k over a list of the dead latents (64 or 512 long for n=4096) picks
   exactly what the top-k over all n picks, on every path, whenever the list holds them all."""
   import pallas_kernels
   kernels, tile = ("pallas", 0) if path.startswith("pallas") else ("xla", 1000 * path.endswith("tiled"))
@@ -255,7 +255,8 @@ def test_auxk_over_the_dead_list_equals_over_all_latents(path, monkeypatch):
   order = np.asarray(jax.random.permutation(ks[3], n))
   sel = jax.jit(lambda dead, size: (
       topk.select(xc, w, b, 8, tile=tile, kernels=kernels),
-      *topk.select_aux(xc, w, b, dead, k_aux, tile=tile, kernels=kernels, aux_list=size)),
+      *topk.select_aux(xc, w, b, dead, k_aux, tile=tile, kernels=kernels,
+                       listed=topk.dead_list(dead, size) if size else None)),
       static_argnums=1)
   for num_dead in (0, 20, 64, 300):   # none, fewer than k_aux, a full 64-list, the 512-list
     dead = np.isin(np.arange(n), order[:num_dead])
