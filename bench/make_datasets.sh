@@ -17,7 +17,8 @@
 #       DIR/datasets/gemma3-270m-L9    Gemma 3 270M, output of block 9 of 0..17,   800k tokens
 #       DIR/datasets/smollm2-L3        SmolLM2-135M, output of block 3,            6M tokens,
 #                                      rows above 3x (not 10x) the batch median norm dropped
-#     stats    per store: rows, d, dtype, massive rows dropped, norms, PCA of a 32k-row sample
+#     stats    per store: rows, d, dtype, massive rows dropped, norms, PCA of a 32k-row sample,
+#              how Gaussian and isotropic the rows are
 #
 # What was run (2 CPU cores shared with other jobs), in this order:
 #   bench/make_datasets.sh /tmp/jaxsae fetch; bench/make_datasets.sh /tmp/jaxsae corpus
@@ -158,6 +159,8 @@ for name in ("smollm2-L3", "smollm2-L25", "gemma3-270m-L9"):
   norms = np.linalg.norm(x, axis=1)
   ev = np.linalg.eigvalsh(np.cov(x, rowvar=False))[::-1]
   frac = np.cumsum(ev) / ev.sum()
+  y = (x - x.mean(0)) / np.sqrt(ev.sum() / s.d)   # centred, mean squared norm d, as the trainer
+  rho = np.abs(y).sum(1) / (np.sqrt(s.d) * np.linalg.norm(y, axis=1))
   print(json.dumps({"store": name, "rows": s.rows, "input_rows": m.get("input_rows"),
       "complete": m.get("complete"), "d": s.d, "dtype": s.dtype,
       "massive_dropped": m.get("filtered", {}).get("massive"), "sample_rows": len(x),
@@ -168,7 +171,13 @@ for name in ("smollm2-L3", "smollm2-L25", "gemma3-270m-L9"):
       "mean_vector_norm": round(float(np.linalg.norm(x.mean(0))), 2),
       "centered_mean_sq_norm": round(float(ev.sum()), 1),
       "top_pc_fraction": round(float(ev[0] / ev.sum()), 4),
-      "pcs_for_90pct": int(np.searchsorted(frac, 0.9) + 1)}))
+      "pcs_for_90pct": int(np.searchsorted(frac, 0.9) + 1),
+      # how Gaussian and isotropic the centred rows are (history.md, seventeenth session): mean
+      # |x_i| / rms per row (0.80 for Gaussian rows), the elements' kurtosis (3 for Gaussian), and
+      # the covariance's participation ratio over d (1 for isotropic rows)
+      "abs_over_rms": round(float(rho.mean()), 3),
+      "kurtosis": round(float((y ** 4).mean() / (y ** 2).mean() ** 2), 1),
+      "participation_over_d": round(float(ev.sum() ** 2 / (ev ** 2).sum() / s.d), 3)}))
 PY
 }
 
