@@ -163,6 +163,13 @@ def test_a_jumprelu_is_scored_at_exactly_k_latents_per_row_on_average():
                              rtol=1e-5, atol=1e-5)
   own, _ = peers.numpy_reconstruct(sae, x)   # its own threshold: many more latents per row
   assert not np.allclose(own, x_hat)
+  # One row with every latent far above the rest: more than the 8k candidates a row offers, so
+  # the threshold comes from every pre-activation, still exactly rows * k of them kept.
+  sae.w_enc[:] = np.abs(sae.w_enc)
+  x[0] = 50.0 + np.abs(x[0])
+  threshold, _ = peers.at_equal_l0(sae, x, k, batch=128)
+  pre = (x - sae.b_dec) @ sae.w_enc + sae.b_enc
+  assert np.all(pre[0] >= threshold) and np.sum(pre >= threshold) == rows * k
 
 
 def test_ground_truth_recovery_matches_one_to_one_and_saelens_mcc():
