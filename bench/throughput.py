@@ -135,6 +135,7 @@ def main(_):
   import optax
   from configs import base
   from jaxsae import mesh as mesh_lib, model, optim, state as state_lib, step as step_lib
+  from jaxsae.ops import Ops
 
   b, d, n, k = _B.value, _D.value, _N.value, _K.value
   on_cpu = jax.default_backend() == "cpu"
@@ -210,7 +211,7 @@ def main(_):
   if _DENSE.value:
     def dense_step(carry, x):
       params, opt_state = carry
-      tv, _ = model.centred_sq_sum(x)
+      tv, _ = Ops().centred_sq_sum(x)
       dead = jnp.zeros((n,), bool)
       g = jax.grad(model.dense_loss)(params, x, dead, tv, spec)
       upd, opt_state = tx.update(g, opt_state, params)

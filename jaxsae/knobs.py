@@ -16,7 +16,7 @@ import platform
 SET = "set in the config"
 
 # train.dense_op_ratio's automatic value: on the xla path, sparse ops over K latents per token run
-# as dense GEMMs over [B, n_local] codes when n_local <= 16 K (model.SaeSpec.ops_for). Measured on
+# as dense GEMMs over [B, n_local] codes when n_local <= 16 K (ops.Ops.kernels_for). Measured on
 # the CI CPU: 1.8x faster AuxK steps at n=4096 (docs/training.md, bench/history.md fourth session).
 DENSE_OP_RATIO = 16
 

@@ -32,14 +32,16 @@ transcoders, Paulo et al. 2025). The losses and AuxK are those of y; an SAE is t
 Both matrices are stored [n, d] (row gathers; docs/design.md). `loss_terms` is the sparse training
 loss over selected latents, the sum of `main_terms` and AuxK's `aux_term` (which the step
 differentiates apart); `dense_loss` computes the same loss by dense autodiff and is the reference
-the sparse backward is tested against.
+the sparse backward is tested against. The sparse terms run their ops through an `ops.Ops`, the
+only thing they know of the mesh, the kernels and the precision (default: one device, pure JAX).
 """
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from jaxsae import knobs, sparse, topk
+from jaxsae import topk
+from jaxsae.ops import Ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +54,6 @@ class SaeSpec:
   auxk_coef: float
   dead_tokens: int
   multi_topk: bool
-  dense_op_ratio: int = 0   # see ops_for; 0: the xla path always gathers
   auxk_relu: bool = False   # AuxK values through ReLU (the paper) if True; see loss_terms
   auxk_norm: str = "input"  # AuxK divided by the input's or the residual's variance; loss_terms
   encoder_init_norm: float = 1.0   # norm of the encoder rows at init (init_params)
@@ -70,21 +71,13 @@ class SaeSpec:
     k_aux = resolve_k_aux(sae.k_aux, sae.d, sae.n) if sae.auxk_coef > 0 else 0
     return cls(d=sae.d, n=sae.n, k=sae.k, k_aux=k_aux, auxk_coef=float(sae.auxk_coef),
                dead_tokens=int(sae.dead_tokens), multi_topk=bool(sae.multi_topk),
-               dense_op_ratio=knobs.dense_op_ratio(config)[0], auxk_relu=bool(sae.auxk_relu),
+               auxk_relu=bool(sae.auxk_relu),
                auxk_norm=str(sae.auxk_norm), encoder_init_norm=float(sae.encoder_init_norm),
                architecture=str(sae.architecture), batchtopk_cap=int(sae.batchtopk_cap),
                threshold_ema_steps=threshold_ema_steps(config.train.steps),
                prefixes=matryoshka_sizes(sae) if sae.architecture == "matryoshka_batchtopk"
                else (), d_out=int(sae.d_out or sae.d),
                transcoder=bool(config.data.target_path), skip=bool(sae.skip))
-
-  def ops_for(self, kernels: str, k: int, n_local: int) -> str:
-    """Which primitives the sparse ops over k latents per token run: on the xla path, dense GEMMs
-    over [B, n_local] codes when n_local <= dense_op_ratio * k (AuxK's k_aux over a small
-    dictionary: there one GEMM beats B*k*d gathered elements), else the gathers."""
-    if kernels == "xla" and self.dense_op_ratio and n_local <= self.dense_op_ratio * k:
-      return "dense"
-    return kernels
 
   @property
   def k_select(self) -> int:
@@ -165,22 +158,20 @@ def output_base(params, x):
 
 def encode(params, x, k, compute_dtype=jnp.float32):
   """Inference encode of x [B, d] (already input-scaled): (z values [B, k] >= 0, indices [B, k])."""
-  xc = x - params["b_pre"]
-  idx = topk.select(xc, params["W_enc"], params["b_enc"], k, compute_dtype=compute_dtype)
-  vals = sparse.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], idx)
+  ops = Ops(compute_dtype=compute_dtype)
+  idx = ops.select(x - params["b_pre"], params["W_enc"], params["b_enc"], k)
+  vals = ops.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], idx)
   return jax.nn.relu(vals), idx
 
 
-def batchtopk_codes(vals, k: int, batch_axes=None, threshold=None):
+def batchtopk_codes(vals, k: int, ops: Ops = Ops(), threshold=None):
   """BatchTopK's codes of candidates vals [B, C] (module docstring): (z [B, C], the threshold used,
   rows whose every candidate was kept). threshold None: the global batch's B*k-th largest ReLU'd
   candidate, kept at or above it (training); else the JumpReLU's, kept above it (inference)."""
   relu = jnp.where(vals > 0, vals, 0.0)   # +0.0 where not positive: topk.kth_largest's bits
   if threshold is None:
-    rows = jnp.asarray(vals.shape[0], jnp.int32)
-    if batch_axes:
-      rows = jax.lax.psum(rows, batch_axes)
-    threshold = topk.kth_largest(jax.lax.stop_gradient(relu), rows * k, batch_axes)
+    rows = ops.batch_sum(jnp.asarray(vals.shape[0], jnp.int32))
+    threshold = ops.kth_largest(jax.lax.stop_gradient(relu), rows * k)
     keep = (relu >= threshold) & (relu > 0)
   else:
     keep = vals > threshold
@@ -190,12 +181,11 @@ def batchtopk_codes(vals, k: int, batch_axes=None, threshold=None):
 
 def decode(params, z, idx, x=None):
   """The output of codes z at idx; x (the input) is needed by a skip transcoder only."""
-  return sparse.decode(z, idx, params["W_dec"]) + output_base(params, x)
+  return Ops().decode(z, idx, params["W_dec"]) + output_base(params, x)
 
 
 def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeSpec,
-               axis=None, kernels="xla", batch_axes=None, aux_rows=None, threshold=None,
-               target=None):
+               ops: Ops = Ops(), aux_rows=None, threshold=None, target=None):
   """Loss of one (local) batch given the selected latents, and its metrics: main_terms plus, with
   aux_idx, aux_term on main_terms' residual. The step differentiates the two apart (the AuxK term
   alone varies with its branch, step.py); their gradients add up to this one's, the residual
@@ -204,59 +194,55 @@ def loss_terms(params, x, idx, aux_idx, aux_ok, total_var, aux_scale, spec: SaeS
   target: what is rebuilt, a transcoder's y [B, d_out]; None: x itself (an SAE).
   total_var is the summed squared deviation of the *global* batch's target from its mean, so the
   losses of all data shards add up to the global normalized MSE (FVU); AuxK's own normalization
-  (spec.auxk_norm) and aux_rows: aux_term. batch_axes: the mesh axes the batch is split over.
+  (spec.auxk_norm) and aux_rows: aux_term. ops: how the ops run (the mesh axes, the kernels).
   Returns (loss, aux) with aux holding per-batch sums, z and the columns of idx it codes
   (main_terms), and auxk_sq (0 without aux_idx).
   """
-  loss, aux = main_terms(params, x, idx, total_var, spec, axis, kernels, batch_axes, threshold,
-                         target)
+  loss, aux = main_terms(params, x, idx, total_var, spec, ops, threshold, target)
   resid = aux.pop("resid")
   auxk_sq = jnp.zeros((), jnp.float32)
   if aux_idx is not None:
     aux_loss, auxk_sq = aux_term(params, x, resid, aux_idx, aux_ok, total_var, aux_scale, spec,
-                                 axis, kernels, batch_axes, aux_rows)
+                                 ops, aux_rows)
     loss = loss + aux_loss
   return loss, {**aux, "auxk_sq": auxk_sq}
 
 
-def main_terms(params, x, idx, total_var, spec: SaeSpec, axis=None, kernels="xla",
-               batch_axes=None, threshold=None, target=None):
+def main_terms(params, x, idx, total_var, spec: SaeSpec, ops: Ops = Ops(), threshold=None,
+               target=None):
   """The loss of the selected latents idx (and its Matryoshka / Multi-TopK terms), without AuxK:
   (loss, aux) with aux holding the sums sq (and BatchTopK's threshold, at_cap), z and the columns
   of idx it codes, and resid, the residual y - y_hat held fixed, which AuxK rebuilds (aux_term).
   BatchTopK (spec.batchtopk): idx are each row's candidates, coded by batchtopk_codes over the
   global batch (threshold None) or with the inference threshold given. Other arguments as
   loss_terms'."""
-  n_local = params["W_enc"].shape[0]
-  ops = lambda width: spec.ops_for(kernels, width, n_local)
-  vals = sparse.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], idx, axis,
-                          ops(idx.shape[1]))
+  vals = ops.encode_at(x, params["b_pre"], params["W_enc"], params["b_enc"], idx)
   extra = {}
   if spec.batchtopk:
-    z, extra["threshold"], extra["at_cap"] = batchtopk_codes(vals, spec.k, batch_axes, threshold)
+    z, extra["threshold"], extra["at_cap"] = batchtopk_codes(vals, spec.k, ops, threshold)
     k = idx.shape[1]
   else:
     z, k = jax.nn.relu(vals), spec.k
   y = x if target is None else target
   base = output_base(params, x)
-  y_hat = sparse.decode(z[:, :k], idx[:, :k], params["W_dec"], axis, ops(k)) + base
+  y_hat = ops.decode(z[:, :k], idx[:, :k], params["W_dec"]) + base
   sq = jnp.sum(jnp.square(y_hat - y))
   loss = sq / total_var
   if spec.prefixes:   # Matryoshka: the mean of every nested dictionary's error (module docstring)
     for size in spec.prefixes:
       inner = jnp.where(idx[:, :k] < size, z[:, :k], 0.0)
-      y_in = sparse.decode(inner, idx[:, :k], params["W_dec"], axis, ops(k)) + base
+      y_in = ops.decode(inner, idx[:, :k], params["W_dec"]) + base
       loss = loss + jnp.sum(jnp.square(y_in - y)) / total_var
     loss = loss / (len(spec.prefixes) + 1)
   if spec.multi_topk:
-    y_hat4 = sparse.decode(z, idx, params["W_dec"], axis, ops(idx.shape[1])) + base
+    y_hat4 = ops.decode(z, idx, params["W_dec"]) + base
     loss = loss + jnp.sum(jnp.square(y_hat4 - y)) / total_var / 8
   resid = jax.lax.stop_gradient(y - y_hat)
   return loss, {"sq": sq, "z": z[:, :k], "resid": resid, **extra}
 
 
-def aux_term(params, x, resid, aux_idx, aux_ok, total_var, aux_scale, spec: SaeSpec, axis=None,
-             kernels="xla", batch_axes=None, aux_rows=None):
+def aux_term(params, x, resid, aux_idx, aux_ok, total_var, aux_scale, spec: SaeSpec,
+             ops: Ops = Ops(), aux_rows=None):
   """AuxK's term: (its loss, its squared error auxk_sq). It rebuilds the residual resid [B, d_out]
   (main_terms', held fixed: no gradient reaches the main term through it) from the selected dead
   latents aux_idx only (aux_ok: which picks are real); aux_scale = min(dead / k_aux, 1). Its
@@ -265,19 +251,18 @@ def aux_term(params, x, resid, aux_idx, aux_ok, total_var, aux_scale, spec: SaeS
   train.py): that makes AuxK 1/FVU times stronger, and keeps it so as the FVU falls. aux_rows: this
   shard's dead list (topk.dead_list), when aux_idx are positions in it (topk.select_aux's
   listed): AuxK then works on those rows only, as dense GEMMs over the list where it is short
-  (SaeSpec.ops_for)."""
+  (Ops.kernels_for)."""
   w_enc, b_enc, w_dec = params["W_enc"], params["b_enc"], params["W_dec"]
   if aux_rows is not None:   # gradients flow back to the full matrices through the gathers
     w_enc, b_enc, w_dec = (jnp.take(a, aux_rows, axis=0) for a in (w_enc, b_enc, w_dec))
-  aux_ops = spec.ops_for(kernels, aux_idx.shape[1], w_enc.shape[0])
-  aux_vals = sparse.encode_at(x, params["b_pre"], w_enc, b_enc, aux_idx, axis, aux_ops)
+  aux_vals = ops.encode_at(x, params["b_pre"], w_enc, b_enc, aux_idx)
   # With the ReLU, a dead latent whose pre-activations are all negative gets no AuxK gradient
   # and stays dead (seen at high lr: 40% dead, losses/auxk == train/fvu); auxk_relu=False lets
   # AuxK pull its encoder row back toward the residual.
   z_aux = jnp.where(aux_ok, jax.nn.relu(aux_vals) if spec.auxk_relu else aux_vals, 0.0)
-  e_hat = sparse.decode(z_aux, aux_idx, w_dec, axis, aux_ops)
+  e_hat = ops.decode(z_aux, aux_idx, w_dec)
   auxk_sq = jnp.sum(jnp.square(e_hat - resid))
-  aux_var = centred_sq_sum(resid, batch_axes)[0] if spec.auxk_norm == "residual" else total_var
+  aux_var = ops.centred_sq_sum(resid)[0] if spec.auxk_norm == "residual" else total_var
   return spec.auxk_coef * aux_scale * auxk_sq / aux_var, auxk_sq
 
 
@@ -315,16 +300,9 @@ def dense_loss(params, x, dead, total_var, spec: SaeSpec, target=None):
     v_aux = jax.nn.relu(v) if spec.auxk_relu else v
     z_aux = jnp.zeros_like(pre).at[rows, i].add(jnp.where(jnp.isfinite(v), v_aux, 0.0))
     resid = jax.lax.stop_gradient(y - y_hat)
-    aux_var = centred_sq_sum(resid)[0] if spec.auxk_norm == "residual" else total_var
+    aux_var = Ops().centred_sq_sum(resid)[0] if spec.auxk_norm == "residual" else total_var
     auxk = jnp.sum(jnp.square(z_aux @ params["W_dec"] - resid)) / aux_var
     scale = jnp.minimum(num_dead / spec.k_aux, 1.0)
     loss += jnp.where(num_dead > 0, spec.auxk_coef * scale * auxk, 0.0)
   return loss
 
-
-def centred_sq_sum(x, axes=None):
-  """Sum over rows of ||x - mean||^2, with the sums psum'd over mesh `axes` (global batch)."""
-  psum = (lambda a: a) if axes is None else (lambda a: jax.lax.psum(a, axes))
-  count = psum(jnp.asarray(x.shape[0], jnp.float32))
-  mean = psum(jnp.sum(x, axis=0)) / count
-  return psum(jnp.sum(jnp.square(x - mean))), count

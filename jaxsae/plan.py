@@ -32,6 +32,9 @@ import os
 import re
 import sys
 
+import jax
+import jax.numpy as jnp
+
 from jaxsae import mesh as mesh_lib
 from jaxsae import config_check, knobs, model, optim, topk
 
@@ -77,29 +80,52 @@ class Problem:
   k_select: int = 0           # latents selected per row (model.select_width); 0: k, 4k multi-topk
   opt_state: str = "float32"  # Adam moment dtype
   encoder_tile: int = 0
-  dense_op_ratio: int = 0     # model.SaeSpec.ops_for: dense [B, n_local] codes for wide ops
+  dense_op_ratio: int = 0     # ops.Ops.kernels_for: dense [B, n_local] codes for wide ops
   lazy_optimizer: bool = False  # train.lazy_optimizer: the update gathers chunks of rows
+  # The parameters' elements: per latent row (split over the latent axis) and the rest
+  # (replicated); 0: an SAE's, 2d + 1 and 2d. from_config takes them from model.init_params.
+  row_elems: int = 0
+  shared_elems: int = 0
 
   @property
   def selected(self) -> int:
     """Latents selected per row."""
     return self.k_select or model.select_width(self.k, self.multi_topk, "topk", 1)
 
+  def weights(self, n_local: int) -> int:
+    """Parameter elements on a device holding n_local latents."""
+    return (self.row_elems or 2 * self.d + 1) * n_local + (self.shared_elems or 2 * self.d)
+
   @classmethod
   def from_config(cls, config, encoder_tile: int | None = None):
     """The problem of a config; encoder_tile: the tile resolved for its mesh (check passes
     resolve_encoder_tile's), else encoder_tile as set (unset: un-tiled)."""
     spec = model.SaeSpec.from_config(config)
+    row_elems, shared_elems = param_elems(spec)
     if encoder_tile is None:
       encoder_tile = config.encoder_tile or 0
-    ratio = spec.dense_op_ratio if config_check.resolve_kernels(config)[0] == "xla" else 0
+    ratio = knobs.dense_op_ratio(config)[0] if config_check.resolve_kernels(config)[0] == "xla" else 0
     # A transcoder is planned as an SAE of its wider side (W_enc [n, d], W_dec [n, d_out]).
     return cls(d=max(spec.d, spec.d_out), n=spec.n, k=spec.k, batch=config.train.batch_size,
                k_aux=spec.k_aux,
                multi_topk=spec.multi_topk, k_select=spec.k_select,
                opt_state=config.train.opt_state_dtype,
                encoder_tile=encoder_tile, dense_op_ratio=ratio,
-               lazy_optimizer=optim.resolve_lazy(config)[0])
+               lazy_optimizer=optim.resolve_lazy(config)[0],
+               row_elems=row_elems, shared_elems=shared_elems)
+
+
+def param_elems(spec) -> tuple[int, int]:
+  """(elements per latent row, other elements) of the parameters model.init_params makes for
+  spec, by their shapes alone (jax.eval_shape: nothing is allocated). The latent parameters
+  (optim.LATENT_PARAMS, split over the latent axis: mesh.py) have one row per latent; the others
+  are replicated."""
+  b_dec = jnp.zeros(spec.d_out) if spec.transcoder else None
+  shapes = jax.eval_shape(lambda key: model.init_params(
+      key, spec.d, spec.n, jnp.zeros(spec.d), b_dec=b_dec, skip=spec.skip), jax.random.key(0))
+  row = sum(a.size for name, a in shapes.items() if name in optim.LATENT_PARAMS) // spec.n
+  shared = sum(a.size for name, a in shapes.items() if name not in optim.LATENT_PARAMS)
+  return row, shared
 
 
 @dataclasses.dataclass
@@ -120,7 +146,7 @@ class Plan:
 def estimate(p: Problem, data: int, model_size: int) -> Plan:
   """Per-device bytes of one train step of problem p on a (data, model) mesh."""
   n_l, b_l = -(-p.n // model_size), -(-p.batch // data)
-  weights = 2 * n_l * p.d + n_l + 2 * p.d                # W_enc, W_dec, b_enc, b_pre, b_dec
+  weights = p.weights(n_l)
   k_sel = p.selected
   cols = n_l if not p.encoder_tile or p.encoder_tile >= n_l \
       else min(n_l, max(p.encoder_tile, k_sel, p.k_aux))
@@ -130,7 +156,7 @@ def estimate(p: Problem, data: int, model_size: int) -> Plan:
   copies = 3 if topk.exchanges(b_l, model_size) else model_size
   candidates = b_l * (k_sel + p.k_aux) * copies * 8
   widest = max(k_sel, p.k_aux)
-  # Dense-path ops (SaeSpec.ops_for) hold the [B, n_local] codes, a GEMM result and their gradient.
+  # Dense-path ops (ops.Ops.kernels_for) hold the [B, n_local] codes, a GEMM result and their gradient.
   dense_ops = 3 * b_l * n_l * 4 if p.dense_op_ratio and n_l <= p.dense_op_ratio * widest else 0
   update_rows = optim.lazy_chunk_rows(n_l, p.batch, k_sel, model_size) if p.lazy_optimizer else 0
   rows = {
@@ -351,10 +377,8 @@ def check_sweep(named_configs: list, specs, log: bool = True) -> list:
 def compile_step(config):
   """The real train step of `config`, compiled for its mesh against abstract (never allocated)
   state and batch. Its memory_analysis() is XLA's figure per device; its as_text() the HLO."""
-  import jax
-  import jax.numpy as jnp
   from jax.sharding import NamedSharding
-  from jaxsae import optim, state as state_lib
+  from jaxsae import state as state_lib
   from jaxsae.step import StepFns
   spec = model.SaeSpec.from_config(config)
   mesh = mesh_lib.create_mesh(config.mesh)

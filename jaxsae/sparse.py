@@ -35,7 +35,7 @@ def _primitives(kernels: str):
   """(gather_dot, gather_sum, scatter_outer): the pure-JAX references or the Pallas kernels."""
   if kernels == "xla":
     return sparse_ops.REFERENCE
-  if kernels == "dense":   # the xla path as GEMMs over [B, n] codes (model.ops_for picks it)
+  if kernels == "dense":   # the xla path as GEMMs over [B, n] codes (ops.Ops.kernels_for picks it)
     return sparse_ops.DENSE
   if kernels == "pallas":
     if pallas_kernels.flavor() == "gpu":

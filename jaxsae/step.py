@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsae import config_check, knobs, model, optim, plan, topk
+from jaxsae.ops import Ops
 from jaxsae.sparse import localize
 from jaxsae.state import TrainState
 
@@ -43,11 +44,15 @@ class StepFns:
   def __init__(self, config, spec: model.SaeSpec, specs, tx, state_shardings):
     self.spec, self.specs = spec, specs
     self.kernels, _ = config_check.resolve_kernels(config)
-    self.compute_dtype = DTYPES[config.compute_dtype]
-    # The performance knobs (knobs.py), resolved here to the plain values the step is traced with.
-    # encoder_tile 0: pre[B, n_local] in one piece (topk.py).
-    self.encoder_tile, _ = plan.resolve_encoder_tile(config, specs.data_size, specs.model_size)
     self.axis = specs.latent_axis if specs.model_size > 1 else None
+    # How the model's ops run on this mesh and backend, with the performance knobs (knobs.py)
+    # resolved to the plain values the step is traced with. encoder_tile 0: pre[B, n_local] in
+    # one piece (topk.py).
+    self.ops = Ops(axis=self.axis, batch_axes=tuple(specs.batch_axes), kernels=self.kernels,
+                   dense_op_ratio=knobs.dense_op_ratio(config)[0],
+                   compute_dtype=DTYPES[config.compute_dtype],
+                   encoder_tile=plan.resolve_encoder_tile(config, specs.data_size,
+                                                          specs.model_size)[0])
     self.batch_size = config.train.batch_size
     self.aux_sizes = aux_sizes(spec.k_aux, knobs.auxk_buckets(config)[0])
     n_local = spec.n // specs.model_size
@@ -168,15 +173,13 @@ class StepFns:
     dead latents, its term and that term's gradient) is in the branches of the switch. The AuxK
     term rebuilds the main residual held fixed (model.aux_term), so the two gradients add up to
     the gradient of the whole loss."""
-    spec, axis, kernels = self.spec, self.axis, self.kernels
+    spec, ops = self.spec, self.ops
     n_local = since_fired.shape[0]
-    total_var, _ = model.centred_sq_sum(y, self.specs.batch_axes)
+    total_var, _ = ops.centred_sq_sum(y)
     xc = x - params["b_pre"]
-    enc = dict(axis=axis, compute_dtype=self.compute_dtype, tile=self.encoder_tile,
-               kernels=kernels)
-    idx = topk.select(xc, params["W_enc"], params["b_enc"], spec.k_select, **enc)
+    idx = ops.select(xc, params["W_enc"], params["b_enc"], spec.k_select)
     (_, aux), grads = jax.value_and_grad(model.main_terms, has_aux=True)(
-        params, x, idx, total_var, spec, axis, kernels, self.specs.batch_axes, target=y)
+        params, x, idx, total_var, spec, ops, target=y)
     z = aux["z"]
     sums = {"sq": aux["sq"], "l0": jnp.sum(z > 0).astype(jnp.float32)}
     if spec.batchtopk:
@@ -203,12 +206,11 @@ class StepFns:
         # into the switch: a peak of one more pre on every step (measured), which the memory
         # estimate that picks encoder_tile (plan.py) does not count.
         listed = topk.dead_list(dead, size) if size else None
-        aux_idx, aux_ok = topk.select_aux(xc, params["W_enc"], params["b_enc"], dead, k_aux,
-                                          listed=listed, **enc)
+        aux_idx, aux_ok = ops.select_aux(xc, params["W_enc"], params["b_enc"], dead, k_aux,
+                                         listed=listed)
         rows = listed[0] if size else None
         (_, auxk_sq), aux_grads = jax.value_and_grad(model.aux_term, has_aux=True)(
-            params, x, aux["resid"], aux_idx, aux_ok, total_var, aux_scale, spec, axis, kernels,
-            self.specs.batch_axes, rows)
+            params, x, aux["resid"], aux_idx, aux_ok, total_var, aux_scale, spec, ops, rows)
         if touched is not None:
           touched = jnp.maximum(touched, self._marked(aux_idx, aux_ok, n_local, rows))
         return jax.tree.map(jnp.add, grads, aux_grads), auxk_sq, touched
@@ -236,16 +238,13 @@ class StepFns:
   def _local_eval(self, params, x, y, threshold):
     """Held-out sums; a BatchTopK SAE is scored as the JumpReLU it is at inference (its candidates
     above the state's threshold)."""
-    spec = self.spec
-    total_var, _ = model.centred_sq_sum(y, self.specs.batch_axes)
-    xc = x - params["b_pre"]
+    spec, ops = self.spec, self.ops
+    total_var, _ = ops.centred_sq_sum(y)
     width = spec.k_select if spec.batchtopk else spec.k
-    idx = topk.select(xc, params["W_enc"], params["b_enc"], width, axis=self.axis,
-                      compute_dtype=self.compute_dtype, tile=self.encoder_tile,
-                      kernels=self.kernels)
+    idx = ops.select(x - params["b_pre"], params["W_enc"], params["b_enc"], width)
     plain = dataclasses.replace(spec, multi_topk=False)
-    _, aux = model.main_terms(params, x, idx, total_var, plain, self.axis, self.kernels,
-                              threshold=threshold, target=y)
+    _, aux = model.main_terms(params, x, idx, total_var, plain, ops, threshold=threshold,
+                              target=y)
     sums = self._psum_batch({"sq": aux["sq"], "l0": jnp.sum(aux["z"] > 0).astype(jnp.float32),
                              "rows": jnp.asarray(x.shape[0], jnp.float32)})
     return {**sums, "total_var": total_var}

@@ -96,11 +96,11 @@ def test_the_step_is_built_with_the_resolved_values(tiny_config):
   """n=128, k_aux=16: AuxK may run over a 16-long dead list (auxk_compact) or all latents."""
   auto = train.setup(tiny_config)
   auto.data.close()
-  assert auto.steps.encoder_tile == 0 and auto.spec.dense_op_ratio == 16
+  assert auto.steps.ops.encoder_tile == 0 and auto.steps.ops.dense_op_ratio == 16
   assert auto.steps.aux_branches == [(0, 0), (16, 16), (16, 0)]
   tiny_config.encoder_tile, tiny_config.train.dense_op_ratio = 64, 0
   tiny_config.train.auxk_compact = False
   manual = train.setup(tiny_config)
   manual.data.close()
-  assert manual.steps.encoder_tile == 64 and manual.spec.dense_op_ratio == 0
+  assert manual.steps.ops.encoder_tile == 64 and manual.steps.ops.dense_op_ratio == 0
   assert manual.steps.aux_branches == [(0, 0), (16, 0)]

@@ -19,6 +19,7 @@ import pytest
 import pallas_kernels
 from conftest import assert_pallas_step_equals_xla
 from jaxsae import config_check, model, topk, train
+from jaxsae.ops import Ops
 from pallas_kernels import fused_adam_gpu, sparse_ops_gpu, topk_encoder_gpu
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -261,9 +262,9 @@ def test_gpu_flavour_step_pieces_lower_for_cuda(gpu_flavor, cuda_lowering):
     kw = dict(compute_dtype=jnp.bfloat16, kernels="pallas")
     idx = topk.select(xc, params["W_enc"], params["b_enc"], k, **kw)
     aidx, aok = topk.select_aux(xc, params["W_enc"], params["b_enc"], dead, k_aux, **kw)
-    tv, _ = model.centred_sq_sum(x)
-    return jax.grad(lambda p: model.loss_terms(p, x, idx, aidx, aok, tv, 1.0, spec, None,
-                                               "pallas")[0])(params)
+    tv, _ = Ops().centred_sq_sum(x)
+    return jax.grad(lambda p: model.loss_terms(p, x, idx, aidx, aok, tv, 1.0, spec,
+                                               Ops(kernels="pallas"))[0])(params)
 
   _lowers_for_cuda(grads, params, sds(b, d), sds(n, t=jnp.bool_))
 

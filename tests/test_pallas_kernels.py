@@ -11,6 +11,7 @@ from jax.experimental.pallas import tpu as pltpu
 import pallas_kernels
 from conftest import assert_pallas_step_equals_xla
 from jaxsae import model, topk
+from jaxsae.ops import Ops
 from pallas_kernels import sparse_ops
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -80,7 +81,7 @@ def test_pallas_selection_and_gradients(monkeypatch, flavor):
   x = jax.random.normal(ks[3], (b, d))
   dead = jax.random.uniform(ks[4], (n,)) < 0.3
   spec = model.SaeSpec(d=d, n=n, k=4, k_aux=8, auxk_coef=1 / 32, dead_tokens=1, multi_topk=False)
-  tv, _ = model.centred_sq_sum(x)
+  tv, _ = Ops().centred_sq_sum(x)
   xc = x - params["b_pre"]
   # jitted: eagerly, every op and kernel would compile alone (~3x slower)
   both = lambda xc, w, b, dead, kernels: (topk.select(xc, w, b, 4, kernels=kernels),
@@ -90,7 +91,8 @@ def test_pallas_selection_and_gradients(monkeypatch, flavor):
   for a, b_ in zip(sel["pallas"], sel["xla"]):   # idx, aux_idx, aux_ok
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b_))
   scale = jnp.minimum(jnp.sum(dead) / 8, 1.0)
-  loss = lambda p: model.loss_terms(p, x, *sel["pallas"], tv, scale, spec, None, "pallas")[0]
+  loss = lambda p: model.loss_terms(p, x, *sel["pallas"], tv, scale, spec,
+                                    Ops(kernels="pallas"))[0]
   grads = jax.jit(jax.grad(loss))(params)
   ref = jax.grad(model.dense_loss)(params, x, dead, tv, spec)
   for name in params:

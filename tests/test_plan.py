@@ -1,9 +1,12 @@
 """The memory planner: its command line, its verdicts, its agreement with XLA's compiled figure,
 and the training job refusing a run that cannot fit."""
+import math
 import os
 import subprocess
 import sys
 
+import jax
+import optax
 import pytest
 
 from configs import base
@@ -116,6 +119,33 @@ def test_plan_within_20_percent_of_compiled_step(name):
   planned = plan.estimate(plan.Problem.from_config(c), *cs["shape"]).peak
   compiled = plan.compiled_peak(plan.compile_step(c))
   assert abs(planned / compiled - 1) <= 0.2, (planned / 2**20, compiled / 2**20)
+
+
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_planned_parameters_are_the_states(transcoder):
+  """The plan's parameter and optimizer rows are the bytes one device holds of the state the
+  job makes (state.abstract on the mesh): a skip transcoder's W_dec [n, d_out] and W_skip
+  [d_out, d] included, which a count kept by hand had planned as an SAE's."""
+  from jaxsae import mesh as mesh_lib, model, optim, state as state_lib
+  c = base.get_config()
+  c.sae.d, c.sae.n, c.mesh.shape = 48, 1024, (2, 4)
+  if transcoder:
+    c.data.target_path, c.sae.d_out, c.sae.skip = "/target", 80, True
+  spec = model.SaeSpec.from_config(c)
+  specs = mesh_lib.Specs(mesh_lib.create_mesh(c.mesh), c.mesh)
+  state, shardings = state_lib.abstract(spec, optim.make_optimizer(c), specs)
+  on_device = lambda tree, shard: sum(
+      math.prod(sh.shard_shape(a.shape)) * a.dtype.itemsize
+      for a, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shard)))
+  rows = plan.estimate(plan.Problem.from_config(c), 2, 4).rows
+  assert rows["params"] == on_device(state.params, shardings.params)
+  assert ("W_skip" in state.params) == transcoder
+  adam = lambda tree: [p for p in jax.tree.leaves(
+      tree, is_leaf=lambda p: isinstance(p, optax.ScaleByAdamState))
+      if isinstance(p, optax.ScaleByAdamState)]
+  (moments,), (moment_shardings,) = adam(state.opt_state), adam(shardings.opt_state)
+  assert rows["optimizer state"] == sum(on_device(getattr(moments, m), getattr(moment_shardings, m))
+                                        for m in ("mu", "nu"))
 
 
 def test_training_refuses_a_run_that_does_not_fit(tmp_path):

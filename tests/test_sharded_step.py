@@ -16,11 +16,9 @@ STEPS = 3
 def _select(steps, params, x, since_fired):
   """The step's selection (step.py _local_grads), exposed so indices can be compared."""
   spec, xc = steps.spec, x - params["b_pre"]
-  idx = topk.select(xc, params["W_enc"], params["b_enc"], spec.k_select, axis=steps.axis,
-                    tile=steps.encoder_tile)
-  aux_idx, aux_ok = topk.select_aux(xc, params["W_enc"], params["b_enc"],
-                                    since_fired >= spec.dead_tokens, spec.k_aux, axis=steps.axis,
-                                    tile=steps.encoder_tile)
+  idx = steps.ops.select(xc, params["W_enc"], params["b_enc"], spec.k_select)
+  aux_idx, aux_ok = steps.ops.select_aux(xc, params["W_enc"], params["b_enc"],
+                                         since_fired >= spec.dead_tokens, spec.k_aux)
   return idx, aux_idx, aux_ok
 
 
@@ -94,7 +92,7 @@ MESHES = {
     # the blocked encoder (tiles of 16 latents, 2 per shard) and its running top-k
     "2x4-tiled": dict(shape=(2, 4), tile=8),
     # At n_local = 64 the default train.dense_op_ratio runs AuxK's ops (and at 1x8 the main
-    # ones) as dense GEMMs (model.SaeSpec.ops_for); here every op gathers, as large n would.
+    # ones) as dense GEMMs (ops.Ops.kernels_for); here every op gathers, as large n would.
     "2x4-gathers": dict(shape=(2, 4), dense_op_ratio=0),
 }
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jaxsae import model, topk
+from jaxsae.ops import Ops
 from pallas_kernels import sparse_ops
 
 
@@ -19,22 +20,23 @@ def _problem(seed, b=48, d=24, n=160, dead_frac=0.3):
   return params, x, dead
 
 
-def _sparse_loss_and_grads(params, x, dead, spec):
+def _sparse_loss_and_grads(params, x, dead, spec, ops=Ops()):
   """(loss, grads) as the step has them: main_terms' and aux_term's each differentiated alone
   (the residual held fixed), and summed; equal to loss_terms' differentiated as one."""
-  total_var, _ = model.centred_sq_sum(x)
+  total_var, _ = ops.centred_sq_sum(x)
   xc = x - params["b_pre"]
-  idx = topk.select(xc, params["W_enc"], params["b_enc"], spec.k_select)
+  idx = ops.select(xc, params["W_enc"], params["b_enc"], spec.k_select)
   (loss, aux), grads = jax.value_and_grad(model.main_terms, has_aux=True)(
-      params, x, idx, total_var, spec)
+      params, x, idx, total_var, spec, ops)
   aux_idx = aux_ok = None
   if spec.k_aux:
-    aux_idx, aux_ok = topk.select_aux(xc, params["W_enc"], params["b_enc"], dead, spec.k_aux)
+    aux_idx, aux_ok = ops.select_aux(xc, params["W_enc"], params["b_enc"], dead, spec.k_aux)
     scale = jnp.minimum(jnp.sum(dead) / spec.k_aux, 1.0)
     aux_loss, aux_grads = jax.value_and_grad(lambda p: model.aux_term(
-        p, x, aux["resid"], aux_idx, aux_ok, total_var, scale, spec)[0])(params)
+        p, x, aux["resid"], aux_idx, aux_ok, total_var, scale, spec, ops)[0])(params)
     loss, grads = loss + aux_loss, jax.tree.map(jnp.add, grads, aux_grads)
-    whole = lambda p: model.loss_terms(p, x, idx, aux_idx, aux_ok, total_var, scale, spec)[0]
+    whole = lambda p: model.loss_terms(p, x, idx, aux_idx, aux_ok, total_var, scale, spec,
+                                       ops)[0]
     one_loss, one_grads = jax.value_and_grad(whole)(params)
     np.testing.assert_allclose(loss, one_loss, rtol=1e-6)
     for name in params:
@@ -47,9 +49,9 @@ def _rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def _assert_sparse_equals_dense(params, x, dead, spec):
+def _assert_sparse_equals_dense(params, x, dead, spec, ops=Ops()):
   """The sparse loss and every gradient (each nonzero) equal dense autodiff's, relative 1e-5."""
-  (loss, grads), total_var = _sparse_loss_and_grads(params, x, dead, spec)
+  (loss, grads), total_var = _sparse_loss_and_grads(params, x, dead, spec, ops)
   dense, dgrads = jax.value_and_grad(model.dense_loss)(params, x, dead, total_var, spec)
   assert abs(float(loss) - float(dense)) <= 1e-5 * abs(float(dense))
   for name in params:
@@ -67,10 +69,11 @@ def test_sparse_backward_equals_dense_autodiff(seed, k_aux, multi, b, ratio):
   GEMMs and the main ones as gathers; 1000 runs every op densely."""
   params, x, dead = _problem(seed, b=b)
   spec = model.SaeSpec(d=24, n=160, k=6, k_aux=k_aux, auxk_coef=1 / 32 if k_aux else 0.0,
-                       dead_tokens=1, multi_topk=multi, dense_op_ratio=ratio)
-  assert spec.ops_for("xla", k_aux, 160) == ("dense" if ratio and k_aux else "xla")
-  assert spec.ops_for("xla", 6, 160) == ("dense" if ratio == 1000 else "xla")
-  _assert_sparse_equals_dense(params, x, dead, spec)
+                       dead_tokens=1, multi_topk=multi)
+  ops = Ops(dense_op_ratio=ratio)
+  assert ops.kernels_for(k_aux, 160) == ("dense" if ratio and k_aux else "xla")
+  assert ops.kernels_for(6, 160) == ("dense" if ratio == 1000 else "xla")
+  _assert_sparse_equals_dense(params, x, dead, spec, ops)
 
 
 def test_auxk_reaches_dead_latents_only_through_aux_term():
@@ -161,7 +164,7 @@ def test_residual_auxk_norm():
     (main, _), _ = _sparse_loss_and_grads(params, x, dead, plain)
     terms[norm] = float(loss) - float(main)
   z, idx = model.encode(params, x, 6)
-  resid_var = model.centred_sq_sum(x - model.decode(params, z, idx))[0]
+  resid_var = Ops().centred_sq_sum(x - model.decode(params, z, idx))[0]
   assert terms["input"] > 0
   np.testing.assert_allclose(terms["residual"], terms["input"] * float(total_var / resid_var),
                              rtol=1e-4)
@@ -190,7 +193,7 @@ def test_batchtopk_sparse_backward_equals_dense_autodiff(seed, k_aux, prefixes):
 def _codes(params, x, spec):
   """(dense [B, n] BatchTopK codes, threshold, rows at cap) through the sparse path."""
   idx = topk.select(x - params["b_pre"], params["W_enc"], params["b_enc"], spec.k_select)
-  total_var, _ = model.centred_sq_sum(x)
+  total_var, _ = Ops().centred_sq_sum(x)
   _, aux = model.loss_terms(params, x, idx, None, None, total_var, 0.0, spec)
   rows = jnp.arange(x.shape[0])[:, None]
   return (np.asarray(jnp.zeros((x.shape[0], spec.n)).at[rows, idx].set(aux["z"])),
@@ -239,7 +242,7 @@ def test_matryoshka_loss_is_the_mean_of_its_prefixes_errors():
   params, x, _ = _problem(6)
   plain = _batchtopk_spec(cap=20)
   z, _, _ = _codes(params, x, plain)
-  total_var, _ = model.centred_sq_sum(x)
+  total_var, _ = Ops().centred_sq_sum(x)
   err = lambda p: float(jnp.sum(jnp.square(z[:, :p] @ params["W_dec"][:p] + params["b_pre"] - x))
                         / total_var)
   idx = topk.select(x - params["b_pre"], params["W_enc"], params["b_enc"], plain.k_select)

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from jaxsae import model, topk
+from jaxsae.ops import Ops
 from jaxsae.data.loader import open_store
 from jaxsae.data.source import DataError
 from jaxsae.data.store import Layout, StoreWriter
@@ -50,7 +51,7 @@ def test_sparse_backward_equals_dense_autodiff(architecture, skip):
                        multi_topk=False, architecture=architecture,
                        batchtopk_cap=20 if batch else 4, prefixes=(10, 40) if batch else (),
                        d_out=20, transcoder=True, skip=skip)
-  total_var, _ = model.centred_sq_sum(y)
+  total_var, _ = Ops().centred_sq_sum(y)
   xc = x - params["b_pre"]
   idx = topk.select(xc, params["W_enc"], params["b_enc"], spec.k_select)
   aux_idx, aux_ok = topk.select_aux(xc, params["W_enc"], params["b_enc"], dead, spec.k_aux)
