@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsae import model, optim, state as state_lib
+from jaxsae import model, optim, plan, state as state_lib
 from jaxsae.step import StepFns
 
 
@@ -31,6 +31,7 @@ class Group:
     self.tx = optim.make_optimizer(configs[0])
     keys = [jax.random.PRNGKey(c.train.seed) for c in configs]
     self.active = [True] * self.size
+    self._compiled = None   # the train step, compiled at the first batch (train)
     if self.size == 1:
       self.state, self.shardings = state_lib.create(keys[0], spec, self.tx, specs, b_pre, scale,
                                                     target)
@@ -64,12 +65,21 @@ class Group:
 
   def train(self, batch):
     """Dispatches one step of every member; returns (metrics, guard flags) as device arrays, with
-    a leading member axis when stacked."""
-    if self.size == 1:
-      self.state, metrics, guard = self.steps.train(self.state, batch)
-    else:
-      self.state, metrics, guard = self._train(self.state, batch, self._hypers)
+    a leading member axis when stacked. The first call compiles the step ahead of time (once:
+    the same program a jit call would build), which gives XLA's memory figure (compiled_bytes)."""
+    args = (self.state, batch) if self.size == 1 else (self.state, batch, self._hypers)
+    if self._compiled is None:
+      self._compiled = (self.steps.train if self.size == 1 else self._train).lower(*args).compile()
+    self.state, metrics, guard = self._compiled(*args)
     return metrics, guard
+
+  def compiled_bytes(self) -> int | None:
+    """Per-device bytes of the compiled train step (plan.compiled_peak), once train has run;
+    None before, or where the backend gives no memory analysis."""
+    try:
+      return plan.compiled_peak(self._compiled) if self._compiled is not None else None
+    except Exception:   # a backend without memory_analysis(), or one that leaves fields out
+      return None
 
   def eval_sums(self, batch):
     return self.steps.eval(self.state, batch) if self.size == 1 else self._eval(self.state, batch)

@@ -262,6 +262,26 @@ def _log_start(t: Trainee, mesh):
                who, knobs.describe(res))
 
 
+def _log_compiled_memory(config, specs, groups):
+  """XLA's per-device figure for the compiled train step, beside the plan's (plan.py), once the
+  first step has compiled: wherever the job runs, the planner is checked against the compiler.
+  A warning where the plan counted more than 20% low (what tests/test_plan.py holds it to)."""
+  compiled = [g.compiled_bytes() for g in groups]
+  if None in compiled:
+    return
+  if config.get("sweep"):
+    logging.info("memory per device, XLA's compiled steps: %s",
+                 ", ".join(plan_lib.fmt_bytes(b) for b in compiled))
+    return
+  planned = plan_lib.check(config, specs, log=False).peak
+  ratio = compiled[0] / planned
+  (logging.warning if ratio > 1.2 else logging.info)(
+      "memory per device: the compiled step needs %s (XLA's memory analysis), the plan said %s "
+      "(%.2fx)%s", plan_lib.fmt_bytes(compiled[0]), plan_lib.fmt_bytes(planned), ratio,
+      "; the plan under-counts this step, so its fit check is not to be trusted here"
+      if ratio > 1.2 else "")
+
+
 def train_and_evaluate(config, workdir: str):
   """Trains an SAE as config says, writing to workdir; returns the last metrics record. With
   config.sweep, trains each member in workdir/members/<name> on the same batches (sweep.py) and
@@ -397,6 +417,8 @@ def train_and_evaluate(config, workdir: str):
       wait = time.perf_counter() - t0
       batch = mesh_lib.host_batch_to_global(local, batch_sharding, batch_size)
       step_metrics = {i: g.train(batch) for i, g in enumerate(groups) if g.running}
+      if step == start_step:
+        _log_compiled_memory(config, specs, groups)
       # Step `step` is queued; only now wait for step - 1 and act on its results.
       if guards is not None:
         check(step - 1, jax.device_get(guards))

@@ -1,6 +1,7 @@
 """The real command line into a temp workdir, as a user runs it."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -46,6 +47,11 @@ def test_two_step_run_writes_config_and_metrics(tmp_path):
   assert {"eval/fvu", "eval/l0", "eval/gt_mmcs", "eval/gt_recovered_frac"} <= records[-1].keys()
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(wd, "tb")))
   assert "step 2/2" in r.stderr and "tok/s" in r.stderr and "ETA" in r.stderr
+  # The planner checked against the compiler, once: XLA's figure for the compiled step beside
+  # the plan's (which over-counts a step this small: its fixed costs dominate), no warning.
+  (line,) = [l for l in r.stderr.splitlines() if "memory per device: the compiled step" in l]
+  ratio = float(re.search(r"\(([0-9.]+)x\)", line).group(1))
+  assert 0.5 <= ratio <= 1.2 and line.startswith("I"), line
   # The end-of-run summary: what it saw, how it scored, where it is, what to run next.
   fvu = records[-1]["eval/fvu"]
   assert "finished: 2 steps, 256 tokens (a generated stream; 256 rows held out)" in r.stderr
