@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from jaxsae import mesh as mesh_lib
 from jaxsae import config_check, knobs, model, optim, topk
+from jaxsae import state as state_lib
 
 UPDATE_TEMPS = 5       # f32 [n_l, d] buffers the optimizer pass holds besides the gradients
 LAZY_TEMPS = 5         # f32 [chunk, d] buffers of the lazy optimizer's gathered rows
@@ -104,8 +105,10 @@ class Problem:
     row_elems, shared_elems = param_elems(spec)
     if encoder_tile is None:
       encoder_tile = config.encoder_tile or 0
-    ratio = knobs.dense_op_ratio(config)[0] if config_check.resolve_kernels(config)[0] == "xla" else 0
-    # A transcoder is planned as an SAE of its wider side (W_enc [n, d], W_dec [n, d_out]).
+    xla = config_check.resolve_kernels(config)[0] == "xla"
+    ratio = knobs.dense_op_ratio(config)[0] if xla else 0
+    # A transcoder's parameters are counted as init_params makes them; its activations are
+    # planned as an SAE's of its wider side (d = max(d, d_out)).
     return cls(d=max(spec.d, spec.d_out), n=spec.n, k=spec.k, batch=config.train.batch_size,
                k_aux=spec.k_aux,
                multi_topk=spec.multi_topk, k_select=spec.k_select,
@@ -120,7 +123,8 @@ def param_elems(spec) -> tuple[int, int]:
   spec, by their shapes alone (jax.eval_shape: nothing is allocated). The latent parameters
   (optim.LATENT_PARAMS, split over the latent axis: mesh.py) have one row per latent; the others
   are replicated."""
-  b_dec = jnp.zeros(spec.d_out) if spec.transcoder else None
+  target = state_lib.zero_target(spec)   # a transcoder's (b_dec, scale) stand-in, as state.py's
+  b_dec = target[0] if target else None
   shapes = jax.eval_shape(lambda key: model.init_params(
       key, spec.d, spec.n, jnp.zeros(spec.d), b_dec=b_dec, skip=spec.skip), jax.random.key(0))
   row = sum(a.size for name, a in shapes.items() if name in optim.LATENT_PARAMS) // spec.n
@@ -156,7 +160,8 @@ def estimate(p: Problem, data: int, model_size: int) -> Plan:
   copies = 3 if topk.exchanges(b_l, model_size) else model_size
   candidates = b_l * (k_sel + p.k_aux) * copies * 8
   widest = max(k_sel, p.k_aux)
-  # Dense-path ops (ops.Ops.kernels_for) hold the [B, n_local] codes, a GEMM result and their gradient.
+  # Dense-path ops (ops.Ops.kernels_for) hold the [B, n_local] codes, a GEMM result and their
+  # gradient.
   dense_ops = 3 * b_l * n_l * 4 if p.dense_op_ratio and n_l <= p.dense_op_ratio * widest else 0
   update_rows = optim.lazy_chunk_rows(n_l, p.batch, k_sel, model_size) if p.lazy_optimizer else 0
   rows = {
@@ -378,7 +383,6 @@ def compile_step(config):
   """The real train step of `config`, compiled for its mesh against abstract (never allocated)
   state and batch. Its memory_analysis() is XLA's figure per device; its as_text() the HLO."""
   from jax.sharding import NamedSharding
-  from jaxsae import state as state_lib
   from jaxsae.step import StepFns
   spec = model.SaeSpec.from_config(config)
   mesh = mesh_lib.create_mesh(config.mesh)
