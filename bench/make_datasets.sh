@@ -146,6 +146,7 @@ stats() {   # per store: rows, d, dtype, massive rows dropped, norms, PCA of a 3
 import json, os, sys
 import numpy as np
 from jaxsae.data.store import Store
+from jaxsae.stats import element_density
 for name in ("smollm2-L3", "smollm2-L25", "gemma3-270m-L9"):
   path = os.path.join(sys.argv[1], name)
   if not os.path.exists(path):
@@ -160,7 +161,6 @@ for name in ("smollm2-L3", "smollm2-L25", "gemma3-270m-L9"):
   ev = np.linalg.eigvalsh(np.cov(x, rowvar=False))[::-1]
   frac = np.cumsum(ev) / ev.sum()
   y = (x - x.mean(0)) / np.sqrt(ev.sum() / s.d)   # centred, mean squared norm d, as the trainer
-  rho = np.abs(y).sum(1) / (np.sqrt(s.d) * np.linalg.norm(y, axis=1))
   print(json.dumps({"store": name, "rows": s.rows, "input_rows": m.get("input_rows"),
       "complete": m.get("complete"), "d": s.d, "dtype": s.dtype,
       "massive_dropped": m.get("filtered", {}).get("massive"), "sample_rows": len(x),
@@ -172,10 +172,11 @@ for name in ("smollm2-L3", "smollm2-L25", "gemma3-270m-L9"):
       "centered_mean_sq_norm": round(float(ev.sum()), 1),
       "top_pc_fraction": round(float(ev[0] / ev.sum()), 4),
       "pcs_for_90pct": int(np.searchsorted(frac, 0.9) + 1),
-      # how Gaussian and isotropic the centred rows are (history.md, seventeenth session): mean
-      # |x_i| / rms per row (0.80 for Gaussian rows), the elements' kurtosis (3 for Gaussian), and
-      # the covariance's participation ratio over d (1 for isotropic rows)
-      "abs_over_rms": round(float(rho.mean()), 3),
+      # how Gaussian and isotropic the centred rows are (history.md, seventeenth and nineteenth
+      # sessions): E|x_i| / rms, what the automatic rate reads (0.80 for Gaussian elements), the
+      # elements' kurtosis (3 for Gaussian), the covariance's participation ratio over d (1 for
+      # isotropic rows)
+      "element_density": round(element_density(x), 3),
       "kurtosis": round(float((y ** 4).mean() / (y ** 2).mean() ** 2), 1),
       "participation_over_d": round(float(ev.sum() ** 2 / (ev ** 2).sum() / s.d), 3)}))
 PY

@@ -260,14 +260,17 @@ def make_peer(trainer: str, run, config, spec, window: int):
 
 
 def default_lr(trainer: str, config) -> float:
-  """What each trainer picks when it is given no learning rate: jaxsae's automatic rate (from d
-  and the steps), sparsify's and dictionary_learning's 2e-4 * sqrt(2^14 / n) (sparsify's signum:
-  5e-3 * ...), SAELens's 3e-4 (LanguageModelSAERunnerConfig.lr)."""
-  from jaxsae import optim
+  """What each trainer picks when it is given no learning rate: jaxsae's automatic rate (from the
+  shapes and the data's density: what train.setup resolves), sparsify's and dictionary_learning's
+  2e-4 * sqrt(2^14 / n) (sparsify's signum: 5e-3 * ...), SAELens's 3e-4
+  (LanguageModelSAERunnerConfig.lr)."""
   if trainer == "jaxsae":
+    from jaxsae import train
     c = config.copy_and_resolve_references()
     c.train.lr = None
-    return optim.resolve_lr(c)[0]
+    run = train.setup(c)
+    run.data.close()
+    return run.lr
   if trainer == "saelens":
     return 3e-4
   from bench import sparsify_peer   # dictionary_learning's rule is sparsify's adam one

@@ -14,42 +14,44 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsae import model, optim, plan, state as state_lib
+from jaxsae import model, optim, plan, state as state_lib, stats
 from jaxsae.step import StepFns
 
 
 class Group:
   """configs: the members' configs (equal but for sweep.STACKABLE_FIELDS); init: the data's
-  (input scale, b_pre, target) from train.init_statistics."""
+  statistics (stats.InitStats, from train.init_statistics)."""
 
-  def __init__(self, configs, spec: model.SaeSpec, specs, init, stacking: str = "vmap"):
+  def __init__(self, configs, spec: model.SaeSpec, specs, init: stats.InitStats,
+               stacking: str = "vmap"):
     self.configs, self.size, self.spec = list(configs), len(configs), spec
     self.stacking = stacking if self.size > 1 else ""
-    scale, b_pre, target = init
+    scale, b_pre, target, self.density = init
     # The data's scales every member starts from (for the logs; the state holds them too).
     self.input_scale, self.target_scale = float(scale), None if target is None else target[1]
-    self.tx = optim.make_optimizer(configs[0])
+    self.lrs = [optim.resolve_lr(c, self.density)[0] for c in configs]   # each member's peak
+    self.tx = optim.make_optimizer(configs[0], self.lrs[0])
     keys = [jax.random.PRNGKey(c.train.seed) for c in configs]
     self.active = [True] * self.size
     self._compiled = None   # the train step, compiled at the first batch (train)
     if self.size == 1:
       self.state, self.shardings = state_lib.create(keys[0], spec, self.tx, specs, b_pre, scale,
                                                     target)
-      self.steps = StepFns(configs[0], spec, specs, self.tx, self.shardings)
+      self.steps = StepFns(configs[0], spec, specs, self.tx, self.shardings, self.lrs[0])
       return
     self._replicated = NamedSharding(specs.mesh, P())
-    self._lrs = jnp.asarray([optim.resolve_lr(c)[0] for c in configs], jnp.float32)
+    self._lrs = jnp.asarray(self.lrs, jnp.float32)
     self._hypers = self._make_hypers()
     if stacking == "loop":
       created = [state_lib.create(key, spec, self.tx, specs, b_pre, scale, target)
                  for key in keys]
       self.state, self.shardings = tuple(c[0] for c in created), created[0][1]
-      self.steps = StepFns(configs[0], spec, specs, self.tx, self.shardings)
+      self.steps = StepFns(configs[0], spec, specs, self.tx, self.shardings, self.lrs[0])
       self._train, self._eval = self.steps.looped(self.shardings, self.size)
       return
     self.state, self.shardings, self.stacked_shardings = state_lib.create_stacked(
         keys, spec, self.tx, specs, b_pre, scale, target)
-    self.steps = StepFns(configs[0], spec, specs, self.tx, self.shardings)
+    self.steps = StepFns(configs[0], spec, specs, self.tx, self.shardings, self.lrs[0])
     self._train, self._eval = self.steps.stacked(self.stacked_shardings)
     self._slice = jax.jit(lambda states, i: jax.tree.map(lambda a: a[i], states),
                           out_shardings=self.shardings)

@@ -21,7 +21,7 @@ from jaxsae import model
 # measurements):
 #
 #   lr = LR_REFERENCE sqrt(576/d) min(1, sqrt(48/k)) (4096/n)^(1/6)
-#        x min(1, (batch/4096 x 225/steps)^(1/3))
+#        x min(1, (batch/4096 x 225/steps)^(1/3)) x min(1, (0.65 / density)^1.5)
 #
 # - d: Adam moves every weight by about lr per step, whatever the gradient's scale. A decoder row
 #   is a unit vector, its elements ~1/sqrt(d), and learning a feature turns it by O(1): the step
@@ -51,28 +51,57 @@ from jaxsae import model
 #   steps; the eight best rates at 50 and 150 steps on four real datasets have a geometric mean of
 #   ~9.7e-3, two below the swept rates taken as 8e-3, one above as 1.2e-2). Above it a step
 #   turns a decoder row by more than lr sqrt(d) ~ 0.23 rad, and short runs degrade fast.
+# - density: the data's basis. Adam moves every weight by ~lr in each coordinate alike (it is not
+#   rotation-invariant), so a step of an encoder row along an input x moves its pre-activation by
+#   lr |x|_1 = lr density sqrt(d) |x|_2, density = E|x_i| / rms(x_i) over the centred elements
+#   (stats.element_density, from the init sample). A dense basis, every coordinate alike and
+#   Gaussian (isotropic synthetic data), has density sqrt(2/pi) = 0.80; a language model's residual
+#   stream, whose variance sits in a few coordinates (SmolLM2-135M L3 and L15: 0.645), less: the
+#   same lr is a ~1.2x larger step on the first. The measured rates above are the latter's, so
+#   the rate falls where the data is denser than DENSITY_REFERENCE; a sparser basis keeps the
+#   ceiling, as the decoder's bound (a row's turn, lr sqrt(d)) is blind to the basis. The step's
+#   size alone would give the power 1; measured with the basis alone changed (a random rotation,
+#   bench/rotate_acts.py; bench/history.md, nineteenth session), the best rate fell faster:
+#   fixture 9.9e-3 -> 6.6e-3 (density 0.646 -> 0.788, a power of 2.0), half its coordinates
+#   rotated 8.1e-3 (0.729, 1.7), SmolLM2 L3 7.9e-3 -> 6.2e-3 (0.644 -> 0.775, 1.4). Adam's
+#   per-coordinate scaling also preconditions better in a sparse basis (the rotated data's best
+#   FVU was 1.6-2.7% worse), which a step-size argument does not see. DENSITY_POWER is near the
+#   low end of the measured range. SynthSAEBench-16k (0.785), held out from this, had missed the
+#   shapes' rate by 5.4%.
 LR_REFERENCE = 9.6e-3
 LR_REFERENCE_SHAPE = {"d": 576, "n": 4096, "batch": 4096, "steps": 225}
 K_KNEE = 48   # the codes' bound binds past it (above)
+DENSITY_REFERENCE = 0.65   # the reference data's element density (above)
+DENSITY_POWER = 1.5
 
 
-def default_lr(d: int, k: int, n: int, batch: int, steps: int) -> float:
+def default_lr(d: int, k: int, n: int, batch: int, steps: int,
+               density: float = DENSITY_REFERENCE) -> float:
   """The automatic peak rate: see LR_REFERENCE."""
   ref = LR_REFERENCE_SHAPE
   codes = min(1.0, math.sqrt(K_KNEE / k))
   length = min(1.0, (batch / ref["batch"] * ref["steps"] / max(steps, 1)) ** (1 / 3))
-  return (LR_REFERENCE * math.sqrt(ref["d"] / d) * codes * (ref["n"] / n) ** (1 / 6) * length)
+  basis = min(1.0, (DENSITY_REFERENCE / density) ** DENSITY_POWER)
+  return (LR_REFERENCE * math.sqrt(ref["d"] / d) * codes * (ref["n"] / n) ** (1 / 6) * length
+          * basis)
 
 
-def resolve_lr(config) -> tuple[float, str]:
-  """(peak learning rate, how it was chosen): train.lr, else default_lr from the shapes."""
+def resolve_lr(config, density: float | None = None) -> tuple[float, str]:
+  """(peak learning rate, how it was chosen): train.lr, else default_lr from the shapes and the
+  data's element density (None: not measured, as in a dry run: the rate before that factor, the
+  most it can be)."""
   t, s = config.train, config.sae
   if t.lr is not None:
     return float(t.lr), "train.lr"
-  return default_lr(s.d, s.k, s.n, t.batch_size, t.steps), (
+  lr = default_lr(s.d, s.k, s.n, t.batch_size, t.steps,
+                  DENSITY_REFERENCE if density is None else density)
+  basis = (f"min(1, ({DENSITY_REFERENCE:g}/density)^{DENSITY_POWER:g}), the density measured at "
+           "start-up" if density is None
+           else f"min(1, ({DENSITY_REFERENCE:g}/density={density:.3f})^{DENSITY_POWER:g})")
+  return lr, (
       f"automatic: {LR_REFERENCE:g} x sqrt(576/d={s.d}) x min(1, sqrt({K_KNEE}/k={s.k})) x "
       f"(4096/n={s.n})^(1/6) x "
-      f"min(1, (batch={t.batch_size}/4096 x 225/steps={t.steps})^(1/3))")
+      f"min(1, (batch={t.batch_size}/4096 x 225/steps={t.steps})^(1/3)) x {basis}")
 
 
 # train.lazy_optimizer unset. Lazy Adam (below) differs from dense Adam in two ways. (1) A latent
@@ -141,9 +170,9 @@ def rate_shape(train):
   return optax.join_schedules(parts, bounds) if bounds else parts[0]
 
 
-def learning_rate(config):
+def learning_rate(config, density: float | None = None):
   """The schedule: the peak rate (resolve_lr) times rate_shape."""
-  peak, shape = resolve_lr(config)[0], rate_shape(config.train)
+  peak, shape = resolve_lr(config, density)[0], rate_shape(config.train)
   return lambda count: peak * shape(count)
 
 
@@ -219,9 +248,12 @@ def project_decoder_grads() -> optax.GradientTransformation:
 OPT_STATE_DTYPES = ("float32", "bfloat16")
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
+def make_optimizer(config, peak: float | None = None) -> optax.GradientTransformation:
+  """peak: the peak rate (None: resolve_lr's without the data's density); the train step passes
+  its own to each update (scale_by_learning_rates' peak_lr)."""
   t = config.train
-  rates = scale_by_learning_rates(resolve_lr(config)[0], rate_shape(t), lr_ratios(config))
+  peak = resolve_lr(config)[0] if peak is None else peak
+  rates = scale_by_learning_rates(peak, rate_shape(t), lr_ratios(config))
   if t.opt_state_dtype == "float32":
     adam = optax.chain(optax.scale_by_adam(b1=t.b1, b2=t.b2, eps=t.eps), rates)
   elif t.opt_state_dtype == "bfloat16":

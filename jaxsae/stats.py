@@ -1,10 +1,21 @@
-"""Statistics of a data sample that set up training: the input scale and the geometric median."""
+"""Statistics of a data sample that set up training: the input scale, the geometric median and
+the element density."""
+from typing import NamedTuple, Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 NORMALIZE = ("d", "unit", "none")
 NORMALIZE_ABOUT = ("mean", "zero")
+
+
+class InitStats(NamedTuple):
+  """What a run starts from, measured once on the init sample (train.init_statistics)."""
+  scale: float            # the input scale (input_scale)
+  b_pre: np.ndarray       # the geometric median of the scaled inputs
+  target: Optional[tuple]  # a transcoder's (b_dec, target scale), else None
+  density: float          # the inputs' element density (element_density): the automatic rate's
 
 
 def input_scale(sample: np.ndarray, normalize: str, about: str = "mean") -> float:
@@ -25,6 +36,19 @@ def input_scale(sample: np.ndarray, normalize: str, about: str = "mean") -> floa
   if not np.isfinite(mean_sq) or mean_sq <= 0:
     raise ValueError(f"cannot normalize inputs: the init sample's mean squared norm is {mean_sq}")
   return float(np.sqrt(target / mean_sq))
+
+
+def element_density(sample: np.ndarray) -> float:
+  """E|x_i| / rms(x_i) over every element of the sample centred on its mean: how evenly the data
+  spreads over its coordinates, sqrt(2/pi) = 0.80 for isotropic Gaussian rows, lower where a few
+  coordinates or heavy tails hold the variance. Scale-free; what Adam's per-coordinate step sees
+  (optim.py, the automatic rate)."""
+  centred = sample.astype(np.float64)
+  centred = centred - centred.mean(axis=0)
+  rms = float(np.sqrt(np.mean(np.square(centred))))
+  if not np.isfinite(rms) or rms <= 0:
+    raise ValueError(f"cannot measure the data's density: the init sample's rms is {rms}")
+  return float(np.mean(np.abs(centred)) / rms)
 
 
 @jax.jit

@@ -39,9 +39,11 @@ def aux_sizes(k_aux: int, buckets: bool) -> tuple[int, ...]:
 
 
 class StepFns:
-  """Builds the jitted steps for one config, mesh and optimizer."""
+  """Builds the jitted steps for one config, mesh and optimizer. lr: the peak rate (the Group's,
+  which knows the data's density; None: optim.resolve_lr's without it)."""
 
-  def __init__(self, config, spec: model.SaeSpec, specs, tx, state_shardings):
+  def __init__(self, config, spec: model.SaeSpec, specs, tx, state_shardings,
+               lr: float | None = None):
     self.spec, self.specs = spec, specs
     self.kernels, _ = config_check.resolve_kernels(config)
     self.axis = specs.latent_axis if specs.model_size > 1 else None
@@ -77,7 +79,8 @@ class StepFns:
           (self.param_specs, opt_specs))
     # What a sweep may vary between the members stacked in one step (train.py): the peak rate,
     # and whether the member still trains (one whose loss went non-finite is frozen).
-    self.hyper = {"lr": jnp.float32(optim.resolve_lr(config)[0]), "active": jnp.bool_(True)}
+    lr = optim.resolve_lr(config)[0] if lr is None else lr
+    self.hyper = {"lr": jnp.float32(lr), "active": jnp.bool_(True)}
     self.batch_sharding = NamedSharding(specs.mesh, specs.batch)
     replicated = NamedSharding(specs.mesh, P())
     self.train = jax.jit(

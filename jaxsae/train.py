@@ -29,13 +29,15 @@ def _write_json(path: str, obj):
   paths.write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-def resolved_config(config, spec: model.SaeSpec, mesh) -> dict:
+def resolved_config(config, spec: model.SaeSpec, mesh, density: float | None = None) -> dict:
+  """config.json: the config and what the system chose (density: the data's, measured at start;
+  None in a dry run, which reads no data)."""
   out = config.to_dict()
-  lr, lr_source = optim.resolve_lr(config)
+  lr, lr_source = optim.resolve_lr(config, density)
   kernels, kernels_source = config_check.resolve_kernels(config)
   b_pre_ratio, b_pre_source = optim.resolve_b_pre_ratio(config)
   lazy, lazy_source = optim.resolve_lazy(config)
-  out["resolved"] = {"lr": lr, "lr_source": lr_source,
+  out["resolved"] = {"lr": lr, "lr_source": lr_source, "data_density": density,
                      "b_pre_lr_ratio": b_pre_ratio, "b_pre_lr_ratio_source": b_pre_source,
                      "kernels": kernels, "kernels_source": kernels_source,
                      "lazy_optimizer": lazy, "lazy_optimizer_source": lazy_source,
@@ -58,10 +60,10 @@ def open_data(config, spec: model.SaeSpec, layout=(0, 1)):
   return data
 
 
-def init_statistics(config, data):
-  """(input scale, geometric-median b_pre, target) from a sample that every process draws
-  identically; target is a transcoder's (b_dec, target scale), the same statistics of its target
-  columns, else None."""
+def init_statistics(config, data) -> stats.InitStats:
+  """The input scale, geometric-median b_pre, target and element density, from a sample that every
+  process draws identically (so every process, and a resumed run, gets the same); target is a
+  transcoder's (b_dec, target scale), the same statistics of its target columns, else None."""
   sample = np.asarray(data.init_sample(config.train.init_rows), np.float32)
   bad = int(np.sum(~np.all(np.isfinite(sample), axis=1)))
   if bad:
@@ -72,10 +74,11 @@ def init_statistics(config, data):
     return scale, np.asarray(stats.geometric_median(rows * scale, config.train.median_iters))
 
   scale, b_pre = centre_and_scale(sample[:, :data.d])
+  density = stats.element_density(sample[:, :data.d])
   if not data.d_target:
-    return scale, b_pre, None
+    return stats.InitStats(scale, b_pre, None, density)
   target_scale, b_dec = centre_and_scale(sample[:, data.d:])
-  return scale, b_pre, (b_dec, target_scale)
+  return stats.InitStats(scale, b_pre, (b_dec, target_scale), density)
 
 
 # ---- evaluation -------------------------------------------------------------------------------
@@ -130,6 +133,7 @@ class Setup:
   steps: StepFns
   batch_sharding: NamedSharding
   input_scale: float
+  lr: float               # the peak rate (train.lr, else the automatic one)
 
 
 def setup(config) -> Setup:
@@ -142,7 +146,7 @@ def setup(config) -> Setup:
   return Setup(spec=group.spec, mesh=mesh, specs=specs, data=data, tx=group.tx,
                state=group.state, shardings=group.shardings, steps=group.steps,
                batch_sharding=NamedSharding(mesh, specs.batch),
-               input_scale=group.input_scale)
+               input_scale=group.input_scale, lr=group.lrs[0])
 
 
 def _resume_step(config, members, workdir: str):
@@ -313,7 +317,7 @@ def train_and_evaluate(config, workdir: str):
   try:
     for m, (group, index) in zip(members, places):
       paths.of(m.workdir).mkdir(parents=True, exist_ok=True)   # a no-op on an object store
-      resolved = resolved_config(m.config, group.spec, mesh)
+      resolved = resolved_config(m.config, group.spec, mesh, group.density)
       if m.name:
         resolved["resolved"].update(sweep_member=m.name, sweep_overrides=m.overrides)
       if lead:   # process 0 writes the shared files (config.json, metrics, events)
@@ -323,7 +327,7 @@ def train_and_evaluate(config, workdir: str):
       trainees.append(Trainee(m, group, index, resolved, writer,
                               checkpoint_lib.Checkpointer(m.workdir, keep,
                                                           config.checkpoint.async_save, m.name),
-                              optim.learning_rate(m.config)))
+                              optim.learning_rate(m.config, group.density)))
     if is_sweep and lead:
       stacking, why = sweep_lib.resolve_stacking(config)
       _write_json(paths.join(workdir, "config.json"), {**config.to_dict(), "resolved": {

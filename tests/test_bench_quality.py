@@ -120,10 +120,20 @@ def test_jaxsae_weights_fold_both_biases_as_the_export_does():
 
 
 def test_default_learning_rates_are_each_trainers_own():
-  from jaxsae import optim
+  from jaxsae import data, optim, train
   c = quickstart.get_config()
-  c.sae.n, c.sae.d, c.train.steps, c.train.lr = 4096, 576, 150, 3e-3
-  assert quality.default_lr("jaxsae", c) == optim.default_lr(576, c.sae.k, 4096, c.train.batch_size, 150)
+  c.sae.n, c.train.steps, c.train.lr = 4096, 150, 3e-3
+  c.mesh.shape = (1, 1)
+  # jaxsae's: what its own start-up resolves, the data's density included (the synthetic data's
+  # Gaussian-like elements are denser than the reference's: a lower rate than the shapes' alone).
+  shapes_only = optim.default_lr(c.sae.d, c.sae.k, 4096, c.train.batch_size, 150)
+  lr = quality.default_lr("jaxsae", c)
+  assert 0.75 * shapes_only < lr < 0.9 * shapes_only
+  unset = c.copy_and_resolve_references()
+  unset.train.lr = None
+  source = data.create(unset)
+  assert lr == optim.resolve_lr(unset, train.init_statistics(unset, source).density)[0]
+  source.close()
   assert c.train.lr == 3e-3   # the caller's config is left alone
   assert quality.default_lr("sparsify", c) == pytest.approx(4e-4)
   assert quality.default_lr("dictlearn", c) == pytest.approx(4e-4)

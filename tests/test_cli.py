@@ -209,8 +209,9 @@ def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
 
 
 def test_automatic_lr_is_deterministic_and_logged(tmp_path):
-  """No train.lr: two runs of the same config and data choose the same rate, from d and steps,
-  and say so in config.json (with its source) and in every metrics record (train/lr)."""
+  """No train.lr: two runs of the same config and data choose the same rate, from the shapes and
+  the data's element density, and say so in config.json (with its source and the density) and in
+  every metrics record (train/lr)."""
   from jaxsae import optim
   got = []
   for name in ("a", "b"):
@@ -223,8 +224,12 @@ def test_automatic_lr_is_deterministic_and_logged(tmp_path):
     assert "learning rate" in r.stderr and "automatic" in r.stderr
   (resolved, rates), again = got
   assert got[1] == got[0]
-  lr = optim.default_lr(32, 4, 128, 128, 4)
+  density = resolved["data_density"]   # the synthetic data's elements: nearly Gaussian
+  assert 0.7 < density < 0.82 and f"density={density:.3f}" in resolved["lr_source"]
+  lr = optim.default_lr(32, 4, 128, 128, 4, density)
+  assert lr < optim.default_lr(32, 4, 128, 128, 4)
   assert resolved["lr"] == pytest.approx(lr) and resolved["lr_source"].startswith("automatic")
+  assert f"density={density:.3f}" in r.stderr
   assert resolved["warmup_steps"] == 0   # 5% of 4 steps rounds to none
   assert resolved["b_pre_lr_ratio_source"].startswith("automatic") and "b_pre at" in r.stderr
   # The default kernels=auto, resolved for this backend, is recorded and logged too.

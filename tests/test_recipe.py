@@ -62,6 +62,20 @@ def test_input_scale_fixes_mean_squared_norm():
   assert stats.input_scale(x, "none") == 1.0
 
 
+def test_element_density_sees_the_basis_not_the_scale():
+  """E|x_i| / rms: sqrt(2/pi) for Gaussian elements whatever their mean and scale, lower for
+  heavy-tailed ones (Laplace: 1/sqrt(2)) or variance held by a few coordinates; a rotation that
+  spreads that variance over the coordinates brings it most of the way back."""
+  rng = np.random.default_rng(0)
+  g = rng.normal(size=(20000, 64))
+  assert stats.element_density(3.0 * g + 7.0) == pytest.approx(np.sqrt(2 / np.pi), abs=0.01)
+  assert stats.element_density(rng.laplace(size=(20000, 64))) == pytest.approx(2 ** -0.5, abs=0.01)
+  uneven = g * np.where(np.arange(64) < 4, 10.0, 1.0)   # 4 coordinates hold 2/3 of the variance
+  q = np.linalg.qr(rng.normal(size=(64, 64)))[0]
+  assert stats.element_density(uneven) < 0.5
+  assert stats.element_density(uneven @ q) > 0.73
+
+
 def test_k_aux_default():
   assert model.resolve_k_aux(-1, 768, 10 ** 6) == 256
   assert model.resolve_k_aux(-1, 4096, 10 ** 6) == 2048
@@ -90,8 +104,14 @@ def test_automatic_lr_and_schedule():
   c.train.batch_size = 4096
   c.sae.d, c.sae.n = 4 * 576, 64 * 4096   # four times the width: half; 64 times the latents: half
   assert optim.resolve_lr(c)[0] == pytest.approx(lr / 8)
+  # The data's basis: denser than the reference's lowers the rate in proportion, sparser keeps it.
+  assert optim.resolve_lr(c, 0.8)[0] == pytest.approx(lr / 8 * (0.65 / 0.8) ** 1.5)
+  assert optim.resolve_lr(c, 0.5)[0] == pytest.approx(lr / 8)
+  assert "density=0.800" in optim.resolve_lr(c, 0.8)[1]
+  assert "measured at start-up" in optim.resolve_lr(c)[1]   # not measured yet (a dry run)
   c.train.lr = 1e-3
   assert optim.resolve_lr(c) == (1e-3, "train.lr")
+  assert optim.resolve_lr(c, 0.8) == (1e-3, "train.lr")
 
   c.train.steps, c.train.warmup_steps, c.train.decay_frac = 200, -1, 1.0
   assert optim.resolve_warmup(c.train) == 10
