@@ -63,7 +63,7 @@ def main(_):
   out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
   try:
     for i in range(0, shape[0], _BLOCK):
-      rows = np.asarray(read(i, min(i + _BLOCK, shape[0])), np.float32)
+      rows = np.array(read(i, min(i + _BLOCK, shape[0])), np.float32)   # a copy, even of float32
       if q is not None:
         rows[:, coords] = rows[:, coords] @ q
       out[i:i + _BLOCK] = rows

@@ -214,3 +214,36 @@ def test_a_store_is_scored_against_the_features_left_beside_it(tmp_path):
   assert quality.store_ground_truth(config) is None
   np.save(tmp_path / "s.ground_truth.npy", np.eye(4, dtype=np.float32))
   np.testing.assert_array_equal(quality.store_ground_truth(config), np.eye(4))
+
+
+
+def test_rotate_acts_writes_the_same_rows_in_another_basis(tmp_path):
+  """bench/rotate_acts.py (run as a script: its flags would clash with quality.py's here): the
+  store holds the rows times an orthogonal matrix (every inner product between rows kept), on all
+  coordinates or on the share asked for (the others untouched), the element density rises, and
+  --fraction=0 is the rows as they were; the .npy it goes through is gone after."""
+  import os
+  import subprocess
+  import sys
+  import numpy as np
+  from conftest import REPO
+  from jaxsae import stats
+  from jaxsae.data.store import Store
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=(512, 16)) * np.where(np.arange(16) < 2, 8.0, 1.0)).astype(np.float32)
+  np.save(tmp_path / "x.npy", x)
+  kept = {}
+  for fraction in ("1.0", "0.5", "0"):
+    out = tmp_path / f"rot{fraction}"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "bench", "rotate_acts.py"),
+                        f"--from_npy={tmp_path / 'x.npy'}", f"--out={out}", f"--fraction={fraction}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "element density" in r.stdout
+    y = Store(str(out)).read(0, len(x))
+    np.testing.assert_allclose(y @ y.T, x @ x.T, rtol=1e-4, atol=1e-3)   # a rotation
+    kept[fraction] = int(np.sum(np.all(y == x, axis=0)))   # coordinates left as they were
+    assert not os.path.exists(str(out) + ".rotated.f32.npy")
+  assert kept == {"1.0": 0, "0.5": 8, "0": 16}
+  assert stats.element_density(Store(str(tmp_path / "rot1.0")).read(0, len(x))) > (
+      stats.element_density(x) + 0.1)
