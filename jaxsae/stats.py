@@ -38,17 +38,23 @@ def input_scale(sample: np.ndarray, normalize: str, about: str = "mean") -> floa
   return float(np.sqrt(target / mean_sq))
 
 
-def element_density(sample: np.ndarray) -> float:
+def element_density(sample: np.ndarray, block_rows: int = 2048) -> float:
   """E|x_i| / rms(x_i) over every element of the sample centred on its mean: how evenly the data
   spreads over its coordinates, sqrt(2/pi) = 0.80 for isotropic Gaussian rows, lower where a few
   coordinates or heavy tails hold the variance. Scale-free; what Adam's per-coordinate step sees
-  (optim.py, the automatic rate)."""
-  centred = sample.astype(np.float64)
-  centred = centred - centred.mean(axis=0)
-  rms = float(np.sqrt(np.mean(np.square(centred))))
+  (optim.py, the automatic rate). In blocks of rows: a float64 copy of a wide model's whole
+  sample (32k rows x d=16k) would be 4 GiB per temporary."""
+  mean = sample.mean(axis=0, dtype=np.float64)
+  abs_sum = sq_sum = 0.0
+  for start in range(0, len(sample), block_rows):
+    centred = sample[start:start + block_rows].astype(np.float64) - mean
+    abs_sum += float(np.abs(centred).sum())
+    sq_sum += float(np.square(centred).sum())
+  count = sample.size
+  rms = float(np.sqrt(sq_sum / max(count, 1)))
   if not np.isfinite(rms) or rms <= 0:
     raise ValueError(f"cannot measure the data's density: the init sample's rms is {rms}")
-  return float(np.mean(np.abs(centred)) / rms)
+  return abs_sum / count / rms
 
 
 @jax.jit
