@@ -29,32 +29,36 @@ def input_scale(sample: np.ndarray, normalize: str, about: str = "mean") -> floa
   if normalize == "none":
     return 1.0
   target = sample.shape[1] if normalize == "d" else 1.0
-  centred = sample.astype(np.float64)
-  if about == "mean":
-    centred = centred - centred.mean(axis=0)
-  mean_sq = float(np.mean(np.sum(np.square(centred), axis=1)))
+  mean_sq = _centred_sums(sample, about)[1] / max(len(sample), 1)
   if not np.isfinite(mean_sq) or mean_sq <= 0:
     raise ValueError(f"cannot normalize inputs: the init sample's mean squared norm is {mean_sq}")
   return float(np.sqrt(target / mean_sq))
 
 
-def element_density(sample: np.ndarray, block_rows: int = 2048) -> float:
+def element_density(sample: np.ndarray) -> float:
   """E|x_i| / rms(x_i) over every element of the sample centred on its mean: how evenly the data
   spreads over its coordinates, sqrt(2/pi) = 0.80 for isotropic Gaussian rows, lower where a few
   coordinates or heavy tails hold the variance. Scale-free; what Adam's per-coordinate step sees
-  (optim.py, the automatic rate). In blocks of rows: a float64 copy of a wide model's whole
-  sample (32k rows x d=16k) would be 4 GiB per temporary."""
-  mean = sample.mean(axis=0, dtype=np.float64)
-  abs_sum = sq_sum = 0.0
-  for start in range(0, len(sample), block_rows):
-    centred = sample[start:start + block_rows].astype(np.float64) - mean
-    abs_sum += float(np.abs(centred).sum())
-    sq_sum += float(np.square(centred).sum())
+  (optim.py, the automatic rate)."""
+  abs_sum, sq_sum = _centred_sums(sample, "mean")
   count = sample.size
   rms = float(np.sqrt(sq_sum / max(count, 1)))
   if not np.isfinite(rms) or rms <= 0:
     raise ValueError(f"cannot measure the data's density: the init sample's rms is {rms}")
   return abs_sum / count / rms
+
+
+def _centred_sums(sample: np.ndarray, about: str, block_rows: int = 2048) -> tuple[float, float]:
+  """(sum |x - c|, sum (x - c)^2) over every element, c the column means (about="mean") or 0
+  ("zero"), in float64 a block of rows at a time: a float64 copy of a wide model's whole init
+  sample (32k rows x d=16k) would be 4 GiB per temporary."""
+  centre = sample.mean(axis=0, dtype=np.float64) if about == "mean" else 0.0
+  abs_sum = sq_sum = 0.0
+  for start in range(0, len(sample), block_rows):
+    centred = sample[start:start + block_rows].astype(np.float64) - centre
+    abs_sum += float(np.abs(centred).sum())
+    sq_sum += float(np.square(centred).sum())
+  return abs_sum, sq_sum
 
 
 @jax.jit

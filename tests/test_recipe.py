@@ -76,6 +76,20 @@ def test_element_density_sees_the_basis_not_the_scale():
   assert stats.element_density(uneven @ q) > 0.73
 
 
+def test_init_statistics_make_no_float64_copy_of_the_sample():
+  """The input scale and the density read the init sample a block of rows at a time: at d=16k
+  its 32k rows are 2 GiB, and each whole float64 temporary would be 4 GiB more."""
+  import tracemalloc
+  x = np.random.default_rng(0).normal(size=(65536, 128)).astype(np.float32)   # 32 MiB
+  for measure in (lambda: stats.input_scale(x, "d", "mean"), lambda: stats.input_scale(x, "d", "zero"),
+                  lambda: stats.element_density(x)):
+    tracemalloc.start()
+    measure()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < x.nbytes / 2, peak   # one float64 copy would be 2 x x.nbytes; a block, 1/16
+
+
 def test_k_aux_default():
   assert model.resolve_k_aux(-1, 768, 10 ** 6) == 256
   assert model.resolve_k_aux(-1, 4096, 10 ** 6) == 2048
