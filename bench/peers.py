@@ -10,6 +10,9 @@ Every peer module has `versions() -> dict`, `LABEL` (its name in tables) and a `
 `sync()`, `make_dead(frac)` (the first frac of latents dead and kept dead, for timing AuxK),
 `finish()`, `dead_frac()`, `reconstruct(x)`, `decoder_directions()`, `sae_weights()` (the
 trained SAE in raw units as a jaxsae.sae_io.SaeWeights, for jaxsae.evaluate) and `recipe`.
+A transcoder peer (sparsify's, bench/quality.py on a pair of stores) steps on rows [x | y], its
+input and target side by side, and `reconstruct(x)` takes input rows and returns the target's
+estimate.
 
 Scripts reach this module as `bench.peers` with the repository root on sys.path and bench/ off it
 (each script's `__main__` block does that; see bench/__init__.py for why).

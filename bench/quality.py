@@ -65,10 +65,28 @@ Datasets:
   synthetic  configs/quickstart.py's ground-truth data (d=128, 1024 true features)
   synthsae16k  a --stores store made by bench/make_synthsae.py (SAELens's SynthSAEBench-16k
              generator: 16,384 features in d=768, hierarchy, correlations; scored with gt_mcc)
+
+Transcoders: a --stores dataset is a transcoder (an MLP's output rebuilt from its input) when its
+PATH is a folder holding the `mlp_in` and `mlp_out` stores of `python -m jaxsae.dump
+--hooks=mlp_in,mlp_out --out=PATH`, or when it is written IN:TARGET (two stores with the same rows:
+the dumps' token ids must match row for row), e.g.
+  python bench/quality.py --datasets=mlp15 --stores=mlp15=/tmp/jaxsae/smollm2-L15-mlp \
+      --trainers=jaxsae,sparsify --lrs=default,3e-3
+  python bench/quality.py --datasets=tc --stores=tc=/tmp/a/mlp_in:/tmp/a/mlp_out --set=sae.skip=True
+jaxsae trains with data.path=IN, data.target_path=TARGET (configs/transcoder.py; --set=sae.skip=True
+for its skip transcoder); each batch is jaxsae's row-aligned pair, rows [x | y], handed as it is to
+the peers. Held-out FVU is the target's, as jaxsae's eval/fvu is for a transcoder: sum ||y -
+y_hat||^2 / sum ||y - mean(y)||^2 over the held-out rows in raw units, by the same numpy code for
+every trainer (eval/fvu centres each held-out batch on its own mean). Only sparsify trains
+transcoders among the peers (its `transcode=True`, and `skip_connection=True` with sae.skip:
+bench/sparsify_peer.py); saelens and dictlearn are refused (NO_TRANSCODER says why), and so are
+--lm_text (jaxsae.evaluate splices SAEs only) and architectures other than topk. Rows carry
+"transcoder": true and show as "NAME (transcoder)" in the tables.
 """
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -120,7 +138,8 @@ _SAELENS_SET = flags.DEFINE_list(
 
 # ---- configs ----------------------------------------------------------------------------------
 
-def real_config(path: str, lr: float):
+def real_config(path: str, lr: float, target: str = ""):
+  """The run on the store at `path`; with `target`, a transcoder rebuilding that store's rows."""
   from configs import smollm2_fixture
   from jaxsae.data.store import read_metadata
   c = smollm2_fixture.get_config()
@@ -128,6 +147,9 @@ def real_config(path: str, lr: float):
   meta = read_metadata(path)
   if meta is not None:   # the fixture store is made later, with the fixture config's d
     c.sae.d = int(meta["d"])
+  if target:
+    c.data.target_path = target
+    c.sae.d_out = int(read_metadata(target)["d"])
   if _N.value:
     c.sae.n = _N.value
   c.data.eval_rows, c.data.eval_batches = _EVAL_ROWS.value, 1 << 20   # all held-out rows
@@ -139,9 +161,10 @@ def real_config(path: str, lr: float):
 def lm_target(config):
   """What jaxsae.evaluate needs to score SAEs of this run's store inside its model (the model,
   layer, window length and massive-row filter the dump recorded), or None: synthetic data, or a
-  store made --from-npy, has no model to run."""
+  store made --from-npy, has no model to run; nor has a transcoder a way in (jaxsae.evaluate
+  splices SAEs only)."""
   from jaxsae.data.store import read_metadata
-  if config.data.source != "store":
+  if config.data.source != "store" or config.data.target_path:
     return None
   info = (read_metadata(config.data.path) or {}).get("info") or {}
   if info.get("source") != "model" or not info.get("model"):
@@ -160,10 +183,11 @@ def synthetic_config(lr: float):
 
 
 def run_key(r: dict) -> tuple:
-  """What makes two runs the same run (a rerun skips those already in --out): dataset, n, rate
-  (a default's marked as such: a new rule's default is a new run), trainer, steps and variant."""
+  """What makes two runs the same run (a rerun skips those already in --out): dataset (a
+  transcoder's apart from an SAE's of that name), n, rate (a default's marked as such: a new rule's
+  default is a new run), trainer, steps and variant."""
   lr = (f"default {r['lr']:.6g}" if r.get("lr_choice") == "default" else r["lr"])
-  return r["dataset"], r["n"], lr, r["trainer"], r["steps"], r.get("variant", "")
+  return data_label(r), r["n"], lr, r["trainer"], r["steps"], r.get("variant", "")
 
 
 def literal(text: str):
@@ -208,6 +232,29 @@ def label(r: dict) -> str:
   return f"{r['trainer']}[{r['variant']}]" if r.get("variant") else r["trainer"]
 
 
+def data_label(r: dict) -> str:
+  """The dataset as the tables show it: a transcoder's is marked, so it never meets SAE rows."""
+  return f"{r['dataset']} (transcoder)" if r.get("transcoder") else r["dataset"]
+
+
+def store_pair(path: str) -> tuple[str, str]:
+  """A --stores PATH as (input store, target store, "" for an SAE): IN:TARGET names a
+  transcoder's two stores (a ':' before '//' is a URL's, gs://...); a folder holding no store of
+  its own but `mlp_in` and `mlp_out` ones (jaxsae.dump --hooks=mlp_in,mlp_out) is that MLP's
+  transcoder."""
+  from jaxsae import paths
+  from jaxsae.data.store import read_metadata
+  parts = re.split(r":(?!//)", path)
+  if len(parts) > 2 or not all(parts):
+    raise app.UsageError(f"--stores {path!r}: not PATH or IN:TARGET")
+  if len(parts) == 2:
+    return parts[0], parts[1]
+  pair = paths.join(path, "mlp_in"), paths.join(path, "mlp_out")
+  if read_metadata(path) is None and all(read_metadata(p) is not None for p in pair):
+    return pair
+  return path, ""
+
+
 def ensure_fixture_store(path: str):
   from jaxsae.data.store import read_metadata
   if read_metadata(path) is not None:
@@ -227,6 +274,13 @@ PEER_OF = {"saelens": "saelens", "sparsify": "sparsify", "sparsify_signum": "spa
 # Peers with their own BatchTopK and Matryoshka BatchTopK: they train the architecture jaxsae's
 # config names (--set=sae.architecture=...); sparsify has neither.
 ARCHITECTURE_PEERS = ("saelens", "dictlearn")
+# Peers that cannot train a transcoder, and why (sparsify can: its transcode=True).
+NO_TRANSCODER = {
+    "saelens": "SAELens's transcoders (sae_lens.saes.transcoder) are for inference only: its "
+               "trainer trains TrainingSAEs, which rebuild their own input",
+    "dictlearn": "dictionary_learning 0.1.0 has no transcoder trainer: trainSAE's transcoder flag "
+                 "changes only its logging, and every trainer's loss rebuilds its own input "
+                 "(TopKTrainer: e = x - x_hat)"}
 
 
 def make_peer(trainer: str, run, config, spec, window: int):
@@ -253,10 +307,14 @@ def make_peer(trainer: str, run, config, spec, window: int):
     return mod.Peer(spec.d, spec.n, spec.k, lr, B, steps, spec.dead_tokens, norm_factor=norm,
                     warmup_steps=warmup, decay_steps=decay, seed=config.train.seed,
                     architecture=spec.architecture, prefixes=spec.prefixes)
+  if spec.transcoder and spec.d_out != spec.d:
+    raise app.UsageError(f"{trainer}: sparsify's transcoders rebuild outputs of the input's width "
+                         f"(d={spec.d}), not d_out={spec.d_out}")
   return mod.Peer(spec.d, spec.n, spec.k, lr, B, steps, spec.dead_tokens,
                   optimizer="adam" if trainer == "sparsify" else "signum",
                   auxk_alpha=spec.auxk_coef, warmup_steps=warmup,
-                  multi_topk=spec.multi_topk, seed=config.train.seed)
+                  multi_topk=spec.multi_topk, seed=config.train.seed,
+                  transcode=spec.transcoder, skip=spec.skip)
 
 
 def default_lr(trainer: str, config) -> float:
@@ -293,15 +351,19 @@ def fvu(x, x_hat):
   return float(np.sum((x - x_hat) ** 2) / np.sum((x - x.mean(0)) ** 2))
 
 
-def jaxsae_reconstruct(params, scale: float, k: int, x):
+def jaxsae_reconstruct(params, scale: float, k: int, x, out_scale: float | None = None):
+  """(output, l0 per row) of raw input rows x, in raw units: the output is scaled by out_scale (a
+  transcoder's target scale; None: the input's)."""
   import jax
   import numpy as np
   from jaxsae import model
+  out_scale = scale if out_scale is None else out_scale
 
   @jax.jit
   def rec(params, xb):
     vals, idx = model.encode(params, xb * scale, k)
-    return model.decode(params, vals, idx) / scale, jax.numpy.sum(vals > 0, axis=1)
+    return (model.decode(params, vals, idx, xb * scale) / out_scale,
+            jax.numpy.sum(vals > 0, axis=1))
 
   outs, l0s = [], []
   for i in range(0, len(x), 4096):
@@ -339,9 +401,13 @@ def jaxsae_recipe(config) -> str:
   from jaxsae import model
   s, t = config.sae, config.train
   k_aux = model.resolve_k_aux(s.k_aux, s.d, s.n) if s.auxk_coef > 0 else 0
+  if config.data.target_path:
+    init = (f"transcoder{' with skip' if s.skip else ''}: untied init (encoder norm "
+            f"{s.encoder_init_norm:g}), geometric-median b_pre and target b_dec")
+  else:
+    init = f"tied init (encoder norm {s.encoder_init_norm:g}), geometric-median b_pre and b_dec"
   return (("BatchTopK (JumpReLU at inference), " if s.architecture != "topk" else "") +
-          f"tied init (encoder norm {s.encoder_init_norm:g}), geometric-median b_pre and b_dec "
-          f"(b_dec at the full rate), AuxK k_aux={k_aux} alpha={s.auxk_coef:g} "
+          f"{init} (b_dec at the full rate), AuxK k_aux={k_aux} alpha={s.auxk_coef:g} "
           f"relu={s.auxk_relu}, projected unit decoder at {t.decoder_lr_ratio:g}x the rate, lr decay "
           f"over the last {t.decay_frac:g}, Adam eps {t.eps:g}")
 
@@ -414,13 +480,19 @@ def run_pair(dataset: str, config, trainers, lm: dict | None = None) -> list[dic
             + " ".join(f"{t} {np.sum(v):.0f}s" for t, v in step_s.items()), flush=True)
   load1 = os.getloadavg()[0]
 
-  held = None
+  held = held_y = None
   if run.data.eval_batches is not None:
     held = np.concatenate([np.asarray(b, np.float32) for b in run.data.eval_batches()])
+    held_y = held
+    if spec.transcoder:   # rows [x | y]: every trainer encodes x and is scored on y
+      held, held_y = held[:, :spec.d], held[:, spec.d:]
   common = {"dataset": dataset, "lr": config.train.lr, "n": spec.n, "k": spec.k, "d": spec.d,
             "batch": B, "steps": steps, "tokens": steps * B, "dead_tokens": spec.dead_tokens,
             "eval_rows": 0 if held is None else len(held), "load_start": load0, "load_end": load1,
             "date": time.strftime("%Y-%m-%d %H:%M")}
+  if spec.transcoder:
+    common.update(transcoder=True, d_out=spec.d_out, data_path=config.data.path,
+                  target_path=config.data.target_path)
   truth = (run.data.ground_truth if run.data.ground_truth is not None
            else store_ground_truth(config))
   out, saes = [], []
@@ -440,7 +512,8 @@ def run_pair(dataset: str, config, trainers, lm: dict | None = None) -> list[dic
       jumprelu = weights if threshold is not None else None
       if held is not None:
         if threshold is None:
-          x_hat, l0 = jaxsae_reconstruct(params, run.input_scale, spec.k, held)
+          target_scale = None if state.target_scale is None else float(state.target_scale)
+          x_hat, l0 = jaxsae_reconstruct(params, run.input_scale, spec.k, held, target_scale)
         else:   # BatchTopK: the JumpReLU it exports
           from bench import peers as peers_lib
           x_hat, l0 = peers_lib.numpy_reconstruct(weights, held)
@@ -459,7 +532,7 @@ def run_pair(dataset: str, config, trainers, lm: dict | None = None) -> list[dic
         saes.append(weights)
       jumprelu = weights if spec.batchtopk else None   # its own BatchTopK (--set)
     if held is not None:
-      rec["eval_fvu"], rec["eval_l0"] = fvu(held, x_hat), float(np.mean(l0))
+      rec["eval_fvu"], rec["eval_l0"] = fvu(held_y, x_hat), float(np.mean(l0))
       if jumprelu is not None:   # BatchTopK / Matryoshka: also scored at L0 = k (peers.py)
         from bench import peers as peers_lib
         rec["equal_l0_threshold"], x_k = peers_lib.at_equal_l0(jumprelu, held, spec.k)
@@ -484,7 +557,7 @@ def summary(records: list[dict]) -> list[str]:
   groups = {}
   for r in records:
     if "eval_fvu" in r and not r.get("variant"):   # variants are in the full table below
-      groups.setdefault((r["dataset"], r.get("n", 0), r.get("steps", 0), label(r)), []).append(r)
+      groups.setdefault((data_label(r), r.get("n", 0), r.get("steps", 0), label(r)), []).append(r)
   lines = ["Summary: held-out FVU / dead latents (learning rate), best over the swept rates and at "
            "each trainer's own default rate (`--lrs=default`).", "",
            "| data | n | tokens | trainer | best swept | default | default / best |",
@@ -537,9 +610,9 @@ def table(records: list[dict]) -> str:
       "gt >0.9 | gt_mcc | setup s | train s | tok/s (median step) | load |",
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   f = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"
-  for r in sorted(records, key=lambda r: (r["dataset"], r.get("n", 0), r["lr"], label(r))):
+  for r in sorted(records, key=lambda r: (data_label(r), r.get("n", 0), r["lr"], label(r))):
     lines.append(
-        f"| {r['dataset']} | {r.get('n', '-')} | {label(r)} | {r['lr']:g} | {r['tokens']:,} | "
+        f"| {data_label(r)} | {r.get('n', '-')} | {label(r)} | {r['lr']:g} | {r['tokens']:,} | "
         f"{f(r, 'eval_fvu', '.4f')} | {f(r, 'eval_l0', '.1f')} | {f(r, 'eval_fvu_at_k', '.4f')} | "
         f"{100 * r['dead_frac']:.1f}% | "
         f"{f(r, 'gt_mmcs', '.3f')} | {f(r, 'gt_recovered_frac', '.1%')} | "
@@ -547,7 +620,7 @@ def table(records: list[dict]) -> str:
         f"{r['train_s']:.0f} | {r['tokens_per_s']:,.0f} | {r['load_start']:.1f}-{r['load_end']:.1f} |")
   best = {}
   for r in records:
-    key = (r["dataset"], label(r))
+    key = (data_label(r), label(r))
     metric = r.get("eval_fvu", -r.get("gt_mmcs", 0.0))
     if key not in best or metric < best[key][0]:
       best[key] = (metric, r)
@@ -559,6 +632,22 @@ def table(records: list[dict]) -> str:
                  f"{100 * r['dead_frac']:.1f}% | {f(r, 'gt_mmcs', '.3f')} | "
                  f"{f(r, 'gt_mcc', '.3f')} |")
   return "\n".join(lines) + "\n"
+
+
+def check_transcoder_run(dataset: str, architecture: str):
+  """Refuses what a transcoder dataset cannot run: a peer without transcoders (NO_TRANSCODER),
+  --lm_text, an architecture other than topk (its JumpReLU is scored through sae_io, which reads
+  SAEs only)."""
+  refused = [t for t in _TRAINERS.value if PEER_OF.get(t) in NO_TRANSCODER]
+  if refused:
+    raise app.UsageError(f"--datasets={dataset} is a transcoder: --trainers " + "; ".join(
+        f"{t} cannot train one ({NO_TRANSCODER[PEER_OF[t]]})" for t in refused))
+  if _LM_TEXT.value:
+    raise app.UsageError(f"--datasets={dataset} is a transcoder: no --lm_text (jaxsae.evaluate "
+                         f"splices SAEs only)")
+  if architecture != "topk":
+    raise app.UsageError(f"--datasets={dataset} is a transcoder: only sae.architecture=topk is "
+                         f"scored here, not {architecture}")
 
 
 def main(_):
@@ -591,9 +680,6 @@ def main(_):
   if lacking:
     raise app.UsageError(f"--trainers {lacking}: no {architecture} there (only "
                          f"{', '.join(ARCHITECTURE_PEERS)} train it)")
-  print(f"jax {jax.__version__}, " + ", ".join(
-      f"{t} {trainer_versions(t)}" for t in _TRAINERS.value if t != "jaxsae")
-        + f", {os.cpu_count()} cores", flush=True)
 
   stores = {}
   for item in _STORES.value:
@@ -602,8 +688,9 @@ def main(_):
       raise app.UsageError(f"--stores {item!r}: not NAME=PATH")
     stores[name] = path
   lockstep = [t for t in _TRAINERS.value if t != "sparsify_signum"]
-  plans = []   # (dataset, store path, lr, trainers)
+  plans = []   # (dataset, store path, target store path or "", lr, trainers)
   for ds in _DATASETS.value:
+    target = ""
     if ds == "synthetic":
       path, lrs = None, _SYN_LRS.value
     elif ds == "fixture":
@@ -613,19 +700,25 @@ def main(_):
         raise app.UsageError("--datasets=store needs --store=PATH")
       path, lrs = _STORE.value, _LRS.value
     elif ds in stores:
-      path, lrs = stores[ds], _LRS.value
+      (path, target), lrs = store_pair(stores[ds]), _LRS.value
     else:
       raise app.UsageError(f"unknown dataset {ds!r}: not fixture, store, synthetic or a --stores "
                            f"name ({sorted(stores)})")
+    if target:
+      check_transcoder_run(ds, architecture)
     if lockstep:
-      plans += [(ds, path, lr, lockstep) for lr in lrs if lr != "default"]
+      plans += [(ds, path, target, lr, lockstep) for lr in lrs if lr != "default"]
       # "default": every trainer at its own default learning rate, so each trains alone
-      plans += [(ds, path, lr, [t]) for lr in lrs if lr == "default" for t in lockstep]
+      plans += [(ds, path, target, lr, [t]) for lr in lrs if lr == "default" for t in lockstep]
     if "sparsify_signum" in _TRAINERS.value:
-      plans += [(ds, path, lr, ["sparsify_signum"]) for lr in _SIGNUM_LRS.value]
-  for ds, path, lr, trainers in plans:
+      plans += [(ds, path, target, lr, ["sparsify_signum"]) for lr in _SIGNUM_LRS.value]
+  print(f"jax {jax.__version__}, " + ", ".join(
+      f"{t} {trainer_versions(t)}" for t in _TRAINERS.value if t != "jaxsae")
+        + f", {os.cpu_count()} cores", flush=True)
+
+  for ds, path, target, lr, trainers in plans:
     steps = _SYN_STEPS.value if ds == "synthetic" else _STEPS.value
-    config = synthetic_config(0.0) if ds == "synthetic" else real_config(path, 0.0)
+    config = synthetic_config(0.0) if ds == "synthetic" else real_config(path, 0.0, target)
     if lr == "auto":   # sparsify's own default for its signum optimizer
       from bench import sparsify_peer
       lr = sparsify_peer.default_lr(config.sae.n, "signum")
@@ -637,7 +730,8 @@ def main(_):
 
     def missing(t):
       r = have.get(run_key(dict(dataset=ds, n=config.sae.n, lr=lr, trainer=t, steps=steps,
-                                variant=variant(t), lr_choice=choice)))
+                                variant=variant(t), lr_choice=choice,
+                                transcoder=bool(target))))
       return (r is None or (lm is not None and "lm_loss_recovered" not in r)
               or (t == "jaxsae" and r.get("recipe") != jaxsae_recipe(config))
               or (config.sae.architecture != "topk" and "eval_fvu_at_k" not in r))

@@ -38,6 +38,13 @@ sparsify's default 1000, which would keep a 150-step run below 15% of its LR), `
 (jaxsae's 1/32, the paper's value; sparsify's default is 0, AuxK off) and
 `dead_feature_threshold` (jaxsae's dead_tokens - 1: sparsify counts a latent dead above the
 threshold, jaxsae at or above dead_tokens; the same set).
+
+A transcoder (`transcode=True`: sparsify's SparseCoderConfig, which keeps the output at the input's
+width d) takes batches of rows [x | y], the input and target side by side as jaxsae's paired stores
+give them (jaxsae/data/paired.py), and steps as fit() does for one: the MLP's input x is encoded
+(uncentred), its output y rebuilt; W_dec starts at 0; on the first step the encoder bias is set to
+-mean(x) W_enc^T and b_dec to mean(y); the decoder is neither renormalized nor its gradients
+projected; FVU and AuxK are y's. `skip_connection=True` adds its W_skip [d, d] (zero at init).
 """
 import contextlib
 import io
@@ -99,12 +106,13 @@ class Peer:
   def __init__(self, d: int, n: int, k: int, lr: float | None, batch: int, steps: int,
                dead_tokens: int, *, optimizer: str = "adam", auxk_alpha: float = 1 / 32,
                warmup_steps: int = 0, multi_topk: bool = False, device: str = "cpu",
-               seed: int = 0):
+               seed: int = 0, transcode: bool = False, skip: bool = False):
     import torch
     with contextlib.redirect_stdout(io.StringIO()) as log:
       from sparsify import SaeConfig, TrainConfig, Trainer
       cfg = TrainConfig(
-          SaeConfig(num_latents=n, k=k, multi_topk=multi_topk), batch_size=1,
+          SaeConfig(num_latents=n, k=k, multi_topk=multi_topk, transcode=transcode,
+                    skip_connection=skip), batch_size=1,
           optimizer=optimizer, lr=lr, lr_warmup_steps=warmup_steps, auxk_alpha=auxk_alpha,
           dead_feature_threshold=max(dead_tokens - 1, 0), hookpoints=[HOOK], init_seeds=[seed],
           log_to_wandb=False)
@@ -113,15 +121,21 @@ class Peer:
     self.setup_log = log.getvalue()
     self.sae = self.trainer.saes[HOOK]
     self.did_fire = torch.zeros(n, device=device, dtype=torch.bool)
-    self.device, self.dead_tokens, self._torch = device, dead_tokens, torch
+    self.device, self.dead_tokens, self.d, self._torch = device, dead_tokens, d, torch
     opt = type(self.trainer.optimizers[0]).__name__
     if optimizer == "signum":
       opt = f"SignSGD in {opt}(momentum 0.95)"
+    if transcode:
+      model = ("transcoder: nn.Linear encoder init, zero decoder, encoder bias = -(first batch's "
+               "input mean) W_enc^T, b_dec = first batch's target mean, decoder not normalized"
+               + (", skip connection" if skip else ""))
+    else:
+      model = ("nn.Linear encoder init, unit decoder, b_dec = first batch mean, decoder grads "
+               "projected")
     self.recipe = (f"sparsify Trainer, optimizer={optimizer} ({opt}, lr "
                    f"{self.trainer.optimizers[0].param_groups[0]['lr']:.3g}"
                    + (", linear warmup+decay to 0" if self.trainer.lr_schedulers else "")
-                   + f"); nn.Linear encoder init, unit decoder, b_dec = first batch mean, AuxK "
-                   f"k_aux={d // 2} alpha={auxk_alpha:g}, decoder grads projected, raw inputs")
+                   + f"); {model}, AuxK k_aux={d // 2} alpha={auxk_alpha:g}, raw inputs")
 
   def to_device(self, batch: np.ndarray):
     torch = self._torch
@@ -129,23 +143,28 @@ class Peer:
     return torch.from_numpy(np.array(batch, dtype=np.float32)).to(self.device)
 
   def step(self, batch) -> float:
-    """One step of sparsify's fit() (loss_fn="fvu") on a raw batch; returns its FVU."""
+    """One step of sparsify's fit() (loss_fn="fvu") on a raw batch (a transcoder's: rows [x | y]);
+    returns its FVU."""
     torch = self._torch
-    x = batch if isinstance(batch, torch.Tensor) else self.to_device(batch)
-    x = x.to(self.device)
+    batch = batch if isinstance(batch, torch.Tensor) else self.to_device(batch)
+    batch = batch.to(self.device)
+    # fit()'s hook: a transcoder's inputs and outputs are the module's; an SAE's both its output.
+    x, y = (batch[:, :self.d], batch[:, self.d:]) if self.sae.cfg.transcode else (batch, batch)
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")   # fit(): "Use Tensor Cores even for fp32 matmuls"
     try:
       t, sae, cfg = self.trainer, self.sae, self.trainer.cfg
       # ---- fit()'s hook, for one SAE, micro_acc_steps = 1 ----
       if t.global_step == 0 and not cfg.finetune:
-        sae.b_dec.data = x.mean(0).to(sae.dtype)
+        if cfg.sae.transcode:
+          sae.encoder.bias.data = -x.mean(0).to(sae.dtype) @ sae.encoder.weight.data.T
+        sae.b_dec.data = y.mean(0).to(sae.dtype)
       if sae.cfg.normalize_decoder and not cfg.sae.transcode:
         sae.set_decoder_norm_to_unit_norm()
       dead_mask = (t.num_tokens_since_fired[HOOK] > cfg.dead_feature_threshold
                    if cfg.auxk_alpha > 0 else None)
-      total_variance = (x - x.mean(0)).pow(2).sum()
-      out = sae(x=x, y=x, dead_mask=dead_mask, total_variance=total_variance)
+      total_variance = (y - y.mean(0)).pow(2).sum()
+      out = sae(x=x, y=y, dead_mask=dead_mask, total_variance=total_variance)
       self.did_fire[out.latent_indices.flatten()] = True
       fvu = float(out.fvu.detach())            # fit() logs avg_fvu: a host read every step
       if cfg.auxk_alpha > 0:
@@ -194,14 +213,18 @@ class Peer:
     return float((counts >= self.dead_tokens).float().mean())
 
   def reconstruct(self, x: np.ndarray, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """(x_hat, l0 per row) of raw rows, through SparseCoder.encode/decode (after `finish`)."""
+    """(output, l0 per row) of raw input rows, through SparseCoder.encode/decode plus, with a skip
+    connection, x W_skip^T as its forward adds it (after `finish`)."""
     torch = self._torch
     outs, l0s = [], []
     with torch.no_grad():
       for i in range(0, len(x), batch):
         xb = self.to_device(x[i:i + batch])
         acts, idx, _ = self.sae.encode(xb)
-        outs.append(self.sae.decode(acts, idx).float().cpu().numpy())
+        out = self.sae.decode(acts, idx)
+        if self.sae.W_skip is not None:
+          out += xb @ self.sae.W_skip.mT
+        outs.append(out.float().cpu().numpy())
         l0s.append((acts > 0).sum(-1).cpu().numpy())
     return np.concatenate(outs), np.concatenate(l0s)
 

@@ -16,8 +16,11 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _fit_reference(table, d, n, k, batch, steps, optimizer, alpha, dead_tokens, tmp_path):
-  """sparsify's Trainer.fit() on a stand-in LM whose hooked layer emits the table's rows."""
+def _fit_reference(table, d, n, k, batch, steps, optimizer, alpha, dead_tokens, tmp_path,
+                   layer=None, **sae_options):
+  """sparsify's Trainer.fit() on a stand-in LM whose hooked layer takes the table's rows and emits
+  them (layer None) or layer's output of them (a transcoder's module, with sae_options
+  transcode=True)."""
   import sparsify
   from torch import nn
   from transformers import PretrainedConfig, PreTrainedModel
@@ -32,7 +35,7 @@ def _fit_reference(table, d, n, k, batch, steps, optimizer, alpha, dead_tokens, 
       super().__init__(config)
       self.emb = nn.Embedding(len(table), d)
       self.emb.weight.data = torch.from_numpy(table)
-      self.layers = nn.ModuleList([nn.Identity()])
+      self.layers = nn.ModuleList([layer or nn.Identity()])
 
     def forward(self, input_ids=None, **_):
       h = self.emb(input_ids.clamp(max=len(table) - 1))   # the width probe's dummy ids too
@@ -41,7 +44,8 @@ def _fit_reference(table, d, n, k, batch, steps, optimizer, alpha, dead_tokens, 
       return h
 
   cfg = sparsify.TrainConfig(
-      sparsify.SaeConfig(num_latents=n, k=k), batch_size=1, optimizer=optimizer, lr=3e-3,
+      sparsify.SaeConfig(num_latents=n, k=k, **sae_options), batch_size=1, optimizer=optimizer,
+      lr=3e-3,
       lr_warmup_steps=2, auxk_alpha=alpha, dead_feature_threshold=dead_tokens - 1,
       hookpoints=["layers.0"], log_to_wandb=False, save_dir=str(tmp_path))
   data = [{"input_ids": torch.arange(i * batch, (i + 1) * batch)} for i in range(steps)]
@@ -76,6 +80,45 @@ def test_sparsify_peer_matches_fit(optimizer, alpha, dead_tokens, tmp_path):
                                 ref.num_tokens_since_fired["layers.0"].numpy())
   if optimizer == "adam":
     assert dead_seen > 0   # some latents were dead, so the AuxK branch ran
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_sparsify_transcoder_peer_matches_fit(skip, tmp_path):
+  """A transcoder (transcode=True, skip_connection=skip): the peer, given rows [x | y], trains the
+  parameters fit() trains on a module mapping x to y, and reconstructs y as sparsify's forward
+  does."""
+  pytest.importorskip("sparsify")
+  from torch import nn
+  from bench import sparsify_peer
+  d, n, k, batch, steps, dead_tokens = 32, 256, 8, 128, 10, 3 * 128
+  rng = np.random.default_rng(0)
+  table = (rng.standard_normal((batch * steps, d)) * 3 + 1).astype(np.float32)
+  mlp = nn.Linear(d, d)
+  with torch.no_grad():
+    mlp.weight.copy_(torch.from_numpy(rng.standard_normal((d, d)).astype(np.float32) / d ** 0.5))
+    mlp.bias.copy_(torch.from_numpy(rng.standard_normal(d).astype(np.float32)))
+    target = mlp(torch.from_numpy(table)).numpy()
+  ref = _fit_reference(table, d, n, k, batch, steps, "adam", 1 / 32, dead_tokens, tmp_path,
+                       layer=mlp, transcode=True, skip_connection=skip)
+  peer = sparsify_peer.Peer(d, n, k, 3e-3, batch, steps, dead_tokens, optimizer="adam",
+                            warmup_steps=2, transcode=True, skip=skip)
+  rows = np.concatenate([table, target], axis=1)
+  for i in range(steps):
+    peer.step(rows[i * batch:(i + 1) * batch])
+  want = dict(ref.saes["layers.0"].named_parameters())
+  assert ("W_skip" in want) == skip
+  for name, p in peer.sae.named_parameters():
+    np.testing.assert_allclose(p.detach().numpy(), want[name].detach().numpy(), rtol=0, atol=1e-6,
+                               err_msg=name)
+  # A transcoder's decoder is left free (no unit rows), its skip term trained.
+  assert np.abs(np.linalg.norm(peer.sae.W_dec.detach().numpy(), axis=1) - 1).max() > 0.1
+  if skip:
+    assert np.abs(peer.sae.W_skip.detach().numpy()).max() > 0
+  y_hat, l0 = peer.reconstruct(table[:batch])
+  with torch.no_grad():
+    want_out = ref.saes["layers.0"](torch.from_numpy(table[:batch])).sae_out.numpy()
+  np.testing.assert_allclose(y_hat, want_out, rtol=1e-5, atol=1e-5)
+  assert np.all(l0 <= k)
 
 
 def _train_sae_reference(batches, steps, normalize, dead_tokens, monkeypatch, **trainer_kwargs):

@@ -146,7 +146,7 @@ def test_a_run_at_another_n_or_variant_is_not_skipped():
   have = {quality.run_key(row)}
   assert quality.run_key(dict(row)) in have
   for change in (dict(n=16384), dict(steps=1250), dict(variant="train.seed=1"), dict(lr=1.2e-2),
-                 dict(lr_choice="default")):
+                 dict(lr_choice="default"), dict(transcoder=True)):
     assert quality.run_key(dict(row, **change)) not in have, change
   # A default is the run at the rate its rule gave; another rule's default is another run.
   default = dict(row, lr=8.5e-3, lr_choice="default")
@@ -247,3 +247,102 @@ def test_rotate_acts_writes_the_same_rows_in_another_basis(tmp_path):
   assert kept == {"1.0": 0, "0.5": 8, "0": 16}
   assert stats.element_density(Store(str(tmp_path / "rot1.0")).read(0, len(x))) > (
       stats.element_density(x) + 0.1)
+
+
+# ---- transcoders ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mlp_stores(tmp_path_factory):
+  """A transcoder's pair of stores as `jaxsae.dump --hooks=mlp_in,mlp_out` lays them out (DIR/mlp_in,
+  DIR/mlp_out), made by two real --from-npy dumps with the same token ids: inputs that are sparse
+  sums of 32 features (2 per row) in d=16, targets a fixed affine map of them at 3x their scale and
+  off centre (so a target rebuilt in the input's units would be far off)."""
+  import os
+  import subprocess
+  import sys
+  import numpy as np
+  from conftest import REPO
+  root = tmp_path_factory.mktemp("mlp")
+  rng = np.random.default_rng(0)
+  rows, d, features = 4096, 16, 32
+  dirs = rng.standard_normal((features, d))
+  dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+  codes = np.zeros((rows, features))
+  for i in range(rows):
+    codes[i, rng.choice(features, 2, replace=False)] = rng.uniform(1, 3, 2)
+  x = (codes @ dirs).astype(np.float32)
+  y = (3 * (x @ rng.standard_normal((d, d)) / d ** 0.5 + rng.standard_normal(d))).astype(np.float32)
+  np.save(root / "tokens.npy", (np.arange(rows) % 1000).astype(np.int32))
+  for hook, rows_of in (("mlp_in", x), ("mlp_out", y)):
+    np.save(root / f"{hook}.npy", rows_of)
+    r = subprocess.run([sys.executable, "-m", "jaxsae.dump", f"--from-npy={root / hook}.npy",
+                        f"--tokens-npy={root / 'tokens.npy'}", f"--out={root / 'dump' / hook}",
+                        "--chunk_rows=256", "--shard_rows=1024", "--dtype=float32",
+                        "--filter_massive=false", "--progress=false"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+  return str(root / "dump")
+
+
+def _quality(tmp_path, *args, overrides=""):
+  import os
+  import subprocess
+  import sys
+  from conftest import REPO
+  cmd = [sys.executable, os.path.join(REPO, "bench", "quality.py"), f"--out={tmp_path / 'q.jsonl'}",
+         f"--table={tmp_path / 'q.md'}", "--n=64", "--eval_rows=512",
+         "--set=train.batch_size=64,train.init_rows=512,sae.k=4,sae.dead_tokens=1024" + overrides,
+         *args]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_store_pairs_name_a_transcoders_input_and_target(mlp_stores):
+  import os
+  assert quality.store_pair(mlp_stores) == (os.path.join(mlp_stores, "mlp_in"),
+                                            os.path.join(mlp_stores, "mlp_out"))
+  one = os.path.join(mlp_stores, "mlp_in")
+  assert quality.store_pair(one) == (one, "")   # a store of its own: an SAE's
+  assert quality.store_pair("/a/in:/a/out") == ("/a/in", "/a/out")
+  assert quality.store_pair("gs://b/in:gs://b/out") == ("gs://b/in", "gs://b/out")
+  for bad in ("/a:/b:/c", "/a:"):
+    with pytest.raises(app.UsageError, match="--stores"):
+      quality.store_pair(bad)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_transcoder_is_benchmarked_against_sparsifys(mlp_stores, tmp_path, skip):
+  """quality.py on a pair of stores: jaxsae and sparsify both train a transcoder (with skip, each
+  its skip transcoder) on the same batches, each scored by the FVU of the held-out targets (a
+  learnable affine map: well below 1; an input's FVU, or a target in the input's units, would be
+  far off), and the rows and tables keep them apart from SAE rows."""
+  import json
+  pytest.importorskip("sparsify")
+  r = _quality(tmp_path, "--datasets=mlp", f"--stores=mlp={mlp_stores}", "--steps=150",
+               "--lrs=3e-3", "--trainers=jaxsae,sparsify",
+               overrides=",sae.skip=True" if skip else "")
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [json.loads(line) for line in open(tmp_path / "q.jsonl")]
+  assert sorted(row["trainer"] for row in rows) == ["jaxsae", "sparsify"]
+  for row in rows:
+    assert row["transcoder"] and row["target_path"].endswith("mlp_out"), row
+    assert row["eval_rows"] == 512 and row["eval_l0"] <= 4
+    assert 0 < row["eval_fvu"] < 0.6, (row["trainer"], row["eval_fvu"])
+  recipes = {row["trainer"]: row["recipe"] for row in rows}
+  assert recipes["jaxsae"].startswith("transcoder" + (" with skip" if skip else ":"))
+  assert "transcoder:" in recipes["sparsify"] and ("skip connection" in recipes["sparsify"]) == skip
+  table = (tmp_path / "q.md").read_text()
+  for trainer in ("jaxsae", "sparsify"):   # --set makes them variants: the full tables only
+    assert f"| mlp (transcoder) | 64 | {trainer}[" in table
+    assert f"| mlp (transcoder) | {trainer}[" in table.split("Best learning rate")[1]
+  assert "| mlp |" not in table
+
+
+@pytest.mark.parametrize("trainer,why", [("dictlearn", "no transcoder trainer"),
+                                         ("saelens", "for inference only")])
+def test_peers_without_transcoders_are_refused(mlp_stores, tmp_path, trainer, why):
+  r = _quality(tmp_path, "--datasets=mlp", f"--stores=mlp={mlp_stores}", "--steps=1",
+               f"--trainers=jaxsae,{trainer}")
+  assert r.returncode != 0
+  assert f"--datasets=mlp is a transcoder: --trainers {trainer} cannot train one" in r.stderr
+  assert why in r.stderr
+  assert not (tmp_path / "q.jsonl").exists()
