@@ -322,13 +322,15 @@ def default_lr(trainer: str, config) -> float:
   shapes and the data's density: what train.setup resolves), sparsify's and dictionary_learning's
   2e-4 * sqrt(2^14 / n) (sparsify's signum: 5e-3 * ...), SAELens's 3e-4
   (LanguageModelSAERunnerConfig.lr)."""
-  if trainer == "jaxsae":
-    from jaxsae import train
+  if trainer == "jaxsae":   # the data's statistics only, not a whole train.setup (state, mesh)
+    from jaxsae import model, optim, train
     c = config.copy_and_resolve_references()
     c.train.lr = None
-    run = train.setup(c)
-    run.data.close()
-    return run.lr
+    data = train.open_data(c, model.SaeSpec.from_config(c))
+    try:
+      return optim.resolve_lr(c, train.init_statistics(c, data).density)[0]
+    finally:
+      data.close()
   if trainer == "saelens":
     return 3e-4
   from bench import sparsify_peer   # dictionary_learning's rule is sparsify's adam one

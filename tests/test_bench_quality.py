@@ -134,6 +134,9 @@ def test_default_learning_rates_are_each_trainers_own():
   source = data.create(unset)
   assert lr == optim.resolve_lr(unset, train.init_statistics(unset, source).density)[0]
   source.close()
+  run = train.setup(unset)   # and what a run's own start-up resolves
+  run.data.close()
+  assert lr == run.lr
   assert c.train.lr == 3e-3   # the caller's config is left alone
   assert quality.default_lr("sparsify", c) == pytest.approx(4e-4)
   assert quality.default_lr("dictlearn", c) == pytest.approx(4e-4)
