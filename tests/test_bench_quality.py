@@ -260,7 +260,6 @@ def mlp_stores(tmp_path_factory):
   DIR/mlp_out), made by two real --from-npy dumps with the same token ids: inputs that are sparse
   sums of 32 features (2 per row) in d=16, targets a fixed affine map of them at 3x their scale and
   off centre (so a target rebuilt in the input's units would be far off)."""
-  import os
   import subprocess
   import sys
   import numpy as np
